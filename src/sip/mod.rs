@@ -12,3 +12,6 @@ pub use endpoint::{
     Input, Outcome, Stats, TimerConfig, Transmit,
 };
 pub use message::{Message, ParseError};
+
+#[cfg(test)]
+mod endpoint_tests;

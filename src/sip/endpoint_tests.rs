@@ -1,0 +1,507 @@
+//! Virtual-time tests of the UAC state machine: the RFC 3261 schedules are
+//! asserted as data (offsets from the call's start), and every response is
+//! produced from the request we actually sent, as a callee would.
+
+use super::endpoint::*;
+use super::message::{Message, StartLine};
+use super::render;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+const TRUNK: &str = "127.0.0.1:5070";
+
+fn endpoint() -> Endpoint<StdRng> {
+    Endpoint::new(
+        EndpointConfig {
+            timers: TimerConfig::default(),
+            local: "127.0.0.1:5060".parse().unwrap(),
+            public_host: "127.0.0.1".into(),
+            user_agent: "flashcall-test".into(),
+            media: "127.0.0.1:40000".parse().unwrap(),
+        },
+        StdRng::seed_from_u64(7),
+    )
+}
+
+fn request(ring_ms: u64, ring_timeout_ms: u64) -> CallRequest {
+    CallRequest {
+        trunk: TRUNK.parse().unwrap(),
+        trunk_host: TRUNK.into(),
+        to: "+447700900999".into(),
+        caller: "+447700901234".into(),
+        caller_id: CallerId::Both,
+        ring: Duration::from_millis(ring_ms),
+        ring_timeout: Duration::from_millis(ring_timeout_ms),
+        credentials: None,
+        tag: 42,
+    }
+}
+
+fn drain(ep: &mut Endpoint<StdRng>) -> Vec<Transmit> {
+    std::iter::from_fn(|| ep.poll_transmit()).collect()
+}
+
+fn events(ep: &mut Endpoint<StdRng>) -> Vec<Event> {
+    std::iter::from_fn(|| ep.poll_event()).collect()
+}
+
+fn ended(ep: &mut Endpoint<StdRng>) -> Vec<CallReport> {
+    events(ep)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Ended(r) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+fn method(t: &Transmit) -> String {
+    match Message::parse(&t.payload).unwrap().start {
+        StartLine::Request { method, .. } => method.to_string(),
+        StartLine::Response { code, .. } => code.to_string(),
+    }
+}
+
+/// The callee's answer to one of our requests.
+fn reply(req: &Transmit, code: u16, extra: &[(&str, &str)]) -> Vec<u8> {
+    let msg = Message::parse(&req.payload).unwrap();
+    render::response(&msg, code, "Reason", "callee1", extra).to_vec()
+}
+
+fn feed(ep: &mut Endpoint<StdRng>, at: Instant, bytes: &[u8]) -> Input {
+    ep.handle_input(at, TRUNK.parse().unwrap(), bytes)
+}
+
+/// Runs the clock forward to `until`, returning (offset, method) of every
+/// datagram sent on the way.
+fn run_until(ep: &mut Endpoint<StdRng>, t0: Instant, until: Duration) -> Vec<(Duration, String)> {
+    let mut sent = Vec::new();
+    while let Some(at) = ep.poll_timeout() {
+        if at > t0 + until {
+            break;
+        }
+        ep.handle_timeout(at);
+        for t in drain(ep) {
+            sent.push((at - t0, method(&t)));
+        }
+    }
+    sent
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+#[test]
+fn timer_a_doubles_until_timer_b_gives_timeout() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(0, 60_000));
+    assert_eq!(method(&drain(&mut ep)[0]), "INVITE");
+    let sent = run_until(&mut ep, t0, Duration::from_secs(40));
+    let offsets: Vec<u64> = sent.iter().map(|(d, _)| d.as_millis() as u64).collect();
+    // Intervals 0.5, 1, 2, 4, 8, 16 s (§17.1.1.2), then B at 64·T1 = 32 s.
+    assert_eq!(offsets, [500, 1500, 3500, 7500, 15500, 31500]);
+    assert!(sent.iter().all(|(_, m)| m == "INVITE"));
+    let reports = ended(&mut ep);
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].outcome, Outcome::Timeout);
+    assert_eq!(reports[0].ended_at - t0, Duration::from_secs(32));
+    assert_eq!(ep.active_calls(), 0);
+}
+
+#[test]
+fn no_cancel_before_a_provisional_then_cancel_on_the_first_one() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(0, 1_000));
+    let invite = drain(&mut ep).remove(0);
+    // Ring timeout fires at 1 s with nothing heard: RFC 3261 §9.1 forbids a CANCEL.
+    let sent = run_until(&mut ep, t0, ms(2_000));
+    assert!(sent.iter().all(|(_, m)| m == "INVITE"), "{sent:?}");
+    // A 100 Trying arrives: now the pending CANCEL goes out at once.
+    feed(&mut ep, t0 + ms(2_100), &reply(&invite, 100, &[]));
+    let out = drain(&mut ep);
+    assert_eq!(out.len(), 1);
+    assert_eq!(method(&out[0]), "CANCEL");
+    // The callee confirms; outcome no_ringing.
+    feed(&mut ep, t0 + ms(2_150), &reply(&out[0], 200, &[]));
+    feed(&mut ep, t0 + ms(2_160), &reply(&invite, 487, &[]));
+    let acks = drain(&mut ep);
+    assert_eq!(acks.iter().map(method).collect::<Vec<_>>(), ["ACK"]);
+    let r = ended(&mut ep);
+    assert_eq!(r[0].outcome, Outcome::NoRinging);
+    assert_eq!(r[0].sip_code, Some(487));
+}
+
+#[test]
+fn cancel_and_ack_repeat_the_invite_identity() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(0, 15_000));
+    let invite = drain(&mut ep).remove(0);
+    feed(&mut ep, t0 + ms(20), &reply(&invite, 180, &[]));
+    let cancel = drain(&mut ep).remove(0);
+    let (i, c) = (
+        Message::parse(&invite.payload).unwrap(),
+        Message::parse(&cancel.payload).unwrap(),
+    );
+    let uri = |m: &Message| match m.start {
+        StartLine::Request { uri, .. } => uri.to_string(),
+        _ => panic!("not a request"),
+    };
+    assert_eq!(uri(&c), uri(&i));
+    assert_eq!(c.call_id, i.call_id);
+    assert_eq!(c.from, i.from);
+    assert_eq!(c.to, i.to);
+    assert_eq!(c.to_tag, None);
+    assert_eq!(c.cseq.number, i.cseq.number);
+    assert_eq!(c.cseq.method, "CANCEL");
+    assert_eq!(c.top_via_branch, i.top_via_branch);
+    assert!(i.top_via_branch.unwrap().starts_with("z9hG4bK"));
+    assert_eq!(cancel.dest, invite.dest);
+
+    feed(&mut ep, t0 + ms(25), &reply(&cancel, 200, &[]));
+    let final_487 = reply(&invite, 487, &[]);
+    feed(&mut ep, t0 + ms(30), &final_487);
+    let ack = drain(&mut ep).remove(0);
+    let a = Message::parse(&ack.payload).unwrap();
+    assert_eq!(uri(&a), uri(&i));
+    assert_eq!(a.top_via_branch, i.top_via_branch);
+    assert_eq!(a.cseq.number, i.cseq.number);
+    assert_eq!(a.cseq.method, "ACK");
+    assert_eq!(a.to_tag, Some("callee1"));
+    assert_eq!(a.call_id, i.call_id);
+    let r = ended(&mut ep);
+    assert_eq!(r[0].outcome, Outcome::Delivered);
+    assert_eq!(r[0].post_dial_delay(), Some(ms(20)));
+    assert_eq!(r[0].cancel_delay(), Some(ms(0)));
+
+    // A retransmitted 487 is ACKed again with the same ACK.
+    feed(&mut ep, t0 + ms(530), &final_487);
+    assert_eq!(drain(&mut ep)[0].payload, ack.payload);
+    // Timer D (32 s) frees the state.
+    assert_eq!(ep.calls_in_memory(), 1);
+    run_until(&mut ep, t0, Duration::from_secs(33));
+    assert_eq!(ep.calls_in_memory(), 0);
+    assert!(ended(&mut ep).is_empty(), "outcome reported twice");
+}
+
+#[test]
+fn cancel_retransmits_per_timer_e_capped_at_t2_until_f() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(0, 15_000));
+    let invite = drain(&mut ep).remove(0);
+    feed(&mut ep, t0, &reply(&invite, 180, &[]));
+    assert_eq!(method(&drain(&mut ep)[0]), "CANCEL");
+    let sent = run_until(&mut ep, t0, Duration::from_secs(40));
+    let cancels: Vec<u64> = sent
+        .iter()
+        .filter(|(_, m)| m == "CANCEL")
+        .map(|(d, _)| d.as_millis() as u64)
+        .collect();
+    // Intervals 0.5, 1, 2, 4, 4, 4, ... (§17.1.2.2) until F at 32 s.
+    let mut expected = vec![500, 1500, 3500, 7500];
+    let mut t = 7500;
+    while t + 4000 < 32_000 {
+        t += 4000;
+        expected.push(t);
+    }
+    assert_eq!(cancels, expected);
+    // No final ever came: the phone rang, so the call counts as delivered.
+    let r = ended(&mut ep);
+    assert_eq!(r[0].outcome, Outcome::Delivered);
+    assert_eq!(r[0].sip_code, None);
+    assert_eq!(ep.calls_in_memory(), 0);
+}
+
+#[test]
+fn provisional_to_cancel_moves_interval_to_t2() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(0, 15_000));
+    let invite = drain(&mut ep).remove(0);
+    feed(&mut ep, t0, &reply(&invite, 183, &[]));
+    let cancel = drain(&mut ep).remove(0);
+    feed(&mut ep, t0 + ms(100), &reply(&cancel, 100, &[]));
+    let sent = run_until(&mut ep, t0, ms(9_000));
+    let cancels: Vec<u64> = sent.iter().map(|(d, _)| d.as_millis() as u64).collect();
+    // The first retransmission was armed at 0.5 s; after it the interval is T2.
+    assert_eq!(cancels, [500, 4500, 8500]);
+}
+
+#[test]
+fn ring_hold_delays_the_cancel() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(2_000, 15_000));
+    let invite = drain(&mut ep).remove(0);
+    feed(&mut ep, t0 + ms(300), &reply(&invite, 180, &[]));
+    assert!(drain(&mut ep).is_empty());
+    let sent = run_until(&mut ep, t0, ms(2_300));
+    assert_eq!(sent, [(ms(2_300), "CANCEL".to_string())]);
+}
+
+#[test]
+fn final_codes_map_to_outcomes_and_are_acked_in_the_transaction() {
+    let table = [
+        (486, Outcome::Busy),
+        (600, Outcome::Busy),
+        (404, Outcome::InvalidNumber),
+        (484, Outcome::InvalidNumber),
+        (604, Outcome::InvalidNumber),
+        (480, Outcome::Unavailable),
+        (408, Outcome::Unavailable),
+        (403, Outcome::Rejected),
+        (603, Outcome::Rejected),
+        (503, Outcome::TrunkError),
+        (500, Outcome::Failed),
+        (302, Outcome::Failed),
+        (487, Outcome::Failed), // 487 that we did not ask for
+        (401, Outcome::Failed), // challenge without credentials configured
+    ];
+    for (code, outcome) in table {
+        let mut ep = endpoint();
+        let t0 = Instant::now();
+        ep.start_call(t0, request(0, 15_000));
+        let invite = drain(&mut ep).remove(0);
+        feed(&mut ep, t0 + ms(5), &reply(&invite, 100, &[]));
+        feed(&mut ep, t0 + ms(10), &reply(&invite, code, &[("Retry-After", "120")]));
+        let out = drain(&mut ep);
+        assert_eq!(out.len(), 1, "{code}");
+        let ack = Message::parse(&out[0].payload).unwrap();
+        assert_eq!(ack.cseq.method, "ACK");
+        assert_eq!(
+            ack.top_via_branch,
+            Message::parse(&invite.payload).unwrap().top_via_branch,
+            "{code}: ACK for a non-2xx uses the INVITE's branch"
+        );
+        let r = ended(&mut ep);
+        assert_eq!(r[0].outcome, outcome, "{code}");
+        assert_eq!(r[0].sip_code, Some(code));
+        assert_eq!(r[0].retry_after, (code == 503).then_some(120));
+    }
+}
+
+#[test]
+fn answer_before_cancel_gets_ack_to_contact_and_bye() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(0, 15_000));
+    let invite = drain(&mut ep).remove(0);
+    feed(&mut ep, t0 + ms(10), &reply(&invite, 180, &[]));
+    let cancel = drain(&mut ep).remove(0);
+    let ok = reply(
+        &invite,
+        200,
+        &[
+            ("Contact", "<sip:callee@127.0.0.1:5080>"),
+            ("Record-Route", "<sip:127.0.0.1:5071;lr>, <sip:127.0.0.1:5072;lr>"),
+        ],
+    );
+    feed(&mut ep, t0 + ms(20), &ok);
+    let out = drain(&mut ep);
+    assert_eq!(out.iter().map(method).collect::<Vec<_>>(), ["ACK", "BYE"]);
+    let inv = Message::parse(&invite.payload).unwrap();
+    let (ack, bye) = (
+        Message::parse(&out[0].payload).unwrap(),
+        Message::parse(&out[1].payload).unwrap(),
+    );
+    assert_ne!(ack.top_via_branch, inv.top_via_branch, "2xx ACK is a new transaction");
+    assert_ne!(bye.top_via_branch, ack.top_via_branch);
+    assert!(matches!(ack.start, StartLine::Request { uri: "sip:callee@127.0.0.1:5080", .. }));
+    assert_eq!(ack.cseq.number, inv.cseq.number);
+    assert_eq!(bye.cseq.number, inv.cseq.number + 1);
+    assert_eq!(ack.to_tag, Some("callee1"));
+    // Route set = Record-Route reversed; sent to the first route.
+    let routes: Vec<_> = bye.values(super::message::Name::Route).collect();
+    assert_eq!(routes, [&b"<sip:127.0.0.1:5072;lr>"[..], b"<sip:127.0.0.1:5071;lr>"]);
+    assert_eq!(out[0].dest, "127.0.0.1:5072".parse::<SocketAddr>().unwrap());
+    let r = ended(&mut ep);
+    assert_eq!(r[0].outcome, Outcome::Answered);
+    assert_eq!(r[0].sip_code, Some(200));
+
+    // The 200 is retransmitted: re-ACK, byte for byte; no second BYE.
+    feed(&mut ep, t0 + ms(520), &ok);
+    let again = drain(&mut ep);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].payload, out[0].payload);
+    // The CANCEL stopped retransmitting; the BYE follows Timer E until answered.
+    let sent = run_until(&mut ep, t0, ms(1_600));
+    assert_eq!(sent, [(ms(520), "BYE".into()), (ms(1_520), "BYE".into())]);
+    feed(&mut ep, t0 + ms(1_600), &reply(&out[1], 200, &[]));
+    assert!(run_until(&mut ep, t0, Duration::from_secs(30)).is_empty());
+    let _ = cancel;
+    assert!(ended(&mut ep).is_empty());
+}
+
+#[test]
+fn timed_out_call_that_starts_ringing_late_is_cancelled() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(0, 60_000));
+    let invite = drain(&mut ep).remove(0);
+    run_until(&mut ep, t0, Duration::from_secs(32));
+    assert_eq!(ended(&mut ep)[0].outcome, Outcome::Timeout);
+    feed(&mut ep, t0 + Duration::from_secs(33), &reply(&invite, 180, &[]));
+    assert_eq!(drain(&mut ep).iter().map(method).collect::<Vec<_>>(), ["CANCEL"]);
+    assert!(ended(&mut ep).is_empty(), "one outcome per call");
+}
+
+#[test]
+fn requests_from_the_trunk_are_answered() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    let options = b"OPTIONS sip:127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKo1\r\nFrom: <sip:sbc@127.0.0.1>;tag=a\r\nTo: <sip:127.0.0.1>\r\nCall-ID: o1\r\nCSeq: 7 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n";
+    assert_eq!(feed(&mut ep, t0, options), Input::Request);
+    let out = drain(&mut ep);
+    let r = Message::parse(&out[0].payload).unwrap();
+    assert_eq!(r.status(), Some(200));
+    assert_eq!(r.top_via_branch, Some("z9hG4bKo1"));
+    assert_eq!(r.cseq.number, 7);
+    assert!(r.to_tag.is_some());
+    assert_eq!(out[0].dest, TRUNK.parse::<SocketAddr>().unwrap());
+
+    let bye = b"BYE sip:x@127.0.0.1:5060 SIP/2.0\r\nv: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKb1\r\nf: <sip:a@b>;tag=a\r\nt: <sip:c@d>;tag=nosuch\r\ni: b1\r\nCSeq: 1 BYE\r\nl: 0\r\n\r\n";
+    feed(&mut ep, t0, bye);
+    assert_eq!(Message::parse(&drain(&mut ep)[0].payload).unwrap().status(), Some(481));
+
+    let msg = b"MESSAGE sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKm1\r\nFrom: <sip:a@b>;tag=a\r\nTo: <sip:c@d>\r\nCall-ID: m1\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n";
+    feed(&mut ep, t0, msg);
+    assert_eq!(Message::parse(&drain(&mut ep)[0].payload).unwrap().status(), Some(501));
+
+    let ack = b"ACK sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKa1\r\nFrom: <sip:a@b>;tag=a\r\nTo: <sip:c@d>;tag=b\r\nCall-ID: a1\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n";
+    feed(&mut ep, t0, ack);
+    assert!(drain(&mut ep).is_empty(), "an ACK is never answered");
+    assert_eq!(ep.stats().requests_answered, 3);
+}
+
+#[test]
+fn bye_from_the_callee_in_an_answered_call_gets_200() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(0, 15_000));
+    let invite = drain(&mut ep).remove(0);
+    feed(&mut ep, t0, &reply(&invite, 200, &[("Contact", "<sip:c@127.0.0.1:5070>")]));
+    drain(&mut ep);
+    let inv = Message::parse(&invite.payload).unwrap();
+    let bye = format!(
+        "BYE sip:x@127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKcb\r\nFrom: <sip:c@d>;tag=callee1\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n",
+        String::from_utf8_lossy(inv.from),
+        inv.call_id
+    );
+    feed(&mut ep, t0, bye.as_bytes());
+    assert_eq!(Message::parse(&drain(&mut ep)[0].payload).unwrap().status(), Some(200));
+}
+
+#[test]
+fn stray_and_garbage_are_counted_never_fatal() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    let stray = b"SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKnotours\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: x\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+    assert_eq!(feed(&mut ep, t0, stray), Input::Stray);
+    assert!(matches!(feed(&mut ep, t0, b"\x00\xffhello"), Input::Malformed(_)));
+    assert_eq!(ep.stats().stray_responses, 1);
+    assert_eq!(ep.stats().parse_errors, 1);
+    assert_eq!(ep.calls_in_memory(), 0);
+}
+
+#[test]
+fn shutdown_cancels_a_ringing_call() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    let h = ep.start_call(t0, request(10_000, 15_000));
+    let invite = drain(&mut ep).remove(0);
+    feed(&mut ep, t0 + ms(10), &reply(&invite, 180, &[]));
+    assert!(drain(&mut ep).is_empty(), "ring hold in effect");
+    ep.cancel_call(t0 + ms(50), h);
+    assert_eq!(drain(&mut ep).iter().map(method).collect::<Vec<_>>(), ["CANCEL"]);
+    feed(&mut ep, t0 + ms(60), &reply(&invite, 487, &[]));
+    assert_eq!(ended(&mut ep)[0].outcome, Outcome::Delivered);
+}
+
+#[test]
+fn proxy_challenge_is_answered_once_with_digest_and_cancel_uses_the_new_branch() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    let mut req = request(0, 15_000);
+    req.credentials = Some(Credentials {
+        username: "trunkuser".into(),
+        password: "s3cret".into(),
+    });
+    ep.start_call(t0, req);
+    let invite = drain(&mut ep).remove(0);
+    let challenge = "Digest realm=\"carrier\", nonce=\"abc123\", qop=\"auth\", algorithm=SHA-256";
+    let first = reply(
+        &invite,
+        407,
+        &[
+            ("Proxy-Authenticate", "Digest realm=\"carrier\", nonce=\"abc123\", qop=\"auth\", algorithm=MD5"),
+            ("Proxy-Authenticate", challenge),
+        ],
+    );
+    feed(&mut ep, t0 + ms(10), &first);
+    let out = drain(&mut ep);
+    assert_eq!(out.iter().map(method).collect::<Vec<_>>(), ["ACK", "INVITE"]);
+    let (i1, ack, i2) = (
+        Message::parse(&invite.payload).unwrap(),
+        Message::parse(&out[0].payload).unwrap(),
+        Message::parse(&out[1].payload).unwrap(),
+    );
+    assert_eq!(ack.top_via_branch, i1.top_via_branch);
+    assert_ne!(i2.top_via_branch, i1.top_via_branch);
+    assert_eq!(i2.cseq.number, i1.cseq.number + 1);
+    assert_eq!(i2.call_id, i1.call_id);
+    assert_eq!(i2.from, i1.from);
+    let auth = i2
+        .headers()
+        .find(|(_, raw, _)| raw.eq_ignore_ascii_case(b"Proxy-Authorization"))
+        .map(|(_, _, v)| std::str::from_utf8(v).unwrap().to_string())
+        .expect("Proxy-Authorization");
+    assert!(auth.contains("algorithm=SHA-256"), "{auth}");
+    // Recompute the expected response from the cnonce we sent.
+    let cnonce = auth.split("cnonce=\"").nth(1).unwrap().split('"').next().unwrap();
+    let uri = match i2.start {
+        StartLine::Request { uri, .. } => uri,
+        _ => unreachable!(),
+    };
+    let ch = super::digest::Challenge::parse(challenge).unwrap();
+    let expected = super::digest::response(&ch, "trunkuser", "s3cret", "INVITE", uri, cnonce, 1);
+    assert!(auth.contains(&format!("response=\"{expected}\"")), "{auth}");
+
+    // The 407 retransmitted: ACKed again, no third INVITE.
+    feed(&mut ep, t0 + ms(20), &first);
+    assert_eq!(drain(&mut ep).iter().map(method).collect::<Vec<_>>(), ["ACK"]);
+    // A second challenge is not answered again: one retry only.
+    let retry = out[1].clone();
+    feed(&mut ep, t0 + ms(30), &reply(&retry, 180, &[]));
+    let sent = drain(&mut ep);
+    let cancel = Message::parse(&sent[0].payload).unwrap();
+    assert_eq!(cancel.top_via_branch, i2.top_via_branch);
+    assert_eq!(cancel.cseq.number, i2.cseq.number);
+    feed(&mut ep, t0 + ms(40), &reply(&retry, 487, &[]));
+    assert_eq!(ended(&mut ep)[0].outcome, Outcome::Delivered);
+}
+
+#[test]
+fn a_second_challenge_ends_the_call() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    let mut req = request(0, 15_000);
+    req.credentials = Some(Credentials {
+        username: "u".into(),
+        password: "p".into(),
+    });
+    ep.start_call(t0, req);
+    let invite = drain(&mut ep).remove(0);
+    let ch = [("WWW-Authenticate", "Digest realm=\"r\", nonce=\"n\"")];
+    feed(&mut ep, t0, &reply(&invite, 401, &ch));
+    let retry = drain(&mut ep).remove(1);
+    feed(&mut ep, t0 + ms(5), &reply(&retry, 401, &ch));
+    assert_eq!(drain(&mut ep).iter().map(method).collect::<Vec<_>>(), ["ACK"]);
+    let r = ended(&mut ep);
+    assert_eq!((r[0].outcome, r[0].sip_code), (Outcome::Failed, Some(401)));
+}
