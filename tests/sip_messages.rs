@@ -15,8 +15,9 @@
 //! request with a reply our parser reads back). Each invalid file asserts the
 //! exact `ParseError` from both `Message::parse` and `Endpoint::handle_input`.
 //!
-//! `parser_bugs::*` are valid messages the parser gets wrong today; they fail
-//! until `src/sip/message.rs` is fixed (see the comment on that module).
+//! `parser_bugs::*` are valid messages an earlier parser got wrong (quoted
+//! `;`/`,` in parameters, a Latin-1 reason phrase, long zero padding); they
+//! stay as regression tests.
 
 mod common;
 
@@ -519,9 +520,8 @@ mod valid {
     }
 }
 
-/// Valid messages the parser refuses or misreads today. Each test fails
-/// until `src/sip/message.rs` is fixed; the expectations are what RFC 3261
-/// grammar says.
+/// Valid messages an earlier parser refused or misread: regression tests,
+/// with expectations taken from the RFC 3261 grammar.
 mod parser_bugs {
     use super::*;
     use Body::*;

@@ -730,8 +730,12 @@ impl<R: RngCore> Endpoint<R> {
         let bye_branch = self.branch(h, KIND_BYE);
         let t1 = self.cfg.timers.t1;
         let Some(c) = self.call_mut(h) else { return };
+        // A Contact we could not put on a request line (spaces, controls,
+        // not a URI) would make the ACK and BYE unparsable: fall back to the
+        // Request-URI, which reaches the callee through the trunk.
         let target = msg
             .contact_uri
+            .filter(|u| is_sendable_uri(u))
             .map(str::to_owned)
             .unwrap_or_else(|| c.dialog.request_uri.clone());
         // Loose routing: the request goes to the first route, else to the
@@ -1165,4 +1169,13 @@ impl<R: RngCore> Endpoint<R> {
 fn uri_socket_addr(uri: &str) -> Option<SocketAddr> {
     let parsed = rsip::Uri::try_from(uri).ok()?;
     parsed.host_with_port.try_into().ok()
+}
+
+/// Whether a URI can stand on a request line: a scheme and no whitespace or
+/// control characters.
+fn is_sendable_uri(uri: &str) -> bool {
+    uri.contains(':')
+        && !uri
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
 }

@@ -269,7 +269,11 @@ fn final_codes_map_to_outcomes_and_are_acked_in_the_transaction() {
         ep.start_call(t0, request(0, 15_000));
         let invite = drain(&mut ep).remove(0);
         feed(&mut ep, t0 + ms(5), &reply(&invite, 100, &[]));
-        feed(&mut ep, t0 + ms(10), &reply(&invite, code, &[("Retry-After", "120")]));
+        feed(
+            &mut ep,
+            t0 + ms(10),
+            &reply(&invite, code, &[("Retry-After", "120")]),
+        );
         let out = drain(&mut ep);
         assert_eq!(out.len(), 1, "{code}");
         let ack = Message::parse(&out[0].payload).unwrap();
@@ -299,7 +303,10 @@ fn answer_before_cancel_gets_ack_to_contact_and_bye() {
         200,
         &[
             ("Contact", "<sip:callee@127.0.0.1:5080>"),
-            ("Record-Route", "<sip:127.0.0.1:5071;lr>, <sip:127.0.0.1:5072;lr>"),
+            (
+                "Record-Route",
+                "<sip:127.0.0.1:5071;lr>, <sip:127.0.0.1:5072;lr>",
+            ),
         ],
     );
     feed(&mut ep, t0 + ms(20), &ok);
@@ -310,15 +317,27 @@ fn answer_before_cancel_gets_ack_to_contact_and_bye() {
         Message::parse(&out[0].payload).unwrap(),
         Message::parse(&out[1].payload).unwrap(),
     );
-    assert_ne!(ack.top_via_branch, inv.top_via_branch, "2xx ACK is a new transaction");
+    assert_ne!(
+        ack.top_via_branch, inv.top_via_branch,
+        "2xx ACK is a new transaction"
+    );
     assert_ne!(bye.top_via_branch, ack.top_via_branch);
-    assert!(matches!(ack.start, StartLine::Request { uri: "sip:callee@127.0.0.1:5080", .. }));
+    assert!(matches!(
+        ack.start,
+        StartLine::Request {
+            uri: "sip:callee@127.0.0.1:5080",
+            ..
+        }
+    ));
     assert_eq!(ack.cseq.number, inv.cseq.number);
     assert_eq!(bye.cseq.number, inv.cseq.number + 1);
     assert_eq!(ack.to_tag, Some("callee1"));
     // Route set = Record-Route reversed; sent to the first route.
     let routes: Vec<_> = bye.values(super::message::Name::Route).collect();
-    assert_eq!(routes, [&b"<sip:127.0.0.1:5072;lr>"[..], b"<sip:127.0.0.1:5071;lr>"]);
+    assert_eq!(
+        routes,
+        [&b"<sip:127.0.0.1:5072;lr>"[..], b"<sip:127.0.0.1:5071;lr>"]
+    );
     assert_eq!(out[0].dest, "127.0.0.1:5072".parse::<SocketAddr>().unwrap());
     let r = ended(&mut ep);
     assert_eq!(r[0].outcome, Outcome::Answered);
@@ -346,8 +365,15 @@ fn timed_out_call_that_starts_ringing_late_is_cancelled() {
     let invite = drain(&mut ep).remove(0);
     run_until(&mut ep, t0, Duration::from_secs(32));
     assert_eq!(ended(&mut ep)[0].outcome, Outcome::Timeout);
-    feed(&mut ep, t0 + Duration::from_secs(33), &reply(&invite, 180, &[]));
-    assert_eq!(drain(&mut ep).iter().map(method).collect::<Vec<_>>(), ["CANCEL"]);
+    feed(
+        &mut ep,
+        t0 + Duration::from_secs(33),
+        &reply(&invite, 180, &[]),
+    );
+    assert_eq!(
+        drain(&mut ep).iter().map(method).collect::<Vec<_>>(),
+        ["CANCEL"]
+    );
     assert!(ended(&mut ep).is_empty(), "one outcome per call");
 }
 
@@ -367,11 +393,17 @@ fn requests_from_the_trunk_are_answered() {
 
     let bye = b"BYE sip:x@127.0.0.1:5060 SIP/2.0\r\nv: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKb1\r\nf: <sip:a@b>;tag=a\r\nt: <sip:c@d>;tag=nosuch\r\ni: b1\r\nCSeq: 1 BYE\r\nl: 0\r\n\r\n";
     feed(&mut ep, t0, bye);
-    assert_eq!(Message::parse(&drain(&mut ep)[0].payload).unwrap().status(), Some(481));
+    assert_eq!(
+        Message::parse(&drain(&mut ep)[0].payload).unwrap().status(),
+        Some(481)
+    );
 
     let msg = b"MESSAGE sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKm1\r\nFrom: <sip:a@b>;tag=a\r\nTo: <sip:c@d>\r\nCall-ID: m1\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n";
     feed(&mut ep, t0, msg);
-    assert_eq!(Message::parse(&drain(&mut ep)[0].payload).unwrap().status(), Some(501));
+    assert_eq!(
+        Message::parse(&drain(&mut ep)[0].payload).unwrap().status(),
+        Some(501)
+    );
 
     let ack = b"ACK sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKa1\r\nFrom: <sip:a@b>;tag=a\r\nTo: <sip:c@d>;tag=b\r\nCall-ID: a1\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n";
     feed(&mut ep, t0, ack);
@@ -385,7 +417,11 @@ fn bye_from_the_callee_in_an_answered_call_gets_200() {
     let t0 = Instant::now();
     ep.start_call(t0, request(0, 15_000));
     let invite = drain(&mut ep).remove(0);
-    feed(&mut ep, t0, &reply(&invite, 200, &[("Contact", "<sip:c@127.0.0.1:5070>")]));
+    feed(
+        &mut ep,
+        t0,
+        &reply(&invite, 200, &[("Contact", "<sip:c@127.0.0.1:5070>")]),
+    );
     drain(&mut ep);
     let inv = Message::parse(&invite.payload).unwrap();
     let bye = format!(
@@ -394,7 +430,10 @@ fn bye_from_the_callee_in_an_answered_call_gets_200() {
         inv.call_id
     );
     feed(&mut ep, t0, bye.as_bytes());
-    assert_eq!(Message::parse(&drain(&mut ep)[0].payload).unwrap().status(), Some(200));
+    assert_eq!(
+        Message::parse(&drain(&mut ep)[0].payload).unwrap().status(),
+        Some(200)
+    );
 }
 
 #[test]
@@ -403,7 +442,10 @@ fn stray_and_garbage_are_counted_never_fatal() {
     let t0 = Instant::now();
     let stray = b"SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKnotours\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: x\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
     assert_eq!(feed(&mut ep, t0, stray), Input::Stray);
-    assert!(matches!(feed(&mut ep, t0, b"\x00\xffhello"), Input::Malformed(_)));
+    assert!(matches!(
+        feed(&mut ep, t0, b"\x00\xffhello"),
+        Input::Malformed(_)
+    ));
     assert_eq!(ep.stats().stray_responses, 1);
     assert_eq!(ep.stats().parse_errors, 1);
     assert_eq!(ep.calls_in_memory(), 0);
@@ -418,7 +460,10 @@ fn shutdown_cancels_a_ringing_call() {
     feed(&mut ep, t0 + ms(10), &reply(&invite, 180, &[]));
     assert!(drain(&mut ep).is_empty(), "ring hold in effect");
     ep.cancel_call(t0 + ms(50), h);
-    assert_eq!(drain(&mut ep).iter().map(method).collect::<Vec<_>>(), ["CANCEL"]);
+    assert_eq!(
+        drain(&mut ep).iter().map(method).collect::<Vec<_>>(),
+        ["CANCEL"]
+    );
     feed(&mut ep, t0 + ms(60), &reply(&invite, 487, &[]));
     assert_eq!(ended(&mut ep)[0].outcome, Outcome::Delivered);
 }
@@ -439,13 +484,19 @@ fn proxy_challenge_is_answered_once_with_digest_and_cancel_uses_the_new_branch()
         &invite,
         407,
         &[
-            ("Proxy-Authenticate", "Digest realm=\"carrier\", nonce=\"abc123\", qop=\"auth\", algorithm=MD5"),
+            (
+                "Proxy-Authenticate",
+                "Digest realm=\"carrier\", nonce=\"abc123\", qop=\"auth\", algorithm=MD5",
+            ),
             ("Proxy-Authenticate", challenge),
         ],
     );
     feed(&mut ep, t0 + ms(10), &first);
     let out = drain(&mut ep);
-    assert_eq!(out.iter().map(method).collect::<Vec<_>>(), ["ACK", "INVITE"]);
+    assert_eq!(
+        out.iter().map(method).collect::<Vec<_>>(),
+        ["ACK", "INVITE"]
+    );
     let (i1, ack, i2) = (
         Message::parse(&invite.payload).unwrap(),
         Message::parse(&out[0].payload).unwrap(),
@@ -463,7 +514,13 @@ fn proxy_challenge_is_answered_once_with_digest_and_cancel_uses_the_new_branch()
         .expect("Proxy-Authorization");
     assert!(auth.contains("algorithm=SHA-256"), "{auth}");
     // Recompute the expected response from the cnonce we sent.
-    let cnonce = auth.split("cnonce=\"").nth(1).unwrap().split('"').next().unwrap();
+    let cnonce = auth
+        .split("cnonce=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
     let uri = match i2.start {
         StartLine::Request { uri, .. } => uri,
         _ => unreachable!(),
@@ -474,7 +531,10 @@ fn proxy_challenge_is_answered_once_with_digest_and_cancel_uses_the_new_branch()
 
     // The 407 retransmitted: ACKed again, no third INVITE.
     feed(&mut ep, t0 + ms(20), &first);
-    assert_eq!(drain(&mut ep).iter().map(method).collect::<Vec<_>>(), ["ACK"]);
+    assert_eq!(
+        drain(&mut ep).iter().map(method).collect::<Vec<_>>(),
+        ["ACK"]
+    );
     // A second challenge is not answered again: one retry only.
     let retry = out[1].clone();
     feed(&mut ep, t0 + ms(30), &reply(&retry, 180, &[]));
@@ -501,7 +561,10 @@ fn a_second_challenge_ends_the_call() {
     feed(&mut ep, t0, &reply(&invite, 401, &ch));
     let retry = drain(&mut ep).remove(1);
     feed(&mut ep, t0 + ms(5), &reply(&retry, 401, &ch));
-    assert_eq!(drain(&mut ep).iter().map(method).collect::<Vec<_>>(), ["ACK"]);
+    assert_eq!(
+        drain(&mut ep).iter().map(method).collect::<Vec<_>>(),
+        ["ACK"]
+    );
     let r = ended(&mut ep);
     assert_eq!((r[0].outcome, r[0].sip_code), (Outcome::Failed, Some(401)));
 }

@@ -216,7 +216,7 @@ impl<'a> Message<'a> {
         let first_nl = memchr(b'\n', buf).ok_or(ParseError::Unterminated)?;
         let start_raw = strip_cr(&buf[..first_nl]);
         let start = parse_start_line(start_raw)?;
-        let header_block = if first_nl + 1 <= head_end {
+        let header_block = if first_nl < head_end {
             &buf[first_nl + 1..head_end]
         } else {
             &[][..]
@@ -235,12 +235,10 @@ impl<'a> Message<'a> {
         for header in (Headers { rest: header_block }) {
             let (name, _, value) = header?;
             match name {
-                Name::Via => {
-                    if !seen_via {
-                        seen_via = true;
-                        let first = split_top(value).next().unwrap_or(value);
-                        top_via_branch = via_branch(first)?;
-                    }
+                Name::Via if !seen_via => {
+                    seen_via = true;
+                    let first = split_top(value).next().unwrap_or(value);
+                    top_via_branch = via_branch(first)?;
                 }
                 Name::CallId => {
                     let v =
@@ -256,11 +254,9 @@ impl<'a> Message<'a> {
                 }
                 Name::From => set_once(&mut from, value, "From")?,
                 Name::To => set_once(&mut to, value, "To")?,
-                Name::Contact => {
-                    if contact_uri.is_none() {
-                        let first = split_top(value).next().unwrap_or(value);
-                        contact_uri = addr_uri(first);
-                    }
+                Name::Contact if contact_uri.is_none() => {
+                    let first = split_top(value).next().unwrap_or(value);
+                    contact_uri = addr_uri(first);
                 }
                 Name::ContentLength => {
                     let n = parse_uint(value, usize::MAX as u64)
@@ -370,14 +366,10 @@ fn set_once<T: PartialEq>(
 }
 
 fn parse_start_line(line: &[u8]) -> Result<StartLine<'_>, ParseError> {
-    let line = std::str::from_utf8(line).map_err(|_| ParseError::StartLine);
-    if let Some(rest) = line
-        .as_ref()
-        .ok()
-        .and_then(|l| strip_prefix_ci(l, "SIP/2.0 "))
-    {
-        // Status-Line = SIP-Version SP Status-Code SP Reason-Phrase
-        let bytes = rest.as_bytes();
+    if line.len() >= 8 && line[..8].eq_ignore_ascii_case(b"SIP/2.0 ") {
+        // Status-Line = SIP-Version SP Status-Code SP Reason-Phrase. The
+        // reason may hold UTF-8 or stray octets (%x80-FF), so it stays bytes.
+        let bytes = &line[8..];
         if bytes.len() < 3 || !bytes[..3].iter().all(u8::is_ascii_digit) {
             return Err(ParseError::StatusCode);
         }
@@ -390,19 +382,15 @@ fn parse_start_line(line: &[u8]) -> Result<StartLine<'_>, ParseError> {
         if !(100..=699).contains(&code) {
             return Err(ParseError::StatusCode);
         }
-        let reason = if bytes.len() > 4 {
-            &bytes[4..]
-        } else {
-            &[][..]
-        };
+        let reason = bytes.get(4..).unwrap_or_default();
         return Ok(StartLine::Response { code, reason });
     }
-    // A reason phrase may hold any UTF-8; a request line may not hold non-ASCII
-    // outside escapes, so refusing non-UTF-8 here is safe.
-    let line = line?;
-    if line.len() >= 4 && line.as_bytes()[..4].eq_ignore_ascii_case(b"SIP/") {
+    if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"SIP/") {
         return Err(ParseError::Version);
     }
+    // A request line holds no raw non-ASCII (URIs escape it), so refusing
+    // non-UTF-8 here is safe.
+    let line = std::str::from_utf8(line).map_err(|_| ParseError::StartLine)?;
     let mut parts = line.split(' ');
     let (Some(method), Some(uri), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -441,7 +429,17 @@ fn parse_cseq(value: &[u8]) -> Result<CSeq<'_>, ParseError> {
 /// than `max`; leading zeros are fine, overflow is refused, not wrapped.
 fn parse_uint(value: &[u8], max: u64) -> Option<u64> {
     let value = trim(value);
-    if value.is_empty() || value.len() > 20 {
+    if value.is_empty() {
+        return None;
+    }
+    // Leading zeros carry no value; past them, more than 20 digits overflow.
+    let zeros = value.iter().take_while(|&&b| b == b'0').count();
+    let value = if zeros == value.len() {
+        &value[zeros - 1..]
+    } else {
+        &value[zeros..]
+    };
+    if value.len() > 20 {
         return None;
     }
     let mut n: u64 = 0;
@@ -547,14 +545,13 @@ fn find_unquoted(value: &[u8], needle: u8) -> Option<usize> {
 /// allowed around `;` and `=`. Returns the trimmed value, unquoted.
 pub fn param<'a>(params: &'a [u8], name: &str) -> Option<&'a str> {
     let mut rest = params;
-    while let Some(semi) = memchr(b';', rest) {
+    while let Some(semi) = find_unquoted(rest, b';') {
         rest = &rest[semi + 1..];
-        let end = rest
-            .iter()
-            .position(|&b| b == b';' || b == b',')
-            .unwrap_or(rest.len());
+        // The item ends at the next unquoted `;` or `,` (a `,` ends the value
+        // list entry, so the search stops there).
+        let end = unquoted_end(rest);
         let item = &rest[..end];
-        let (key, val) = match memchr(b'=', item) {
+        let (key, val) = match find_unquoted(item, b'=') {
             Some(eq) => (trim(&item[..eq]), Some(trim(&item[eq + 1..]))),
             None => (trim(item), None),
         };
@@ -569,8 +566,18 @@ pub fn param<'a>(params: &'a [u8], name: &str) -> Option<&'a str> {
         if rest.get(end) == Some(&b',') {
             return None;
         }
+        rest = &rest[end..];
     }
     None
+}
+
+/// Index of the first `;` or `,` outside quotes, or the length.
+fn unquoted_end(v: &[u8]) -> usize {
+    match (find_unquoted(v, b';'), find_unquoted(v, b',')) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => v.len(),
+    }
 }
 
 /// Splits a header value at commas that are outside quotes and `<>`.
@@ -642,12 +649,6 @@ fn find_head_end(buf: &[u8]) -> Option<(usize, usize)> {
 
 fn strip_cr(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
-}
-
-fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    let head = s.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix)
-        .then(|| &s[prefix.len()..])
 }
 
 /// Trims SP, HT, CR and LF at both ends (folding counts as whitespace).
