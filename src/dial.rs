@@ -1,0 +1,262 @@
+//! `flashcall dial`: flash calls straight to a trunk, no HTTP, for testing a
+//! trunk and for load (SPEC §1).
+
+use hdrhistogram::Histogram;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::net::UdpSocket;
+
+use crate::io::{rtp, udp};
+use crate::sip::{
+    CallRequest, CallerId, Credentials, Endpoint, EndpointConfig, Event, Outcome, TimerConfig,
+};
+
+/// Options of `flashcall dial`.
+#[derive(Debug, Clone)]
+pub struct DialOptions {
+    pub trunk: String,
+    pub to: Option<String>,
+    pub to_prefix: Option<String>,
+    pub from: String,
+    pub count: u64,
+    pub rate: f64,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub ring_ms: u64,
+    pub ring_timeout_ms: u64,
+    pub caller_id: CallerId,
+    pub bind: Option<SocketAddr>,
+    pub json: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum DialError {
+    #[error("invalid --trunk {0:?}: expected HOST:PORT ({1})")]
+    Trunk(String, String),
+    #[error("invalid {0} {1:?}: expected E.164, '+' then 7 to 15 digits")]
+    Number(&'static str, String),
+    #[error("give --to or --to-prefix")]
+    NoDestination,
+    #[error("--to-prefix {0:?} leaves too few digits for {1} numbers within 15")]
+    Prefix(String, u64),
+    #[error("--rate must be a positive number of calls per second")]
+    Rate,
+    #[error("--username and --password go together")]
+    Credentials,
+    #[error("cannot bind the SIP socket on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("trunk {0} is unreachable: ICMP port unreachable and no SIP response (is anything listening there?)")]
+    Unreachable(SocketAddr),
+}
+
+/// E.164: `+` then 7 to 15 digits, first digit not 0.
+pub fn is_e164(s: &str) -> bool {
+    let Some(d) = s.strip_prefix('+') else {
+        return false;
+    };
+    (7..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) && !d.starts_with('0')
+}
+
+/// The destination of call `i`.
+fn destinations(opts: &DialOptions) -> Result<Box<dyn Fn(u64) -> String>, DialError> {
+    if let Some(to) = &opts.to {
+        if !is_e164(to) {
+            return Err(DialError::Number("--to", to.clone()));
+        }
+        let to = to.clone();
+        return Ok(Box::new(move |_| to.clone()));
+    }
+    let prefix = opts.to_prefix.clone().ok_or(DialError::NoDestination)?;
+    let digits = prefix.strip_prefix('+').unwrap_or("");
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(DialError::Number("--to-prefix", prefix));
+    }
+    let need = opts.count.saturating_sub(1).max(1).to_string().len();
+    let width = need.max(12usize.saturating_sub(digits.len()));
+    if digits.len() + width > 15 {
+        return Err(DialError::Prefix(prefix, opts.count));
+    }
+    Ok(Box::new(move |i| format!("{prefix}{i:0width$}")))
+}
+
+struct Dialer<'a> {
+    opts: &'a DialOptions,
+    trunk: SocketAddr,
+    dest: Box<dyn Fn(u64) -> String>,
+    t0: Instant,
+    started: u64,
+    ended: u64,
+    stop: bool,
+    outcomes: BTreeMap<&'static str, u64>,
+    pdd: Histogram<u64>,
+    cancel: Histogram<u64>,
+    out: std::io::BufWriter<std::io::StdoutLock<'static>>,
+    any_response: bool,
+}
+
+impl udp::App for Dialer<'_> {
+    fn poll(&mut self, now: Instant, ep: &mut Endpoint<StdRng>) -> Option<Instant> {
+        if self.stop {
+            return None;
+        }
+        // Open loop: call i is due at t0 + i / rate, whatever the replies do.
+        let period = Duration::from_secs_f64(1.0 / self.opts.rate);
+        while self.started < self.opts.count {
+            let due = self.t0 + period.mul_f64(self.started as f64);
+            if due > now {
+                return Some(due);
+            }
+            let i = self.started;
+            ep.start_call(
+                now,
+                CallRequest {
+                    trunk: self.trunk,
+                    trunk_host: self.opts.trunk.clone(),
+                    to: (self.dest)(i),
+                    caller: self.opts.from.clone(),
+                    caller_id: self.opts.caller_id,
+                    ring: Duration::from_millis(self.opts.ring_ms),
+                    ring_timeout: Duration::from_millis(self.opts.ring_timeout_ms),
+                    credentials: match (&self.opts.username, &self.opts.password) {
+                        (Some(u), Some(p)) => Some(Credentials {
+                            username: u.clone(),
+                            password: p.clone(),
+                        }),
+                        _ => None,
+                    },
+                    tag: i,
+                },
+            );
+            self.started += 1;
+        }
+        None
+    }
+
+    fn on_event(&mut self, _ep: &mut Endpoint<StdRng>, event: Event) {
+        match event {
+            Event::Response { .. } => self.any_response = true,
+            Event::Ringing { .. } => {}
+            Event::Ended(r) => {
+                self.ended += 1;
+                *self.outcomes.entry(r.outcome.as_str()).or_default() += 1;
+                let pdd = r.post_dial_delay().map(|d| d.as_secs_f64() * 1e3);
+                let cancel = r.cancel_delay().map(|d| d.as_secs_f64() * 1e3);
+                if let Some(d) = r.post_dial_delay() {
+                    let _ = self.pdd.record(d.as_micros() as u64);
+                }
+                if let Some(d) = r.cancel_delay() {
+                    let _ = self.cancel.record(d.as_micros() as u64);
+                }
+                if self.opts.json {
+                    let line = json!({
+                        "to": (self.dest)(r.tag),
+                        "caller": self.opts.from,
+                        "outcome": r.outcome,
+                        "sip_code": r.sip_code,
+                        "post_dial_delay_ms": pdd,
+                        "cancel_delay_ms": cancel,
+                    });
+                    let _ = writeln!(self.out, "{line}");
+                }
+            }
+        }
+    }
+
+    fn done(&self, _ep: &Endpoint<StdRng>) -> bool {
+        self.ended >= self.started && (self.started >= self.opts.count || self.stop)
+    }
+}
+
+fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
+    if h.is_empty() {
+        return json!({"p50": null, "p99": null});
+    }
+    let ms = |q: f64| (h.value_at_quantile(q) as f64 / 1e3 * 1000.0).round() / 1000.0;
+    json!({"p50": ms(0.5), "p99": ms(0.99)})
+}
+
+/// Places the calls; returns whether every call was delivered.
+pub async fn run(opts: DialOptions) -> anyhow::Result<bool> {
+    if !(opts.rate.is_finite() && opts.rate > 0.0) {
+        return Err(DialError::Rate.into());
+    }
+    if opts.username.is_some() != opts.password.is_some() {
+        return Err(DialError::Credentials.into());
+    }
+    if !is_e164(&opts.from) {
+        return Err(DialError::Number("--from", opts.from.clone()).into());
+    }
+    let dest = destinations(&opts)?;
+    let trunk = opts
+        .trunk
+        .to_socket_addrs()
+        .map_err(|e| DialError::Trunk(opts.trunk.clone(), e.to_string()))?
+        .next()
+        .ok_or_else(|| DialError::Trunk(opts.trunk.clone(), "no address".into()))?;
+    let bind = opts.bind.unwrap_or_else(|| udp::default_bind(trunk));
+    let socket = UdpSocket::bind(bind)
+        .await
+        .map_err(|e| DialError::Bind(bind, e))?;
+    let local = socket.local_addr()?;
+    let (media, rtp) = rtp::spawn_sink(SocketAddr::new(local.ip(), 0))
+        .await
+        .map_err(|e| DialError::Bind(bind, e))?;
+    let mut ep = Endpoint::new(
+        EndpointConfig {
+            timers: TimerConfig::default(),
+            local,
+            public_host: local.ip().to_string(),
+            user_agent: "flashcall-dial".into(),
+            media,
+        },
+        StdRng::from_entropy(),
+    );
+    let stdout: &'static std::io::Stdout = Box::leak(Box::new(std::io::stdout()));
+    let mut app = Dialer {
+        opts: &opts,
+        trunk,
+        dest,
+        t0: Instant::now(),
+        started: 0,
+        ended: 0,
+        stop: false,
+        outcomes: BTreeMap::new(),
+        pdd: Histogram::new(3)?,
+        cancel: Histogram::new(3)?,
+        out: std::io::BufWriter::new(stdout.lock()),
+        any_response: false,
+    };
+    let stats = udp::run(&socket, &mut ep, &mut app).await;
+    let elapsed = app.t0.elapsed().as_secs_f64();
+    let delivered = app
+        .outcomes
+        .get(Outcome::Delivered.as_str())
+        .copied()
+        .unwrap_or(0);
+    let summary = json!({"summary": {
+        "calls": app.ended,
+        "outcomes": app.outcomes,
+        "post_dial_delay_ms": percentiles(&app.pdd),
+        "cancel_delay_ms": percentiles(&app.cancel),
+        "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
+        "early_media_packets": rtp.rtp_packets.load(std::sync::atomic::Ordering::Relaxed),
+        "malformed_datagrams": stats.malformed,
+        "stray_responses": ep.stats().stray_responses,
+    }});
+    if opts.json {
+        writeln!(app.out, "{summary}")?;
+    } else {
+        writeln!(app.out, "{}", serde_json::to_string_pretty(&summary)?)?;
+    }
+    app.out.flush()?;
+    if stats.refused > 0 && !app.any_response {
+        return Err(DialError::Unreachable(trunk).into());
+    }
+    Ok(delivered == opts.count)
+}

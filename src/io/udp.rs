@@ -1,0 +1,119 @@
+//! The UDP driver: one socket, one loop, no task, channel or lock per call.
+//!
+//! Each turn drains every datagram already queued on the socket, fires due
+//! timers, lets the application start calls, flushes the core's transmits and
+//! hands its events to the application, then sleeps until the socket is
+//! readable or the next deadline (core timer or application pacing).
+
+use rand::rngs::StdRng;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::time::Instant;
+use tokio::net::UdpSocket;
+
+use crate::sip::{Endpoint, Event, Input};
+
+/// What drives the endpoint: starts calls and consumes events.
+pub trait App {
+    /// Start what is due at `now`; return when to be called again.
+    fn poll(&mut self, now: Instant, ep: &mut Endpoint<StdRng>) -> Option<Instant>;
+    fn on_event(&mut self, ep: &mut Endpoint<StdRng>, event: Event);
+    /// The loop ends once this is true.
+    fn done(&self, ep: &Endpoint<StdRng>) -> bool;
+}
+
+/// Counters of the driver's own drops.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DriverStats {
+    pub datagrams_in: u64,
+    pub datagrams_out: u64,
+    pub send_errors: u64,
+    /// ICMP port unreachable reported on the socket.
+    pub refused: u64,
+    pub malformed: u64,
+}
+
+/// Runs `app` over `ep` on `socket` until the app is done.
+pub async fn run(socket: &UdpSocket, ep: &mut Endpoint<StdRng>, app: &mut impl App) -> DriverStats {
+    let mut stats = DriverStats::default();
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let now = Instant::now();
+        // A bounded drain keeps timers and pacing on time under a flood.
+        for _ in 0..1024 {
+            match socket.try_recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    stats.datagrams_in += 1;
+                    if let Input::Malformed(e) = ep.handle_input(now, from, &buf[..n]) {
+                        stats.malformed += 1;
+                        tracing::debug!(%from, error = %e, "dropped malformed datagram");
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => stats.refused += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SIP socket receive error");
+                    break;
+                }
+            }
+        }
+        ep.handle_timeout(now);
+        let app_next = app.poll(now, ep);
+        flush(socket, ep, &mut stats).await;
+        while let Some(ev) = ep.poll_event() {
+            app.on_event(ep, ev);
+        }
+        flush(socket, ep, &mut stats).await;
+        if app.done(ep) {
+            return stats;
+        }
+        let next = match (ep.poll_timeout(), app_next) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let sleep = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = socket.readable() => { if let Err(e) = r { tracing::warn!(error = %e, "socket"); } }
+            _ = sleep => {}
+        }
+    }
+}
+
+async fn flush(socket: &UdpSocket, ep: &mut Endpoint<StdRng>, stats: &mut DriverStats) {
+    while let Some(t) = ep.poll_transmit() {
+        loop {
+            match socket.try_send_to(&t.payload, t.dest) {
+                Ok(_) => {
+                    stats.datagrams_out += 1;
+                    break;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if socket.writable().await.is_err() {
+                        stats.send_errors += 1;
+                        break;
+                    }
+                }
+                Err(e) => {
+                    stats.send_errors += 1;
+                    tracing::debug!(dest = %t.dest, error = %e, "send failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The address to bind for talking to `trunk`: loopback stays on loopback.
+pub fn default_bind(trunk: SocketAddr) -> SocketAddr {
+    match (trunk.is_ipv4(), trunk.ip().is_loopback()) {
+        (true, true) => "127.0.0.1:0".parse().expect("literal"),
+        (true, false) => "0.0.0.0:0".parse().expect("literal"),
+        (false, true) => "[::1]:0".parse().expect("literal"),
+        (false, false) => "[::]:0".parse().expect("literal"),
+    }
+}
