@@ -1,1 +1,145 @@
-fn main() {}
+//! SIP-only CPU comparison, in one run on one machine: `flashcall dial` and
+//! SIPp's own caller place the same INVITE/180/CANCEL/487/ACK calls at the
+//! same rate against the same SIPp callee; CPU time (user+sys) per call of
+//! each caller is taken from getrusage(RUSAGE_CHILDREN) around its run.
+//!
+//! `cargo bench --bench dial_vs_sipp` (env: DIAL_COUNT, default 20000;
+//! DIAL_RATE, default 4000). Needs `sipp` on PATH. Loopback only.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage only writes into the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn callee(port: u16) -> Kill {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let child = Command::new("sipp")
+        .arg("-sf")
+        .arg(root.join("../shared/sipp/uas_ring_cancel.xml"))
+        .args([
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-max_recv_loops",
+            "100000",
+        ])
+        .args(["-nostdin", "-nd", "-timeout", "600s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sipp on PATH (apt-get install sip-tester)");
+    std::thread::sleep(Duration::from_millis(300));
+    Kill(child)
+}
+
+/// Runs a caller to completion; returns (cpu, wall, exit ok).
+fn measure(cmd: &mut Command) -> (Duration, Duration, bool) {
+    let before = children_cpu();
+    let t0 = Instant::now();
+    let status = cmd.status().expect("spawn caller");
+    (children_cpu() - before, t0.elapsed(), status.success())
+}
+
+fn main() {
+    let count: u64 = std::env::var("DIAL_COUNT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let rate: u64 = std::env::var("DIAL_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4_000);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let exe = root.join("target/release/flashcall");
+    assert!(
+        Command::new("cargo")
+            .args(["build", "--release", "--quiet"])
+            .current_dir(root)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false),
+        "cargo build --release failed"
+    );
+
+    let _uas = callee(15_070);
+    let summary = std::env::temp_dir().join("flashcall-dial-bench.json");
+    let out = std::fs::File::create(&summary).expect("temp file");
+    let (fc_cpu, fc_wall, fc_ok) = measure(
+        Command::new(&exe)
+            .args([
+                "dial",
+                "--trunk",
+                "127.0.0.1:15070",
+                "--to-prefix",
+                "+4477009",
+            ])
+            .args([
+                "--count",
+                &count.to_string(),
+                "--rate",
+                &rate.to_string(),
+                "--json",
+            ])
+            .stdout(out),
+    );
+    let text = std::fs::read_to_string(&summary).unwrap_or_default();
+    let last = text.lines().last().unwrap_or("").to_string();
+    drop(_uas);
+
+    let _uas = callee(15_072);
+    let (sp_cpu, sp_wall, sp_ok) = measure(
+        Command::new("sipp")
+            .arg("-sf")
+            .arg(root.join("tests/sipp/uac_ring_cancel.xml"))
+            .args(["-i", "127.0.0.1", "-p", "15073", "-s", "+447700900123"])
+            .args([
+                "-m",
+                &count.to_string(),
+                "-r",
+                &rate.to_string(),
+                "-l",
+                "100000",
+            ])
+            .args([
+                "-max_recv_loops",
+                "100000",
+                "-nostdin",
+                "-timeout",
+                "600s",
+                "127.0.0.1:15072",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+
+    let per = |cpu: Duration| cpu.as_secs_f64() * 1e6 / count as f64;
+    println!("flash calls: {count} at {rate}/s against SIPp uas_ring_cancel.xml on 127.0.0.1");
+    println!(
+        "flashcall dial: {:>7.1} us CPU/call, wall {:.2} s, all delivered: {fc_ok}",
+        per(fc_cpu),
+        fc_wall.as_secs_f64()
+    );
+    println!("  {last}");
+    println!(
+        "sipp caller:    {:>7.1} us CPU/call, wall {:.2} s, all successful: {sp_ok}",
+        per(sp_cpu),
+        sp_wall.as_secs_f64()
+    );
+    println!("ratio flashcall/sipp: {:.2}", per(fc_cpu) / per(sp_cpu));
+}
