@@ -98,6 +98,7 @@ struct Dialer<'a> {
     cancel: Histogram<u64>,
     out: std::io::BufWriter<std::io::StdoutLock<'static>>,
     any_response: bool,
+    refused: bool,
 }
 
 impl udp::App for Dialer<'_> {
@@ -171,7 +172,17 @@ impl udp::App for Dialer<'_> {
         }
     }
 
+    fn on_refused(&mut self) {
+        if !self.any_response {
+            self.refused = true;
+        }
+    }
+
     fn done(&self, _ep: &Endpoint<StdRng>) -> bool {
+        // Nothing listens at the trunk: no point waiting out Timer B.
+        if self.refused && !self.any_response {
+            return true;
+        }
         self.ended >= self.started && (self.started >= self.opts.count || self.stop)
     }
 }
@@ -206,6 +217,14 @@ pub async fn run(opts: DialOptions) -> anyhow::Result<bool> {
     let socket = UdpSocket::bind(bind)
         .await
         .map_err(|e| DialError::Bind(bind, e))?;
+    // Connected to the one trunk so the kernel reports ICMP port unreachable
+    // (an unconnected UDP socket never sees it) and drops datagrams from
+    // anyone else. Linux still honours an explicit destination in sendto,
+    // which a 2xx Contact elsewhere needs for its ACK and BYE.
+    socket
+        .connect(trunk)
+        .await
+        .map_err(|e| DialError::Bind(bind, e))?;
     let local = socket.local_addr()?;
     let (media, rtp) = rtp::spawn_sink(SocketAddr::new(local.ip(), 0))
         .await
@@ -234,8 +253,12 @@ pub async fn run(opts: DialOptions) -> anyhow::Result<bool> {
         cancel: Histogram::new(3)?,
         out: std::io::BufWriter::new(stdout.lock()),
         any_response: false,
+        refused: false,
     };
     let stats = udp::run(&socket, &mut ep, &mut app).await;
+    if app.refused && !app.any_response {
+        return Err(DialError::Unreachable(trunk).into());
+    }
     let elapsed = app.t0.elapsed().as_secs_f64();
     let delivered = app
         .outcomes
@@ -260,8 +283,5 @@ pub async fn run(opts: DialOptions) -> anyhow::Result<bool> {
         writeln!(app.out, "{}", serde_json::to_string_pretty(&summary)?)?;
     }
     app.out.flush()?;
-    if stats.refused > 0 && !app.any_response {
-        return Err(DialError::Unreachable(trunk).into());
-    }
     Ok(delivered == opts.count)
 }

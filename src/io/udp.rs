@@ -18,6 +18,8 @@ pub trait App {
     /// Start what is due at `now`; return when to be called again.
     fn poll(&mut self, now: Instant, ep: &mut Endpoint<StdRng>) -> Option<Instant>;
     fn on_event(&mut self, ep: &mut Endpoint<StdRng>, event: Event);
+    /// ICMP port unreachable came back for something we sent.
+    fn on_refused(&mut self) {}
     /// The loop ends once this is true.
     fn done(&self, ep: &Endpoint<StdRng>) -> bool;
 }
@@ -37,6 +39,7 @@ pub struct DriverStats {
 pub async fn run(socket: &UdpSocket, ep: &mut Endpoint<StdRng>, app: &mut impl App) -> DriverStats {
     let mut stats = DriverStats::default();
     let mut buf = vec![0u8; 65_536];
+    let mut refused_seen = 0;
     loop {
         let now = Instant::now();
         // A bounded drain keeps timers and pacing on time under a flood.
@@ -64,6 +67,12 @@ pub async fn run(socket: &UdpSocket, ep: &mut Endpoint<StdRng>, app: &mut impl A
             app.on_event(ep, ev);
         }
         flush(socket, ep, &mut stats).await;
+        // The kernel reports ICMP unreachable on whichever call comes next,
+        // a receive or a send: both count, and the app hears of it once.
+        if stats.refused > refused_seen {
+            refused_seen = stats.refused;
+            app.on_refused();
+        }
         if app.done(ep) {
             return stats;
         }
@@ -97,6 +106,15 @@ async fn flush(socket: &UdpSocket, ep: &mut Endpoint<StdRng>, stats: &mut Driver
                         stats.send_errors += 1;
                         break;
                     }
+                }
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                    // The error belonged to an earlier datagram; this one
+                    // was not sent, so try it once more.
+                    stats.refused += 1;
+                    if socket.try_send_to(&t.payload, t.dest).is_ok() {
+                        stats.datagrams_out += 1;
+                    }
+                    break;
                 }
                 Err(e) => {
                     stats.send_errors += 1;
