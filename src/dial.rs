@@ -17,22 +17,54 @@ use crate::sip::{
     CallRequest, CallerId, Credentials, Endpoint, EndpointConfig, Event, Outcome, TimerConfig,
 };
 
-/// Options of `flashcall dial`.
-#[derive(Debug, Clone)]
+/// Options of `flashcall dial` (the CLI parses straight into this).
+#[derive(Debug, Clone, clap::Args)]
 pub struct DialOptions {
+    /// Trunk HOST:PORT (UDP).
+    #[arg(long)]
     pub trunk: String,
+    /// Destination number, E.164.
+    #[arg(long, conflicts_with = "to_prefix")]
     pub to: Option<String>,
+    /// Number the destinations: prefix + index.
+    #[arg(long)]
     pub to_prefix: Option<String>,
+    /// Caller number shown to the callee, E.164.
+    #[arg(long, default_value = "+447700900000")]
     pub from: String,
+    #[arg(long, default_value_t = 1)]
     pub count: u64,
+    /// Calls per second.
+    #[arg(long, default_value_t = 10.0)]
     pub rate: f64,
+    #[arg(long)]
     pub username: Option<String>,
+    #[arg(long)]
     pub password: Option<String>,
+    /// Hold after 180/183 before the CANCEL.
+    #[arg(long, default_value_t = 0)]
     pub ring_ms: u64,
+    /// No 180/183 by then: CANCEL, outcome no_ringing.
+    #[arg(long, default_value_t = 15_000)]
     pub ring_timeout_ms: u64,
+    /// Where the caller number goes: from, pai or both.
+    #[arg(long, default_value = "from", value_parser = parse_caller_id)]
     pub caller_id: CallerId,
+    /// Local SIP address (default: loopback for a loopback trunk, else any).
+    #[arg(long)]
     pub bind: Option<SocketAddr>,
+    /// One JSON line per call, then a summary line.
+    #[arg(long)]
     pub json: bool,
+}
+
+fn parse_caller_id(s: &str) -> Result<CallerId, String> {
+    match s {
+        "from" => Ok(CallerId::From),
+        "pai" => Ok(CallerId::Pai),
+        "both" => Ok(CallerId::Both),
+        _ => Err(format!("{s:?}: expected from, pai or both")),
+    }
 }
 
 #[derive(Debug, Error)]

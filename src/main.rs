@@ -2,8 +2,6 @@
 
 use clap::{Parser, Subcommand};
 use flashcall::dial::{self, DialOptions};
-use flashcall::sip::CallerId;
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -20,53 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Place flash calls straight to a SIP trunk (no HTTP).
-    Dial {
-        /// Trunk HOST:PORT (UDP).
-        #[arg(long)]
-        trunk: String,
-        /// Destination number, E.164.
-        #[arg(long, conflicts_with = "to_prefix")]
-        to: Option<String>,
-        /// Number the destinations: prefix + index.
-        #[arg(long)]
-        to_prefix: Option<String>,
-        /// Caller number shown to the callee, E.164.
-        #[arg(long, default_value = "+447700900000")]
-        from: String,
-        #[arg(long, default_value_t = 1)]
-        count: u64,
-        /// Calls per second.
-        #[arg(long, default_value_t = 10.0)]
-        rate: f64,
-        #[arg(long)]
-        username: Option<String>,
-        #[arg(long)]
-        password: Option<String>,
-        /// Hold after 180/183 before the CANCEL.
-        #[arg(long, default_value_t = 0)]
-        ring_ms: u64,
-        /// No 180/183 by then: CANCEL, outcome no_ringing.
-        #[arg(long, default_value_t = 15_000)]
-        ring_timeout_ms: u64,
-        /// Where the caller number goes: from, pai or both.
-        #[arg(long, default_value = "from", value_parser = parse_caller_id)]
-        caller_id: CallerId,
-        /// Local SIP address (default: loopback for a loopback trunk, else any).
-        #[arg(long)]
-        bind: Option<SocketAddr>,
-        /// One JSON line per call, then a summary line.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-fn parse_caller_id(s: &str) -> Result<CallerId, String> {
-    match s {
-        "from" => Ok(CallerId::From),
-        "pai" => Ok(CallerId::Pai),
-        "both" => Ok(CallerId::Both),
-        _ => Err(format!("{s:?}: expected from, pai or both")),
-    }
+    Dial(DialOptions),
 }
 
 fn main() -> ExitCode {
@@ -96,44 +48,13 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     match command {
-        Command::Dial {
-            trunk,
-            to,
-            to_prefix,
-            from,
-            count,
-            rate,
-            username,
-            password,
-            ring_ms,
-            ring_timeout_ms,
-            caller_id,
-            bind,
-            json,
-        } => {
-            let opts = DialOptions {
-                trunk,
-                to,
-                to_prefix,
-                from,
-                count,
-                rate,
-                username,
-                password,
-                ring_ms,
-                ring_timeout_ms,
-                caller_id,
-                bind,
-                json,
-            };
-            match runtime.block_on(dial::run(opts)) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::from(1),
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(2)
-                }
+        Command::Dial(opts) => match runtime.block_on(dial::run(opts)) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
             }
-        }
+        },
     }
 }
