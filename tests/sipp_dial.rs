@@ -247,6 +247,21 @@ fn session_progress_with_sdp_is_delivered() {
     assert_sipp_success(&mut uas, 1);
 }
 
+#[test]
+fn silent_callee_times_out_after_timer_b() {
+    let _uas = callee("silent", &ours("uas_silent.xml"), 15_340, 1, &[]);
+    let t0 = Instant::now();
+    let call = one_call(15_340, &[], 1);
+    let took = t0.elapsed();
+    assert_eq!(call["outcome"], "timeout", "{call}");
+    assert!(call["sip_code"].is_null(), "{call}");
+    // Timer B = 64*T1 = 32 s.
+    assert!(
+        took >= Duration::from_secs(31) && took < Duration::from_secs(40),
+        "took {took:?}"
+    );
+}
+
 /// The digest parameters of an Authorization or Proxy-Authorization value.
 fn digest_params(value: &str) -> std::collections::HashMap<String, String> {
     let rest = value.trim().strip_prefix("Digest").expect("Digest scheme");
