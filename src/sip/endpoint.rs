@@ -359,7 +359,8 @@ pub struct Endpoint<R: RngCore> {
 impl<R: RngCore> Endpoint<R> {
     pub fn new(cfg: EndpointConfig, mut rng: R) -> Self {
         let salt = rng.next_u32();
-        let via_prefix = format!("SIP/2.0/UDP {};rport", render::host_port(cfg.local));
+        // SocketAddr's Display brackets IPv6 literals, as a SIP URI wants.
+        let via_prefix = format!("SIP/2.0/UDP {};rport", cfg.local);
         let sdp = render::sdp_offer(cfg.media, u64::from(rng.next_u32()));
         Endpoint {
             cfg,
@@ -431,7 +432,7 @@ impl<R: RngCore> Endpoint<R> {
             from,
             call_id,
             via_prefix: self.via_prefix.clone(),
-            contact: format!("<sip:{}@{}>", req.caller, render::host_port(self.cfg.local)),
+            contact: format!("<sip:{}@{}>", req.caller, self.cfg.local),
             pai,
             user_agent: self.cfg.user_agent.clone(),
         };

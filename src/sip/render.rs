@@ -9,7 +9,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use super::message::{unfold, Message, Name, StartLine};
+use super::message::{unfold, Message, Name};
 
 /// Everything about a call's dialog that every request repeats.
 #[derive(Debug, Clone)]
@@ -196,14 +196,4 @@ pub fn sdp_offer(media: SocketAddr, session_id: u64) -> Bytes {
         port = media.port()
     );
     Bytes::from(out)
-}
-
-/// Host part for a SIP URI: IPv6 literals go in brackets.
-pub fn host_port(addr: SocketAddr) -> String {
-    addr.to_string()
-}
-
-/// Whether a parsed message is a request with the given method.
-pub fn is_request(msg: &Message<'_>, method: &str) -> bool {
-    matches!(msg.start, StartLine::Request { method: m, .. } if m == method)
 }
