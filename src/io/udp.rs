@@ -9,7 +9,9 @@ use rand::rngs::StdRng;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::time::Instant;
+use std::sync::Arc;
 use tokio::net::UdpSocket;
+use tokio::sync::Notify;
 
 use crate::sip::{Endpoint, Event, Input};
 
@@ -22,6 +24,11 @@ pub trait App {
     fn on_refused(&mut self) {}
     /// The loop ends once this is true.
     fn done(&self, ep: &Endpoint<StdRng>) -> bool;
+    /// Woken from outside (new work queued by another task): the loop then
+    /// runs a turn at once instead of sleeping until the socket or a timer.
+    fn waker(&self) -> Option<Arc<Notify>> {
+        None
+    }
 }
 
 /// Counters of the driver's own drops.
@@ -40,6 +47,7 @@ pub async fn run(socket: &UdpSocket, ep: &mut Endpoint<StdRng>, app: &mut impl A
     let mut stats = DriverStats::default();
     let mut buf = vec![0u8; 65_536];
     let mut refused_seen = 0;
+    let waker = app.waker();
     loop {
         let now = Instant::now();
         // A bounded drain keeps timers and pacing on time under a flood.
@@ -89,6 +97,12 @@ pub async fn run(socket: &UdpSocket, ep: &mut Endpoint<StdRng>, app: &mut impl A
         tokio::select! {
             r = socket.readable() => { if let Err(e) = r { tracing::warn!(error = %e, "socket"); } }
             _ = sleep => {}
+            _ = async {
+                match &waker {
+                    Some(w) => w.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
         }
     }
 }
