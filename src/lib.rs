@@ -8,9 +8,30 @@
 //!   timers in one slab + timer heap), `digest` (MD5 / SHA-256 / SHA-512-256).
 //! - `io/` — the only code with sockets and real time: `udp` (the driver
 //!   loop feeding the core) and `rtp` (early-media sink on the SDP port).
+//! - `config` — `flashcall.toml` into a validated typed `Config`.
+//! - `pool` — PURE number pool: suffix index, LRU pick, cooldown, coverage.
+//! - `limits` — per-project and per-phone GCRA limits (governor), swept.
+//! - `verification` — PURE verification lifecycle: statuses, check, expiry.
+//! - `store/` — the `Store` trait and the in-memory store.
+//! - `engine` — the SIP side of `serve`: trunk queues paced by CPS, the
+//!   driver thread, outcomes into the store.
+//! - `http` — the API router, handlers, problem+json errors.
+//! - `metrics` — every metric name, the recorder, per-call handles.
+//! - `sandbox` — the loopback callee behind the default config.
+//! - `serve` — wires it all up; graceful shutdown; `check-config`.
 //! - `dial` — the `flashcall dial` command.
 //! - `main.rs` — CLI and logging.
 
+pub mod config;
 pub mod dial;
+pub mod engine;
+pub mod http;
 pub mod io;
+pub mod limits;
+pub mod metrics;
+pub mod pool;
+pub mod sandbox;
+pub mod serve;
 pub mod sip;
+pub mod store;
+pub mod verification;

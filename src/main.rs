@@ -1,7 +1,10 @@
 //! The `flashcall` binary: CLI parsing, logging, and the commands of SPEC §1.
+//! The only place that prints errors; every error names what was wrong.
 
 use clap::{Parser, Subcommand};
+use flashcall::config::Config;
 use flashcall::dial::{self, DialOptions};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -17,44 +20,87 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the engine: SIP, HTTP API, metrics (the default command).
+    Serve {
+        /// Config file.
+        #[arg(long, default_value_os_t = Config::default_path())]
+        config: PathBuf,
+    },
     /// Place flash calls straight to a SIP trunk (no HTTP).
     Dial(DialOptions),
+    /// Validate a config and its number pool; print the code coverage.
+    CheckConfig {
+        #[arg(long, default_value_os_t = Config::default_path())]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve {
+        config: Config::default_path(),
+    });
+    // serve logs what it does; the one-shot commands only what went wrong.
+    let default_level = match command {
+        Command::Serve { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FLASHCALL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let Some(command) = cli.command else {
-        eprintln!(
-            "error: `flashcall serve` (HTTP API, pool, sandbox callee) is not built yet; \
-             use `flashcall dial --trunk HOST:PORT --to +E164` (see README)"
-        );
-        return ExitCode::from(2);
-    };
     match command {
-        Command::Dial(opts) => match runtime.block_on(dial::run(opts)) {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::from(1),
+        Command::CheckConfig { config } => match flashcall::serve::check_config(&config) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {e}");
                 ExitCode::from(2)
             }
         },
+        Command::Serve { config } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(flashcall::serve::run(&config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Dial(opts) => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(dial::run(opts)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,666 @@
+//! `flashcall.toml` -> a validated, typed [`Config`] (SPEC §2).
+//!
+//! Every key has a default, so a config names only what it changes; an
+//! unknown key is an error naming it (serde's `deny_unknown_fields`, whose
+//! message toml prefixes with the line and column). Checks that serde cannot
+//! express (ranges, cross-key rules such as "sandbox with a real trunk") run
+//! in [`Config::validate`] and name the key they reject.
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+use crate::sip::CallerId;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("config {0}: {1}")]
+    Parse(PathBuf, String),
+    #[error("config {file}: {key}: {problem}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        problem: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub metrics: MetricsConfig,
+    pub sip: SipConfig,
+    pub trunks: Vec<TrunkConfig>,
+    pub call: CallConfig,
+    pub pool: PoolConfig,
+    pub verification: VerificationConfig,
+    pub limits: LimitsConfig,
+    pub store: StoreConfig,
+    pub projects: Vec<ProjectConfig>,
+    pub sandbox: SandboxConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            http: HttpConfig::default(),
+            metrics: MetricsConfig::default(),
+            sip: SipConfig::default(),
+            trunks: Vec::new(),
+            call: CallConfig::default(),
+            pool: PoolConfig::default(),
+            verification: VerificationConfig::default(),
+            limits: LimitsConfig::default(),
+            store: StoreConfig::default(),
+            projects: Vec::new(),
+            sandbox: SandboxConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Requests whose body is larger get 413 (SPEC §5: 16 KiB).
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: ([127, 0, 0, 1], 8080).into(),
+            max_body_bytes: 16 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: ([127, 0, 0, 1], 9100).into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SipConfig {
+    pub listen: SocketAddr,
+    pub public_host: String,
+    pub user_agent: String,
+}
+
+impl Default for SipConfig {
+    fn default() -> Self {
+        SipConfig {
+            listen: ([127, 0, 0, 1], 5060).into(),
+            public_host: "127.0.0.1".into(),
+            user_agent: "flashcall".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrunkConfig {
+    pub name: String,
+    /// `host:port`, resolved once at start.
+    pub address: String,
+    /// INVITEs per second to this trunk.
+    pub cps: u32,
+    /// INVITEs allowed to wait for a CPS slot; past that, 503 `overloaded`.
+    pub queue: u32,
+    /// Share of new calls among healthy trunks.
+    pub weight: u32,
+    pub username: String,
+    pub password: String,
+    pub caller_id: CallerId,
+}
+
+impl Default for TrunkConfig {
+    fn default() -> Self {
+        TrunkConfig {
+            name: String::new(),
+            address: String::new(),
+            cps: 50,
+            queue: 0,
+            weight: 1,
+            username: String::new(),
+            password: String::new(),
+            caller_id: CallerId::From,
+        }
+    }
+}
+
+impl TrunkConfig {
+    /// Queue length: configured, or 10 s worth of CPS.
+    pub fn queue_len(&self) -> usize {
+        if self.queue > 0 {
+            self.queue as usize
+        } else {
+            (self.cps as usize).saturating_mul(10)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallConfig {
+    pub ring_ms: u64,
+    pub ring_timeout_ms: u64,
+}
+
+impl Default for CallConfig {
+    fn default() -> Self {
+        CallConfig {
+            ring_ms: 0,
+            ring_timeout_ms: 15_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    pub file: PathBuf,
+    pub code_length: u8,
+    pub number_cooldown_ms: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            file: "config/numbers.txt".into(),
+            code_length: 4,
+            number_cooldown_ms: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerificationConfig {
+    pub ttl_secs: u64,
+    /// The longest `ttl_secs` a create may ask for.
+    pub max_ttl_secs: u64,
+    pub max_attempts: u32,
+    /// Destinations starting with one of these skip the per-country validity
+    /// check (they still must be strict E.164). For number ranges reserved
+    /// for tests and fiction, such as Ofcom's +447700900xxx, which the
+    /// phone-number metadata rightly calls invalid.
+    pub allow_prefixes: Vec<String>,
+}
+
+impl Default for VerificationConfig {
+    fn default() -> Self {
+        VerificationConfig {
+            ttl_secs: 300,
+            max_ttl_secs: 3600,
+            max_attempts: 5,
+            allow_prefixes: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub per_phone: PerPhoneConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PerPhoneConfig {
+    /// Sends to one destination allowed per `per_secs` (0 = no limit).
+    pub max: u32,
+    pub per_secs: u64,
+    /// Most destinations tracked at once; idle ones are swept.
+    pub max_tracked: usize,
+}
+
+impl Default for PerPhoneConfig {
+    fn default() -> Self {
+        PerPhoneConfig {
+            max: 3,
+            per_secs: 600,
+            max_tracked: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: "data/flashcall.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProjectConfig {
+    pub login: String,
+    pub secret: Option<String>,
+    pub secret_sha256: Option<String>,
+    pub rate: u32,
+    pub burst: u32,
+    pub senders: Vec<SenderConfig>,
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<String>,
+}
+
+impl Default for ProjectConfig {
+    fn default() -> Self {
+        ProjectConfig {
+            login: String::new(),
+            secret: None,
+            secret_sha256: None,
+            rate: 20,
+            burst: 40,
+            senders: Vec::new(),
+            webhook_url: None,
+            webhook_secret: None,
+        }
+    }
+}
+
+impl ProjectConfig {
+    /// SHA-256 of the secret: what requests are compared against, so a
+    /// plain secret and a `secret_sha256` are checked the same way.
+    pub fn secret_hash(&self) -> [u8; 32] {
+        if let Some(s) = &self.secret {
+            return Sha256::digest(s.as_bytes()).into();
+        }
+        let mut out = [0u8; 32];
+        if let Some(h) = &self.secret_sha256 {
+            // validate() proved it is 64 hex digits.
+            let _ = hex::decode_to_slice(h, &mut out);
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SenderConfig {
+    pub code: String,
+    #[serde(default)]
+    pub status: SenderStatus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SenderStatus {
+    #[default]
+    Active,
+    Moderation,
+    Inactive,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    pub enabled: bool,
+    /// Where the sandbox callee listens (loopback only).
+    pub listen: SocketAddr,
+    /// Delay before its 180 Ringing.
+    pub ring_delay_ms: u64,
+    /// CPS of the sandbox trunk.
+    pub cps: u32,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            enabled: false,
+            listen: ([127, 0, 0, 1], 0).into(),
+            ring_delay_ms: 0,
+            cps: 200,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long a SIGTERM waits for in-flight calls to be cancelled.
+    pub grace_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { grace_ms: 5_000 }
+    }
+}
+
+/// E.164: `+` then 7 to 15 digits, first digit not 0.
+pub fn is_e164(s: &str) -> bool {
+    let Some(d) = s.strip_prefix('+') else {
+        return false;
+    };
+    (7..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) && !d.starts_with('0')
+}
+
+/// `FLASHCALL_PROJECT_<LOGIN>_SECRET`: the login upper-cased, every
+/// character outside A-Z0-9 turned into `_`.
+pub fn secret_env_var(login: &str) -> String {
+    let name: String = login
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("FLASHCALL_PROJECT_{name}_SECRET")
+}
+
+impl Config {
+    /// Reads, parses, applies secrets from the environment and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        Self::parse(&text, path, |k| std::env::var(k).ok())
+    }
+
+    /// Parses `text` (named `path` in errors); `env` looks up secrets.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string().trim().into()))?;
+        for p in &mut cfg.projects {
+            if let Some(s) = env(&secret_env_var(&p.login)) {
+                p.secret = Some(s);
+                p.secret_sha256 = None;
+            }
+        }
+        for t in &mut cfg.trunks {
+            let var = format!(
+                "FLASHCALL_TRUNK_{}_PASSWORD",
+                secret_env_var(&t.name)
+                    .trim_start_matches("FLASHCALL_PROJECT_")
+                    .trim_end_matches("_SECRET")
+            );
+            if let Some(s) = env(&var) {
+                t.password = s;
+            }
+        }
+        cfg.validate().map_err(|(key, problem)| ConfigError::Invalid {
+            file: path.to_path_buf(),
+            key,
+            problem,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Cross-key and range checks; the error names the key.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, p: &str| Err((k.to_string(), p.to_string()));
+        if self.http.max_body_bytes == 0 {
+            return bad("http.max_body_bytes", "must be > 0");
+        }
+        if self.sip.public_host.trim().is_empty() {
+            return bad("sip.public_host", "must not be empty");
+        }
+        if self.sip.user_agent.contains(['\r', '\n']) {
+            return bad("sip.user_agent", "must be one line");
+        }
+        if self.sandbox.enabled {
+            if !self.trunks.is_empty() {
+                return bad(
+                    "sandbox.enabled",
+                    "the sandbox callee cannot run beside real [[trunks]]: remove the trunks or set sandbox.enabled = false",
+                );
+            }
+            if !self.sandbox.listen.ip().is_loopback() {
+                return bad("sandbox.listen", "must be a loopback address");
+            }
+            if self.sandbox.cps == 0 {
+                return bad("sandbox.cps", "must be > 0");
+            }
+        } else if self.trunks.is_empty() {
+            return bad(
+                "trunks",
+                "no [[trunks]] configured and sandbox.enabled is false: nothing to call through",
+            );
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in self.trunks.iter().enumerate() {
+            let k = |f: &str| format!("trunks[{i}].{f}");
+            if t.name.is_empty() || !t.name.bytes().all(|b| b.is_ascii_graphic()) {
+                return bad(&k("name"), "must be a non-empty word");
+            }
+            if !names.insert(t.name.as_str()) {
+                return bad(&k("name"), &format!("{:?} is used twice", t.name));
+            }
+            if t.name == "sandbox" {
+                return bad(&k("name"), "\"sandbox\" is reserved for the sandbox callee");
+            }
+            if t.address.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+                return bad(&k("address"), &format!("{:?}: expected host:port", t.address));
+            }
+            if t.cps == 0 {
+                return bad(&k("cps"), "must be > 0");
+            }
+            if t.weight == 0 {
+                return bad(&k("weight"), "must be > 0");
+            }
+            if t.username.is_empty() != t.password.is_empty() {
+                return bad(&k("username"), "username and password go together");
+            }
+        }
+        if self.call.ring_timeout_ms == 0 {
+            return bad("call.ring_timeout_ms", "must be > 0");
+        }
+        if !(1..=8).contains(&self.pool.code_length) {
+            return bad("pool.code_length", "must be 1 to 8 digits");
+        }
+        let v = &self.verification;
+        if v.ttl_secs == 0 {
+            return bad("verification.ttl_secs", "must be > 0");
+        }
+        if v.max_ttl_secs < v.ttl_secs {
+            return bad("verification.max_ttl_secs", "must be >= ttl_secs");
+        }
+        if v.max_attempts == 0 {
+            return bad("verification.max_attempts", "must be > 0");
+        }
+        for (i, p) in v.allow_prefixes.iter().enumerate() {
+            let digits = p.strip_prefix('+').unwrap_or("");
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return bad(
+                    &format!("verification.allow_prefixes[{i}]"),
+                    &format!("{p:?}: expected '+' then digits"),
+                );
+            }
+        }
+        let pp = &self.limits.per_phone;
+        if pp.max > 0 && pp.per_secs == 0 {
+            return bad("limits.per_phone.per_secs", "must be > 0 when max > 0");
+        }
+        if pp.max_tracked == 0 {
+            return bad("limits.per_phone.max_tracked", "must be > 0");
+        }
+        if self.projects.is_empty() {
+            return bad("projects", "at least one [[projects]] entry is needed");
+        }
+        let mut logins = std::collections::HashSet::new();
+        for (i, p) in self.projects.iter().enumerate() {
+            let k = |f: &str| format!("projects[{i}].{f}");
+            if p.login.is_empty() || p.login.contains(':') || p.login.chars().any(char::is_control)
+            {
+                return bad(&k("login"), "must be non-empty, without ':'");
+            }
+            if !logins.insert(p.login.as_str()) {
+                return bad(&k("login"), &format!("{:?} is used twice", p.login));
+            }
+            match (&p.secret, &p.secret_sha256) {
+                (Some(_), Some(_)) => {
+                    return bad(&k("secret"), "give secret or secret_sha256, not both")
+                }
+                (None, None) => {
+                    return bad(
+                        &k("secret"),
+                        &format!(
+                            "missing: set secret, secret_sha256 or {}",
+                            secret_env_var(&p.login)
+                        ),
+                    )
+                }
+                (Some(s), None) if s.is_empty() => return bad(&k("secret"), "must not be empty"),
+                (None, Some(h))
+                    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) =>
+                {
+                    return bad(&k("secret_sha256"), "expected 64 hex digits")
+                }
+                _ => {}
+            }
+            if p.rate == 0 {
+                return bad(&k("rate"), "must be > 0");
+            }
+            if p.burst == 0 {
+                return bad(&k("burst"), "must be > 0");
+            }
+            let mut codes = std::collections::HashSet::new();
+            for (j, s) in p.senders.iter().enumerate() {
+                if s.code.is_empty() || s.code.len() > 64 {
+                    return bad(&k(&format!("senders[{j}].code")), "must be 1 to 64 characters");
+                }
+                if !codes.insert(s.code.as_str()) {
+                    return bad(
+                        &k(&format!("senders[{j}].code")),
+                        &format!("{:?} is used twice", s.code),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The shipped default config path.
+    pub fn default_path() -> PathBuf {
+        PathBuf::from("config/flashcall.toml")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+        [sandbox]
+        enabled = true
+        [[projects]]
+        login = "demo"
+        secret = "s"
+        senders = [{ code = "DEMO", status = "active" }]
+    "#;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("t.toml"), |_| None).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.http.listen.port(), 8080);
+        assert_eq!(c.verification.ttl_secs, 300);
+        assert_eq!(c.pool.code_length, 4);
+        assert_eq!(c.limits.per_phone.max, 3);
+        assert_eq!(c.projects[0].rate, 20);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse(&format!("{MIN}\n[call]\nring_mss = 3\n")).unwrap_err();
+        assert!(e.contains("ring_mss"), "{e}");
+        assert!(e.starts_with("config t.toml:"), "{e}");
+    }
+
+    #[test]
+    fn sandbox_beside_a_real_trunk_is_refused() {
+        let e = parse(&format!(
+            "{MIN}\n[[trunks]]\nname = \"main\"\naddress = \"10.0.0.1:5060\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("sandbox.enabled"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (extra, key) in [
+            ("[pool]\ncode_length = 0", "pool.code_length"),
+            ("[verification]\nmax_attempts = 0", "verification.max_attempts"),
+            ("[verification]\nallow_prefixes = [\"44\"]", "verification.allow_prefixes[0]"),
+            ("[limits.per_phone]\nper_secs = 0", "limits.per_phone.per_secs"),
+        ] {
+            let e = parse(&format!("{MIN}\n{extra}\n")).unwrap_err();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        let e = parse("[sandbox]\nenabled = false\n[[projects]]\nlogin=\"a\"\nsecret=\"b\"")
+            .unwrap_err();
+        assert!(e.contains(": trunks:"), "{e}");
+        let e = parse(
+            "[[trunks]]\nname=\"a\"\naddress=\"x\"\n[[projects]]\nlogin=\"a\"\nsecret=\"b\"",
+        )
+        .unwrap_err();
+        assert!(e.contains("trunks[0].address"), "{e}");
+        let e = parse("[sandbox]\nenabled = true\n[[projects]]\nlogin=\"a\"").unwrap_err();
+        assert!(e.contains("FLASHCALL_PROJECT_A_SECRET"), "{e}");
+    }
+
+    #[test]
+    fn secret_from_environment_wins() {
+        let text = "[sandbox]\nenabled = true\n[[projects]]\nlogin=\"shop-1\"\n";
+        let c = Config::parse(text, Path::new("t"), |k| {
+            (k == "FLASHCALL_PROJECT_SHOP_1_SECRET").then(|| "env-secret".to_string())
+        })
+        .unwrap();
+        assert_eq!(
+            c.projects[0].secret_hash(),
+            <[u8; 32]>::from(Sha256::digest(b"env-secret"))
+        );
+    }
+
+    #[test]
+    fn secret_sha256_is_used_as_is() {
+        let h = hex::encode(Sha256::digest(b"pw"));
+        let c = parse(&format!(
+            "[sandbox]\nenabled = true\n[[projects]]\nlogin=\"a\"\nsecret_sha256=\"{h}\""
+        ))
+        .unwrap();
+        assert_eq!(c.projects[0].secret_hash(), <[u8; 32]>::from(Sha256::digest(b"pw")));
+    }
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/flashcall.toml");
+        let c = Config::load(&path).unwrap();
+        assert!(c.sandbox.enabled);
+        assert!(c.trunks.is_empty());
+    }
+}

@@ -1,0 +1,469 @@
+//! The SIP side of `flashcall serve`: per-trunk INVITE queues paced by CPS,
+//! the pure endpoint driven by [`crate::io::udp::run`] on a thread of its
+//! own, and call outcomes written back to the store.
+//!
+//! Why a thread of its own: the 180 -> CANCEL delay is the product's edge,
+//! so the SIP loop never waits behind HTTP work on a shared runtime.
+//! HTTP handlers talk to it through [`EngineShared`]: one inbox behind a
+//! mutex (held for a push or a swap, never across I/O) and a `Notify`; no
+//! task, channel or lock per call.
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{Quota, RateLimiter};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
+
+use crate::io::udp;
+use crate::metrics::{self as m, CallMetrics, TrunkMetrics};
+use crate::sip::{
+    CallRequest, CallerId, Credentials, Endpoint, EndpointConfig, Event, Outcome, TimerConfig,
+};
+use crate::store::Store;
+use crate::verification::{CallRecord, Status};
+
+/// A trunk as the engine uses it.
+#[derive(Debug, Clone)]
+pub struct Trunk {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// `host:port` as configured: the Request-URI's host part.
+    pub host: String,
+    pub cps: u32,
+    pub queue_cap: usize,
+    pub weight: u32,
+    pub credentials: Option<Credentials>,
+    pub caller_id: CallerId,
+}
+
+/// One call to place for a verification.
+#[derive(Debug, Clone)]
+pub struct CallCmd {
+    pub id: String,
+    pub project: String,
+    pub trunk: usize,
+    pub to: String,
+    pub caller: String,
+}
+
+/// Why no trunk can take a call now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Every usable trunk's queue is full.
+    QueueFull,
+    /// Every trunk is backing off after a 503.
+    BackingOff,
+    ShuttingDown,
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The part of the engine the HTTP side sees.
+pub struct EngineShared {
+    pub trunks: Vec<Trunk>,
+    inbox: Mutex<Vec<CallCmd>>,
+    queued: Vec<AtomicUsize>,
+    backoff_until_ms: Vec<AtomicI64>,
+    notify: Arc<Notify>,
+    shutting_down: AtomicBool,
+}
+
+/// A reserved place in a trunk's queue; released unless sent.
+pub struct Reservation<'a> {
+    shared: &'a EngineShared,
+    trunk: usize,
+    sent: bool,
+}
+
+impl Reservation<'_> {
+    pub fn trunk(&self) -> usize {
+        self.trunk
+    }
+
+    pub fn send(mut self, cmd: CallCmd) {
+        debug_assert_eq!(cmd.trunk, self.trunk);
+        self.sent = true;
+        match self.shared.inbox.lock() {
+            Ok(mut inbox) => inbox.push(cmd),
+            // A panic elsewhere poisoned it; the data is still a Vec.
+            Err(p) => p.into_inner().push(cmd),
+        }
+        self.shared.notify.notify_one();
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.shared.queued[self.trunk].fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl EngineShared {
+    pub fn new(trunks: Vec<Trunk>) -> Self {
+        let n = trunks.len();
+        EngineShared {
+            trunks,
+            inbox: Mutex::new(Vec::new()),
+            queued: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            backoff_until_ms: (0..n).map(|_| AtomicI64::new(0)).collect(),
+            notify: Arc::new(Notify::new()),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Chooses a trunk by weight among those not backing off after a 503
+    /// and with room in their queue, and reserves a place in its queue.
+    pub fn reserve(&self, now_ms: i64, rng: &mut impl Rng) -> Result<Reservation<'_>, Unavailable> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(Unavailable::ShuttingDown);
+        }
+        let healthy: Vec<usize> = (0..self.trunks.len())
+            .filter(|&i| self.backoff_until_ms[i].load(Ordering::Acquire) <= now_ms)
+            .collect();
+        if healthy.is_empty() {
+            return Err(Unavailable::BackingOff);
+        }
+        let mut candidates = healthy;
+        while !candidates.is_empty() {
+            let total: u64 = candidates.iter().map(|&i| u64::from(self.trunks[i].weight)).sum();
+            let mut x = rng.gen_range(0..total);
+            let mut pos = 0;
+            for (k, &i) in candidates.iter().enumerate() {
+                let w = u64::from(self.trunks[i].weight);
+                if x < w {
+                    pos = k;
+                    break;
+                }
+                x -= w;
+            }
+            let i = candidates[pos];
+            let cap = self.trunks[i].queue_cap;
+            let reserved = self.queued[i]
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q < cap).then_some(q + 1))
+                .is_ok();
+            if reserved {
+                return Ok(Reservation {
+                    shared: self,
+                    trunk: i,
+                    sent: false,
+                });
+            }
+            candidates.swap_remove(pos);
+        }
+        Err(Unavailable::QueueFull)
+    }
+
+    /// Stops taking calls; the driver cancels what is in flight.
+    pub fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    pub fn queued(&self, trunk: usize) -> usize {
+        self.queued[trunk].load(Ordering::Acquire)
+    }
+}
+
+/// Call settings for every call the engine places.
+#[derive(Debug, Clone, Copy)]
+pub struct CallSettings {
+    pub ring: Duration,
+    pub ring_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+type Limiter = RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    DefaultClock,
+    governor::middleware::NoOpMiddleware<<DefaultClock as Clock>::Instant>,
+>;
+
+struct Active {
+    id: String,
+    project: String,
+    trunk: usize,
+}
+
+/// The driver's application: moves calls from the queues into the endpoint
+/// and outcomes into the store.
+struct Driver {
+    shared: Arc<EngineShared>,
+    store: Arc<dyn Store>,
+    settings: CallSettings,
+    queues: Vec<VecDeque<CallCmd>>,
+    limiters: Vec<Limiter>,
+    clock: DefaultClock,
+    calls: HashMap<u64, Active>,
+    next_tag: u64,
+    /// Converts the endpoint's Instants into wall-clock milliseconds.
+    epoch: (Instant, i64),
+    trunk_metrics: Vec<TrunkMetrics>,
+    metrics: CallMetrics,
+    stats_seen: crate::sip::Stats,
+    shutdown_at: Option<Instant>,
+    swap: Vec<CallCmd>,
+}
+
+impl Driver {
+    fn wall(&self, at: Instant) -> i64 {
+        let (i0, w0) = self.epoch;
+        if at >= i0 {
+            w0 + (at - i0).as_millis() as i64
+        } else {
+            w0 - (i0 - at).as_millis() as i64
+        }
+    }
+
+    fn start(&mut self, now: Instant, ep: &mut Endpoint<StdRng>, cmd: CallCmd) {
+        self.shared.queued[cmd.trunk].fetch_sub(1, Ordering::AcqRel);
+        let shared = self.shared.clone();
+        let trunk = &shared.trunks[cmd.trunk];
+        let at_ms = self.wall(now);
+        // A verification that expired (or was checked) while it waited in
+        // the queue must not ring anyone's phone.
+        let mut placed = false;
+        let updated = self.store.update(&cmd.id, &mut |v| {
+            if !v.status.is_final() && !v.expire_if_due(at_ms) {
+                v.call_started(&trunk.name, at_ms);
+                placed = true;
+            }
+        });
+        match updated {
+            Ok(Some(v)) if placed => m::verification(&cmd.project, v.status),
+            Ok(Some(v)) => {
+                if v.status == Status::Expired {
+                    m::verification(&cmd.project, Status::Expired);
+                }
+                return;
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(id = %cmd.id, error = %e, "store update failed; call not placed");
+                return;
+            }
+        }
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        ep.start_call(
+            now,
+            CallRequest {
+                trunk: trunk.addr,
+                trunk_host: trunk.host.clone(),
+                to: cmd.to,
+                caller: cmd.caller,
+                caller_id: trunk.caller_id,
+                ring: self.settings.ring,
+                ring_timeout: self.settings.ring_timeout,
+                credentials: trunk.credentials.clone(),
+                tag,
+            },
+        );
+        self.metrics.in_flight.increment(1.0);
+        self.calls.insert(
+            tag,
+            Active {
+                id: cmd.id,
+                project: cmd.project,
+                trunk: cmd.trunk,
+            },
+        );
+    }
+}
+
+impl udp::App for Driver {
+    fn poll(&mut self, now: Instant, ep: &mut Endpoint<StdRng>) -> Option<Instant> {
+        {
+            let mut inbox = match self.shared.inbox.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            std::mem::swap(&mut *inbox, &mut self.swap);
+        }
+        for cmd in self.swap.drain(..) {
+            self.queues[cmd.trunk].push_back(cmd);
+        }
+        let stats = ep.stats();
+        self.metrics
+            .parse_errors
+            .increment(stats.parse_errors - self.stats_seen.parse_errors);
+        self.metrics
+            .stray
+            .increment(stats.stray_responses - self.stats_seen.stray_responses);
+        self.stats_seen = stats;
+
+        if self.shared.shutting_down.load(Ordering::Acquire) {
+            if self.shutdown_at.is_none() {
+                self.shutdown_at = Some(now);
+                let waiting: usize = self.queues.iter().map(VecDeque::len).sum();
+                tracing::info!(
+                    in_flight = ep.active_calls(),
+                    queued = waiting,
+                    "shutting down: cancelling calls in flight; queued calls are not placed"
+                );
+                for h in ep.active_handles() {
+                    ep.cancel_call(now, h);
+                }
+            }
+            return self.shutdown_at.map(|t| t + self.settings.shutdown_grace);
+        }
+
+        let mut next: Option<Instant> = None;
+        for t in 0..self.queues.len() {
+            while !self.queues[t].is_empty() {
+                match self.limiters[t].check() {
+                    Ok(()) => {
+                        if let Some(cmd) = self.queues[t].pop_front() {
+                            self.start(now, ep, cmd);
+                        }
+                    }
+                    Err(nu) => {
+                        let at = now + nu.wait_time_from(self.clock.now());
+                        next = Some(next.map_or(at, |n: Instant| n.min(at)));
+                        break;
+                    }
+                }
+            }
+            self.trunk_metrics[t]
+                .queue
+                .set(self.queues[t].len() as f64);
+        }
+        next
+    }
+
+    fn on_event(&mut self, _ep: &mut Endpoint<StdRng>, event: Event) {
+        match event {
+            Event::Response { tag, code, .. } => {
+                if let Some(a) = self.calls.get(&tag) {
+                    m::sip_response(&self.shared.trunks[a.trunk].name, code);
+                }
+            }
+            Event::Ringing { .. } => {}
+            Event::Ended(r) => {
+                let Some(a) = self.calls.remove(&r.tag) else {
+                    return;
+                };
+                self.metrics.in_flight.decrement(1.0);
+                self.trunk_metrics[a.trunk].call(r.outcome).increment(1);
+                if let Some(d) = r.post_dial_delay() {
+                    self.metrics.post_dial.record(d.as_secs_f64());
+                }
+                if let Some(d) = r.cancel_delay() {
+                    self.metrics.cancel.record(d.as_secs_f64());
+                }
+                if r.outcome == Outcome::TrunkError {
+                    // Honour Retry-After; without one, back off briefly so a
+                    // failing trunk is not hammered.
+                    let secs = i64::from(r.retry_after.unwrap_or(5));
+                    let until = self.wall(r.ended_at) + secs * 1000;
+                    self.shared.backoff_until_ms[a.trunk].fetch_max(until, Ordering::AcqRel);
+                    tracing::warn!(trunk = %self.shared.trunks[a.trunk].name, secs, "trunk answered 503: backing off");
+                }
+                let record = CallRecord {
+                    trunk: self.shared.trunks[a.trunk].name.clone(),
+                    outcome: Some(r.outcome),
+                    sip_code: r.sip_code,
+                    invited_at_ms: Some(self.wall(r.invited_at)),
+                    ringing_at_ms: r.ringing_at.map(|t| self.wall(t)),
+                    cancel_at_ms: r.cancel_at.map(|t| self.wall(t)),
+                    ended_at_ms: Some(self.wall(r.ended_at)),
+                };
+                let mut before = Status::Pending;
+                match self.store.update(&a.id, &mut |v| {
+                    before = v.status;
+                    v.call_ended(r.outcome, record.clone());
+                }) {
+                    Ok(Some(v)) if v.status != before => m::verification(&a.project, v.status),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(id = %a.id, error = %e, "store update failed; call outcome not recorded")
+                    }
+                }
+            }
+        }
+    }
+
+    fn done(&self, ep: &Endpoint<StdRng>) -> bool {
+        match self.shutdown_at {
+            Some(t) => ep.active_calls() == 0 || Instant::now() >= t + self.settings.shutdown_grace,
+            None => false,
+        }
+    }
+
+    fn waker(&self) -> Option<Arc<Notify>> {
+        Some(self.shared.notify.clone())
+    }
+}
+
+/// Runs the SIP driver until shutdown; returns how many calls were still
+/// without an outcome when the grace period ended.
+pub async fn run(
+    socket: tokio::net::UdpSocket,
+    public_host: &str,
+    user_agent: &str,
+    shared: Arc<EngineShared>,
+    store: Arc<dyn Store>,
+    settings: CallSettings,
+) -> std::io::Result<usize> {
+    let bound = socket.local_addr()?;
+    // The Via sent-by and Contact must be reachable: a wildcard bind
+    // advertises public_host (when it is an IP) with the bound port.
+    let local = match public_host.parse::<std::net::IpAddr>() {
+        Ok(ip) if bound.ip().is_unspecified() => SocketAddr::new(ip, bound.port()),
+        _ => bound,
+    };
+    let (media, _rtp) = crate::io::rtp::spawn_sink(SocketAddr::new(bound.ip(), 0)).await?;
+    let mut ep = Endpoint::new(
+        EndpointConfig {
+            timers: TimerConfig::default(),
+            local,
+            public_host: public_host.to_string(),
+            user_agent: user_agent.to_string(),
+            media: SocketAddr::new(local.ip(), media.port()),
+        },
+        StdRng::from_entropy(),
+    );
+    let limiters = shared
+        .trunks
+        .iter()
+        .map(|t| {
+            // A burst of 10 ms worth of calls: the driver's timer has 1 ms
+            // granularity, and a burst of 1 at high CPS would wake it once
+            // per call.
+            let cps = NonZeroU32::new(t.cps).unwrap_or(NonZeroU32::MIN);
+            let burst = NonZeroU32::new((t.cps / 100).max(1)).unwrap_or(NonZeroU32::MIN);
+            RateLimiter::direct(Quota::per_second(cps).allow_burst(burst))
+        })
+        .collect();
+    let mut driver = Driver {
+        queues: shared.trunks.iter().map(|_| VecDeque::new()).collect(),
+        trunk_metrics: shared.trunks.iter().map(|t| TrunkMetrics::new(&t.name)).collect(),
+        shared,
+        store,
+        settings,
+        limiters,
+        clock: DefaultClock::default(),
+        calls: HashMap::new(),
+        next_tag: 0,
+        epoch: (Instant::now(), now_ms()),
+        metrics: CallMetrics::new(),
+        stats_seen: Default::default(),
+        shutdown_at: None,
+        swap: Vec::new(),
+    };
+    udp::run(&socket, &mut ep, &mut driver).await;
+    Ok(ep.active_calls())
+}

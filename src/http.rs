@@ -1,0 +1,644 @@
+//! The HTTP API (SPEC §5): `router(state)`, its handlers, and one
+//! [`ApiError`] that renders every failure as RFC 9457 problem+json with a
+//! stable `type` slug.
+//!
+//! A create goes: auth -> project limit -> body -> Idempotency-Key ->
+//! validation -> per-phone limit -> trunk queue -> pool pick -> durable
+//! insert -> queue the call -> 201. Cheap refusals come first, and nothing
+//! that consumes a shared resource (a queue place, a pool number) happens
+//! before every check that could still refuse the request.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine as _;
+use dashmap::DashMap;
+use rand::RngCore;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use subtle::ConstantTimeEq;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::config::{is_e164, SenderStatus, VerificationConfig};
+use crate::engine::{now_ms, CallCmd, EngineShared, Unavailable};
+use crate::limits::{Limited, Limits, Scope};
+use crate::metrics as m;
+use crate::pool::{PickError, Pool};
+use crate::store::{Idempotent, Store};
+use crate::verification::{CheckResult, Guess, Status, Verification};
+
+/// A project as the API authenticates it.
+pub struct Project {
+    pub login: String,
+    pub secret_sha256: [u8; 32],
+    pub senders: HashMap<String, SenderStatus>,
+}
+
+pub struct AppState {
+    pub projects: HashMap<String, Project>,
+    pub store: Arc<dyn Store>,
+    pub limits: Limits,
+    pub pool: Mutex<Pool>,
+    pub engine: Arc<EngineShared>,
+    pub verification: VerificationConfig,
+    pub code_length: u8,
+    pub max_body_bytes: usize,
+    /// Idempotency keys whose first request is still being handled.
+    pub idem_in_flight: DashMap<(String, String), ()>,
+}
+
+/// A problem+json error.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub slug: &'static str,
+    pub detail: String,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            slug,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+    fn bad(slug: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, slug, detail)
+    }
+    fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such verification")
+    }
+    fn overloaded(detail: impl Into<String>, retry_after: u64) -> Self {
+        ApiError {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", detail)
+        }
+    }
+    fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "request failed");
+        // The store refusing to write is "try again", not a bug of ours.
+        Self::overloaded(format!("the store could not take the request: {e}"), 1)
+    }
+}
+
+impl From<Limited> for ApiError {
+    fn from(l: Limited) -> Self {
+        m::rate_limited(l.scope);
+        let what = match l.scope {
+            Scope::Project => "this project's request rate",
+            Scope::Phone => "sends to this phone number",
+            Scope::Trunk => "the trunk's call rate",
+        };
+        ApiError {
+            retry_after: Some(l.retry_after_secs()),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("limit reached for {what}; retry after {} s", l.retry_after_secs()),
+            )
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let title = self.status.canonical_reason().unwrap_or("Error");
+        let body = json!({
+            "type": self.slug,
+            "title": title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        let mut resp = (self.status, body.to_string()).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(s) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                h.insert(header::RETRY_AFTER, v);
+            }
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"flashcall\""),
+            );
+        }
+        resp
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/verifications", post(create))
+        .route("/v1/verifications/{id}", get(get_one))
+        .route("/v1/verifications/{id}/check", post(check))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(track))
+        .with_state(state)
+}
+
+/// Counts every request by route template (never the raw path: it holds
+/// IDs) and status, and times it.
+async fn track(req: Request<axum::body::Body>, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let t0 = Instant::now();
+    let resp = next.run(req).await;
+    metrics::counter!(m::HTTP_REQUESTS, "route" => route.clone(), "status" => resp.status().as_u16().to_string())
+        .increment(1);
+    metrics::histogram!(m::HTTP_DURATION, "route" => route).record(t0.elapsed().as_secs_f64());
+    resp
+}
+
+async fn healthz(State(st): State<Arc<AppState>>) -> Response {
+    let _ = &st;
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        r#"{"status":"ok"}"#,
+    )
+        .into_response()
+}
+
+/// HTTP Basic auth against the project's SHA-256 secret, compared in
+/// constant time. An unknown login costs the same hash and compare so
+/// timing does not tell which logins exist.
+fn auth<'a>(st: &'a AppState, headers: &HeaderMap) -> Result<&'a Project, ApiError> {
+    let unauthorized = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "HTTP Basic credentials of a project are required",
+        )
+    };
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(unauthorized)?;
+    let (scheme, b64) = value.trim().split_once(' ').ok_or_else(unauthorized)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(unauthorized());
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|_| unauthorized())?;
+    let raw = String::from_utf8(raw).map_err(|_| unauthorized())?;
+    let (login, secret) = raw.split_once(':').ok_or_else(unauthorized)?;
+    let given: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+    let project = st.projects.get(login);
+    let expected = project.map_or([0u8; 32], |p| p.secret_sha256);
+    let ok: bool = given.ct_eq(&expected).into();
+    match project {
+        Some(p) if ok => Ok(p),
+        _ => Err(unauthorized()),
+    }
+}
+
+/// The JSON body, with the errors SPEC §5 names: 415 without a JSON
+/// content type, 413 over the size limit, 400 for anything unparsable.
+fn json_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(T, Bytes), ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("expected Content-Type: application/json, got {ct:?}"),
+        ));
+    }
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the request body is over the size limit",
+            )
+        } else {
+            ApiError::bad("invalid_request", format!("cannot read the body: {e}"))
+        }
+    })?;
+    let v = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad("invalid_request", format!("invalid JSON body: {e}")))?;
+    Ok((v, body))
+}
+
+/// Strict E.164, then valid for its country (unless an allowed test
+/// prefix); returns the digits as a number for the per-phone limiter.
+fn validate_phone(phone: &str, cfg: &VerificationConfig) -> Result<u64, ApiError> {
+    let invalid = |why: &str| ApiError::bad("invalid_phone", format!("phone {phone:?}: {why}"));
+    if !is_e164(phone) {
+        return Err(invalid("expected E.164, '+' then 7 to 15 digits"));
+    }
+    let allowed = cfg.allow_prefixes.iter().any(|p| phone.starts_with(p));
+    if !allowed {
+        let valid = phonenumber::parse(None, phone)
+            .map(|n| phonenumber::is_valid(&n))
+            .unwrap_or(false);
+        if !valid {
+            return Err(invalid("not a valid number for its country"));
+        }
+    }
+    phone[1..]
+        .parse()
+        .map_err(|_| invalid("expected E.164, '+' then 7 to 15 digits"))
+}
+
+fn validate_code(code: &str, len: u8) -> Result<(), ApiError> {
+    if code.len() == usize::from(len) && code.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(())
+    } else {
+        Err(ApiError::bad(
+            "invalid_code",
+            format!("code {code:?}: expected exactly {len} digits"),
+        ))
+    }
+}
+
+fn rfc3339(ms: i64) -> Value {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .map_or(Value::Null, Value::String)
+}
+
+/// The verification object of SPEC §5; `full` adds `call` and
+/// `attempts_left` (the GET form).
+pub fn render(v: &Verification, full: bool) -> Value {
+    let mut o = json!({
+        "id": v.id,
+        "status": v.status,
+        "phone": v.phone,
+        "sender": v.sender,
+        "caller_prefix": v.caller_prefix(),
+        "code_length": v.code.len(),
+        "cli_filter": v.cli_filter(),
+        "created_at": rfc3339(v.created_at_ms),
+        "expires_at": rfc3339(v.expires_at_ms),
+        "reference": v.reference,
+    });
+    if v.client_code {
+        o["code"] = json!(v.code);
+    }
+    if full {
+        let c = &v.call;
+        o["attempts_left"] = json!(v.attempts_left);
+        o["call"] = if c.invited_at_ms.is_some() {
+            json!({
+                "outcome": c.outcome,
+                "sip_code": c.sip_code,
+                "trunk": c.trunk,
+                "caller": v.caller,
+                "invited_at": c.invited_at_ms.map_or(Value::Null, rfc3339),
+                "ringing_at": c.ringing_at_ms.map_or(Value::Null, rfc3339),
+                "ended_at": c.ended_at_ms.map_or(Value::Null, rfc3339),
+            })
+        } else {
+            Value::Null
+        };
+    }
+    o
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    phone: String,
+    sender: String,
+    code: Option<String>,
+    reference: Option<String>,
+    ttl_secs: Option<u64>,
+}
+
+/// Removes the in-flight mark of an Idempotency-Key however the request ends.
+struct IdemGuard<'a> {
+    map: &'a DashMap<(String, String), ()>,
+    key: (String, String),
+}
+
+impl Drop for IdemGuard<'_> {
+    fn drop(&mut self) {
+        self.map.remove(&self.key);
+    }
+}
+
+async fn create(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let project = auth(&st, &headers)?;
+    st.limits.check_project(&project.login)?;
+    let (req, raw): (CreateBody, Bytes) = json_body(&headers, body)?;
+
+    let idem_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let k = v
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 255)
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        "invalid_request",
+                        "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                    )
+                })?;
+            Some(k.to_string())
+        }
+    };
+    let body_sha256: [u8; 32] = Sha256::digest(&raw).into();
+    let _idem_guard = match &idem_key {
+        None => None,
+        Some(k) => {
+            if let Some(prev) = st
+                .store
+                .idempotent(&project.login, k)
+                .map_err(ApiError::internal)?
+            {
+                if prev.body_sha256 == body_sha256 {
+                    let mut r = json_response(StatusCode::CREATED, prev.response);
+                    r.headers_mut()
+                        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+                    return Ok(r);
+                }
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used with a different request body",
+                ));
+            }
+            let key = (project.login.clone(), k.clone());
+            if st.idem_in_flight.insert(key.clone(), ()).is_some() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_key_in_progress",
+                    "a request with this Idempotency-Key is still being handled",
+                ));
+            }
+            Some(IdemGuard {
+                map: &st.idem_in_flight,
+                key,
+            })
+        }
+    };
+
+    let phone_num = validate_phone(&req.phone, &st.verification)?;
+    if let Some(c) = &req.code {
+        validate_code(c, st.code_length)?;
+    }
+    match project.senders.get(&req.sender) {
+        Some(SenderStatus::Active) => {}
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "sender_not_active",
+                format!("sender {:?} is not active", req.sender),
+            ))
+        }
+        None => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "sender_not_active",
+                format!("sender {:?} is not registered for this project", req.sender),
+            ))
+        }
+    }
+    let ttl = req.ttl_secs.unwrap_or(st.verification.ttl_secs);
+    if ttl == 0 || ttl > st.verification.max_ttl_secs {
+        return Err(ApiError::bad(
+            "invalid_request",
+            format!(
+                "ttl_secs must be 1 to {}",
+                st.verification.max_ttl_secs
+            ),
+        ));
+    }
+    if req.reference.as_ref().is_some_and(|r| r.len() > 256) {
+        return Err(ApiError::bad(
+            "invalid_request",
+            "reference must be at most 256 bytes",
+        ));
+    }
+
+    st.limits.check_phone(phone_num)?;
+    let now = now_ms();
+    // ThreadRng is not Send: it lives only in this block, never across an
+    // await. It is a CSPRNG (ChaCha, seeded from the OS), as codes need.
+    let (reservation, picked, id) = {
+        let mut rng = rand::thread_rng();
+        let reservation = st.engine.reserve(now, &mut rng).map_err(|u| match u {
+            Unavailable::QueueFull => {
+                m::rate_limited(Scope::Trunk);
+                ApiError::overloaded("every trunk's call queue is full", 1)
+            }
+            Unavailable::BackingOff => ApiError::overloaded(
+                "every trunk is backing off after 503 Service Unavailable",
+                5,
+            ),
+            Unavailable::ShuttingDown => ApiError::overloaded("the engine is shutting down", 5),
+        })?;
+        let picked = {
+            let mut pool = match st.pool.lock() {
+                Ok(p) => p,
+                Err(p) => p.into_inner(),
+            };
+            pool.pick(req.code.as_deref(), Instant::now(), &mut rng)
+        }
+        .map_err(|e| match e {
+            PickError::NoNumberForCode(c) => ApiError::new(
+                StatusCode::CONFLICT,
+                "no_number_for_code",
+                format!("no caller number ending in {c} is available now"),
+            ),
+            PickError::Exhausted => ApiError::overloaded("every caller number is cooling down", 1),
+        })?;
+        let mut id_bytes = [0u8; 16];
+        rng.fill_bytes(&mut id_bytes);
+        (reservation, picked, hex::encode(id_bytes))
+    };
+    let v = Verification {
+        id,
+        project: project.login.clone(),
+        phone: req.phone.clone(),
+        sender: req.sender.clone(),
+        code: picked.code,
+        client_code: req.code.is_some(),
+        caller: picked.number,
+        reference: req.reference.clone(),
+        created_at_ms: now,
+        expires_at_ms: now + (ttl as i64) * 1000,
+        attempts_left: st.verification.max_attempts,
+        status: Status::Pending,
+        call: Default::default(),
+    };
+    let body = render(&v, false).to_string();
+    let idem = idem_key.map(|k| {
+        (
+            k,
+            Idempotent {
+                body_sha256,
+                verification_id: v.id.clone(),
+                response: body.clone(),
+            },
+        )
+    });
+    let cmd = CallCmd {
+        id: v.id.clone(),
+        project: v.project.clone(),
+        trunk: reservation.trunk(),
+        to: v.phone.clone(),
+        caller: v.caller.clone(),
+    };
+    st.store.insert(v, idem).await.map_err(ApiError::internal)?;
+    m::verification(&project.login, Status::Pending);
+    reservation.send(cmd);
+    Ok(json_response(StatusCode::CREATED, body))
+}
+
+/// The verification `id` of the calling project, expired if its TTL passed.
+fn load(st: &AppState, project: &Project, id: &str) -> Result<Verification, ApiError> {
+    let v = st
+        .store
+        .get(id)
+        .map_err(ApiError::internal)?
+        .filter(|v| v.project == project.login)
+        .ok_or_else(ApiError::not_found)?;
+    if !v.status.is_final() && now_ms() >= v.expires_at_ms {
+        let mut changed = false;
+        let v = st
+            .store
+            .update(id, &mut |v| changed = v.expire_if_due(now_ms()))
+            .map_err(ApiError::internal)?
+            .ok_or_else(ApiError::not_found)?;
+        if changed {
+            m::verification(&v.project, Status::Expired);
+        }
+        return Ok(v);
+    }
+    Ok(v)
+}
+
+async fn get_one(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let project = auth(&st, &headers)?;
+    let v = load(&st, project, &id)?;
+    Ok(json_response(StatusCode::OK, render(&v, true).to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckBody {
+    code: Option<String>,
+    cli: Option<String>,
+}
+
+async fn check(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let project = auth(&st, &headers)?;
+    let (req, _): (CheckBody, Bytes) = json_body(&headers, body)?;
+    match (&req.code, &req.cli) {
+        (Some(c), None) => validate_code(c, st.code_length)?,
+        (None, Some(n)) => {
+            if !is_e164(n) {
+                return Err(ApiError::bad(
+                    "invalid_phone",
+                    format!("cli {n:?}: expected E.164, '+' then 7 to 15 digits"),
+                ));
+            }
+        }
+        _ => {
+            return Err(ApiError::bad(
+                "invalid_request",
+                "give exactly one of \"code\" or \"cli\"",
+            ))
+        }
+    }
+    // 404 for another project's id before anything is counted.
+    load(&st, project, &id)?;
+    let mut result = CheckResult::WrongCode;
+    let mut before = Status::Pending;
+    let now = now_ms();
+    let v = st
+        .store
+        .update(&id, &mut |v| {
+            before = v.status;
+            let guess = match (&req.code, &req.cli) {
+                (Some(c), _) => Guess::Code(c),
+                (_, Some(n)) => Guess::Cli(n),
+                _ => Guess::Code(""),
+            };
+            result = v.check(now, guess);
+        })
+        .map_err(ApiError::internal)?
+        .ok_or_else(ApiError::not_found)?;
+    m::check(result);
+    if v.status != before {
+        m::verification(&v.project, v.status);
+    }
+    if result == CheckResult::Expired {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            "expired",
+            "this verification has expired",
+        ));
+    }
+    let body = json!({
+        "id": v.id,
+        "status": v.status,
+        "verified": result.verified(),
+        "attempts_left": v.attempts_left,
+    });
+    Ok(json_response(StatusCode::OK, body.to_string()))
+}

@@ -1,0 +1,175 @@
+//! Every metric name in one place (SPEC §6), the recorder setup, and the
+//! metric handles the hot paths keep so they do not look a name up per call.
+//!
+//! Labels carry only bounded values from the config or the code (project
+//! login, trunk name, outcome, status, route template, SIP status code):
+//! never a phone number or an ID.
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::limits::Scope;
+use crate::sip::Outcome;
+use crate::verification::{CheckResult, Status};
+
+pub const VERIFICATIONS: &str = "flashcall_verifications_total";
+pub const CALLS: &str = "flashcall_calls_total";
+pub const SIP_RESPONSES: &str = "flashcall_sip_responses_total";
+pub const CALLS_IN_FLIGHT: &str = "flashcall_calls_in_flight";
+pub const POST_DIAL_DELAY: &str = "flashcall_post_dial_delay_seconds";
+pub const CANCEL_DELAY: &str = "flashcall_cancel_delay_seconds";
+pub const RATE_LIMITED: &str = "flashcall_rate_limited_total";
+pub const POOL_NUMBERS: &str = "flashcall_pool_numbers";
+pub const POOL_COVERAGE: &str = "flashcall_pool_suffix_coverage_ratio";
+pub const CHECKS: &str = "flashcall_checks_total";
+pub const HTTP_REQUESTS: &str = "flashcall_http_requests_total";
+pub const HTTP_DURATION: &str = "flashcall_http_request_duration_seconds";
+pub const SIP_PARSE_ERRORS: &str = "flashcall_sip_parse_errors_total";
+pub const TRUNK_QUEUE: &str = "flashcall_trunk_queue_depth";
+pub const SIP_STRAY: &str = "flashcall_sip_stray_responses_total";
+
+/// Installs the global recorder with histogram buckets for every
+/// histogram (the exporter's default would render summaries).
+pub fn install() -> Result<PrometheusHandle, BuildError> {
+    // The delays a flash call cares about: sub-millisecond cancels up to
+    // post-dial delays of tens of seconds.
+    let delay = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        20.0, 30.0,
+    ];
+    let http = [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+    ];
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(POST_DIAL_DELAY.into()), &delay)?
+        .set_buckets_for_metric(Matcher::Full(CANCEL_DELAY.into()), &delay)?
+        .set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), &http)?
+        .install_recorder()
+}
+
+/// Describes every metric and registers the label sets known at start,
+/// so a scrape shows each name (at 0) before the first call.
+pub fn describe(projects: &[String], trunks: &[String]) {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(VERIFICATIONS, "Verifications entering each status");
+    describe_counter!(CALLS, "Flash calls by trunk and outcome");
+    describe_counter!(SIP_RESPONSES, "SIP responses received by trunk and code");
+    describe_gauge!(CALLS_IN_FLIGHT, "Calls whose outcome is not known yet");
+    describe_histogram!(POST_DIAL_DELAY, Unit::Seconds, "INVITE sent to first 180/183");
+    describe_histogram!(CANCEL_DELAY, Unit::Seconds, "180/183 received to CANCEL sent");
+    describe_counter!(RATE_LIMITED, "Requests refused by a limit, by scope");
+    describe_gauge!(POOL_NUMBERS, "Caller numbers in the pool");
+    describe_gauge!(POOL_COVERAGE, "Share of code suffixes the pool can serve");
+    describe_counter!(CHECKS, "Code checks by result");
+    describe_counter!(HTTP_REQUESTS, "HTTP requests by route template and status");
+    describe_histogram!(HTTP_DURATION, Unit::Seconds, "HTTP request duration by route");
+    describe_counter!(SIP_PARSE_ERRORS, "Malformed SIP datagrams dropped");
+    describe_gauge!(TRUNK_QUEUE, "INVITEs waiting for a CPS slot, by trunk");
+    describe_counter!(SIP_STRAY, "SIP responses matching no transaction");
+
+    for p in projects {
+        for s in Status::ALL {
+            counter!(VERIFICATIONS, "project" => p.clone(), "status" => s.as_str()).absolute(0);
+        }
+    }
+    for t in trunks {
+        for o in Outcome::ALL {
+            counter!(CALLS, "trunk" => t.clone(), "outcome" => o.as_str()).absolute(0);
+        }
+        gauge!(TRUNK_QUEUE, "trunk" => t.clone()).set(0.0);
+    }
+    for s in [Scope::Project, Scope::Phone, Scope::Trunk] {
+        counter!(RATE_LIMITED, "scope" => s.as_str()).absolute(0);
+    }
+    for r in [
+        CheckResult::Verified,
+        CheckResult::AlreadyVerified,
+        CheckResult::WrongCode,
+        CheckResult::Exhausted,
+        CheckResult::NoAttemptsLeft,
+        CheckResult::Expired,
+    ] {
+        counter!(CHECKS, "result" => r.as_str()).absolute(0);
+    }
+    gauge!(CALLS_IN_FLIGHT).set(0.0);
+    counter!(SIP_PARSE_ERRORS).absolute(0);
+    counter!(SIP_STRAY).absolute(0);
+    let _ = histogram!(POST_DIAL_DELAY);
+    let _ = histogram!(CANCEL_DELAY);
+}
+
+/// Handles the SIP driver updates per call, resolved once per trunk.
+pub struct TrunkMetrics {
+    pub calls: Vec<Counter>,
+    pub queue: Gauge,
+    pub name: String,
+}
+
+impl TrunkMetrics {
+    pub fn new(name: &str) -> Self {
+        TrunkMetrics {
+            calls: Outcome::ALL
+                .iter()
+                .map(|o| counter!(CALLS, "trunk" => name.to_string(), "outcome" => o.as_str()))
+                .collect(),
+            queue: gauge!(TRUNK_QUEUE, "trunk" => name.to_string()),
+            name: name.to_string(),
+        }
+    }
+
+    pub fn call(&self, o: Outcome) -> &Counter {
+        // Outcome::ALL lists every variant, so the position exists.
+        let i = Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0);
+        &self.calls[i]
+    }
+}
+
+/// Handles the SIP driver updates for every call.
+pub struct CallMetrics {
+    pub in_flight: Gauge,
+    pub post_dial: Histogram,
+    pub cancel: Histogram,
+    pub parse_errors: Counter,
+    pub stray: Counter,
+}
+
+impl CallMetrics {
+    pub fn new() -> Self {
+        CallMetrics {
+            in_flight: gauge!(CALLS_IN_FLIGHT),
+            post_dial: histogram!(POST_DIAL_DELAY),
+            cancel: histogram!(CANCEL_DELAY),
+            parse_errors: counter!(SIP_PARSE_ERRORS),
+            stray: counter!(SIP_STRAY),
+        }
+    }
+}
+
+impl Default for CallMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn verification(project: &str, status: Status) {
+    counter!(VERIFICATIONS, "project" => project.to_string(), "status" => status.as_str())
+        .increment(1);
+}
+
+pub fn rate_limited(scope: Scope) {
+    counter!(RATE_LIMITED, "scope" => scope.as_str()).increment(1);
+}
+
+pub fn check(result: CheckResult) {
+    counter!(CHECKS, "result" => result.as_str()).increment(1);
+}
+
+pub fn sip_response(trunk: &str, code: u16) {
+    counter!(SIP_RESPONSES, "trunk" => trunk.to_string(), "code" => code.to_string())
+        .increment(1);
+}
+
+pub fn pool(numbers: usize, coverage: f64) {
+    gauge!(POOL_NUMBERS).set(numbers as f64);
+    gauge!(POOL_COVERAGE).set(coverage);
+}

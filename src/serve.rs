@@ -1,0 +1,347 @@
+//! `flashcall serve`: loads the config and the pool, binds every listener
+//! (so a port in use is one clear error before anything runs), starts the
+//! SIP driver on its own thread, serves HTTP and metrics, and shuts down
+//! gracefully on SIGTERM / SIGINT.
+
+use axum::routing::get;
+use dashmap::DashMap;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use thiserror::Error;
+
+use crate::config::Config;
+use crate::engine::{self, CallSettings, EngineShared, Trunk};
+use crate::http::{self, AppState, Project};
+use crate::limits::Limits;
+use crate::pool::{Pool, PoolError};
+use crate::sip::Credentials;
+use crate::store::memory::MemoryStore;
+use crate::store::Store;
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("pool: {0}")]
+    Pool(#[from] PoolError),
+    #[error("{key} {addr}: cannot listen: {err}")]
+    Listen {
+        key: &'static str,
+        addr: SocketAddr,
+        err: std::io::Error,
+    },
+    #[error("trunks[{index}].address {address:?}: cannot resolve: {err}")]
+    Resolve {
+        index: usize,
+        address: String,
+        err: String,
+    },
+    #[error("metrics recorder: {0}")]
+    Metrics(String),
+    #[error("SIP driver: {0}")]
+    Sip(String),
+}
+
+fn listen_err(key: &'static str, addr: SocketAddr) -> impl FnOnce(std::io::Error) -> ServeError {
+    move |err| ServeError::Listen { key, addr, err }
+}
+
+/// Loads the pool named by the config and reports its coverage.
+pub fn load_pool(cfg: &Config) -> Result<Pool, PoolError> {
+    let mut rng = rand::thread_rng();
+    let mut pool = Pool::load(&cfg.pool.file, cfg.pool.code_length, &mut rng)?;
+    pool.set_cooldown(Duration::from_millis(cfg.pool.number_cooldown_ms));
+    Ok(pool)
+}
+
+/// Resolves the configured trunks (or the sandbox's) for the engine.
+fn trunks(cfg: &Config, sandbox: Option<SocketAddr>) -> Result<Vec<Trunk>, ServeError> {
+    if let Some(addr) = sandbox {
+        return Ok(vec![Trunk {
+            name: "sandbox".into(),
+            addr,
+            host: addr.to_string(),
+            cps: cfg.sandbox.cps,
+            queue_cap: (cfg.sandbox.cps as usize).saturating_mul(10),
+            weight: 1,
+            credentials: None,
+            caller_id: Default::default(),
+        }]);
+    }
+    cfg.trunks
+        .iter()
+        .enumerate()
+        .map(|(index, t)| {
+            let addr = t
+                .address
+                .to_socket_addrs()
+                .map_err(|e| e.to_string())
+                .and_then(|mut a| a.next().ok_or_else(|| "no address".to_string()))
+                .map_err(|err| ServeError::Resolve {
+                    index,
+                    address: t.address.clone(),
+                    err,
+                })?;
+            Ok(Trunk {
+                name: t.name.clone(),
+                addr,
+                host: t.address.clone(),
+                cps: t.cps,
+                queue_cap: t.queue_len(),
+                weight: t.weight,
+                credentials: (!t.username.is_empty()).then(|| Credentials {
+                    username: t.username.clone(),
+                    password: t.password.clone(),
+                }),
+                caller_id: t.caller_id,
+            })
+        })
+        .collect()
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Runs the engine until SIGTERM / SIGINT.
+pub async fn run(config_path: &Path) -> Result<(), ServeError> {
+    let cfg = Config::load(config_path)?;
+    let pool = load_pool(&cfg)?;
+    let covered = pool.covered_suffixes();
+    let total = 10usize.pow(u32::from(cfg.pool.code_length));
+    if covered < total {
+        tracing::warn!(
+            covered,
+            total,
+            "the pool covers only part of the code suffixes: codes are easier to guess"
+        );
+    }
+    tracing::info!(
+        numbers = pool.len(),
+        covered,
+        total,
+        file = %cfg.pool.file.display(),
+        "number pool loaded"
+    );
+
+    let prom = crate::metrics::install().map_err(|e| ServeError::Metrics(e.to_string()))?;
+
+    let http_listener = tokio::net::TcpListener::bind(cfg.http.listen)
+        .await
+        .map_err(listen_err("http.listen", cfg.http.listen))?;
+    let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics.listen)
+        .await
+        .map_err(listen_err("metrics.listen", cfg.metrics.listen))?;
+    let sip_socket = std::net::UdpSocket::bind(cfg.sip.listen)
+        .map_err(listen_err("sip.listen", cfg.sip.listen))?;
+    sip_socket
+        .set_nonblocking(true)
+        .map_err(listen_err("sip.listen", cfg.sip.listen))?;
+    let sip_addr = sip_socket
+        .local_addr()
+        .map_err(listen_err("sip.listen", cfg.sip.listen))?;
+
+    let sandbox = if cfg.sandbox.enabled {
+        let sb = crate::sandbox::spawn(crate::sandbox::SandboxConfig {
+            bind: cfg.sandbox.listen,
+            ring_delay: Duration::from_millis(cfg.sandbox.ring_delay_ms),
+        })
+        .await
+        .map_err(listen_err("sandbox.listen", cfg.sandbox.listen))?;
+        tracing::warn!(
+            addr = %sb.addr,
+            "SANDBOX: calls go to the built-in loopback callee, no phone rings; \
+             configure [[trunks]] and set sandbox.enabled = false for real calls"
+        );
+        Some(sb)
+    } else {
+        None
+    };
+    let trunks = trunks(&cfg, sandbox.as_ref().map(|s| s.addr))?;
+
+    let projects: Vec<String> = cfg.projects.iter().map(|p| p.login.clone()).collect();
+    let trunk_names: Vec<String> = trunks.iter().map(|t| t.name.clone()).collect();
+    crate::metrics::describe(&projects, &trunk_names);
+    crate::metrics::pool(pool.len(), pool.coverage_ratio());
+
+    // Memory: records are kept an hour past their TTL (the durable store
+    // of issue 4 replaces this).
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(3_600_000));
+    let shared = Arc::new(EngineShared::new(trunks));
+    let settings = CallSettings {
+        ring: Duration::from_millis(cfg.call.ring_ms),
+        ring_timeout: Duration::from_millis(cfg.call.ring_timeout_ms),
+        shutdown_grace: Duration::from_millis(cfg.shutdown.grace_ms),
+    };
+    let sip_thread = {
+        let shared = shared.clone();
+        let store = store.clone();
+        let public_host = cfg.sip.public_host.clone();
+        let user_agent = cfg.sip.user_agent.clone();
+        std::thread::Builder::new()
+            .name("flashcall-sip".into())
+            .spawn(move || -> std::io::Result<usize> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let socket = tokio::net::UdpSocket::from_std(sip_socket)?;
+                    engine::run(socket, &public_host, &user_agent, shared, store, settings).await
+                })
+            })
+            .map_err(|e| ServeError::Sip(e.to_string()))?
+    };
+
+    let state = Arc::new(AppState {
+        projects: cfg
+            .projects
+            .iter()
+            .map(|p| {
+                (
+                    p.login.clone(),
+                    Project {
+                        login: p.login.clone(),
+                        secret_sha256: p.secret_hash(),
+                        senders: p.senders.iter().map(|s| (s.code.clone(), s.status)).collect(),
+                    },
+                )
+            })
+            .collect(),
+        store: store.clone(),
+        limits: Limits::new(&cfg.projects, &cfg.limits.per_phone),
+        pool: Mutex::new(pool),
+        engine: shared.clone(),
+        verification: cfg.verification.clone(),
+        code_length: cfg.pool.code_length,
+        max_body_bytes: cfg.http.max_body_bytes,
+        idem_in_flight: DashMap::new(),
+    });
+
+    let housekeeping = tokio::spawn(housekeeping(state.clone(), prom.clone()));
+    let metrics_app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let prom = prom.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    prom.render(),
+                )
+            }
+        }),
+    );
+    let metrics_server = tokio::spawn(async move {
+        if let Err(e) = axum::serve(metrics_listener, metrics_app).await {
+            tracing::error!(error = %e, "metrics listener failed");
+        }
+    });
+
+    tracing::info!(
+        http = %cfg.http.listen,
+        metrics = %cfg.metrics.listen,
+        sip = %sip_addr,
+        "flashcall serving"
+    );
+    let stop = shared.clone();
+    let served = axum::serve(http_listener, http::router(state))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown requested: no new requests");
+            stop.shutdown();
+        })
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "HTTP listener failed");
+    }
+    shared.shutdown();
+    let left = tokio::task::spawn_blocking(move || sip_thread.join())
+        .await
+        .map_err(|e| ServeError::Sip(e.to_string()))?
+        .map_err(|_| ServeError::Sip("the SIP thread panicked".into()))?
+        .map_err(|e| ServeError::Sip(e.to_string()))?;
+    if left > 0 {
+        tracing::warn!(calls = left, "shutdown grace ended with calls still in flight");
+    } else {
+        tracing::info!("every call in flight was closed");
+    }
+    housekeeping.abort();
+    metrics_server.abort();
+    drop(sandbox);
+    Ok(())
+}
+
+/// Once a second: expire verifications past their TTL; every 10 s: forget
+/// idle limiter keys and run the metrics exporter's upkeep.
+async fn housekeeping(st: Arc<AppState>, prom: PrometheusHandle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        n += 1;
+        match st.store.expire_due(engine::now_ms()) {
+            Ok(expired) => {
+                for v in expired {
+                    crate::metrics::verification(&v.project, v.status);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
+        }
+        if n % 10 == 0 {
+            st.limits.sweep();
+            prom.run_upkeep();
+        }
+    }
+}
+
+/// `flashcall check-config`: the config and the pool, with coverage.
+pub fn check_config(path: &Path) -> Result<String, ServeError> {
+    let cfg = Config::load(path)?;
+    let pool = load_pool(&cfg)?;
+    let total = 10usize.pow(u32::from(cfg.pool.code_length));
+    let mut out = format!(
+        "config {} is valid\npool {}: {} numbers, {} of {} code suffixes covered ({:.1}%)\n",
+        path.display(),
+        cfg.pool.file.display(),
+        pool.len(),
+        pool.covered_suffixes(),
+        total,
+        pool.coverage_ratio() * 100.0
+    );
+    if pool.covered_suffixes() < total {
+        out.push_str("warning: not every code can be served; engine-chosen codes are drawn from the covered ones only\n");
+    }
+    if cfg.sandbox.enabled {
+        out.push_str("sandbox: ON (calls go to the built-in loopback callee; no phone rings)\n");
+    } else {
+        for t in &cfg.trunks {
+            out.push_str(&format!(
+                "trunk {}: {} at {} CPS\n",
+                t.name, t.address, t.cps
+            ));
+        }
+    }
+    Ok(out)
+}
