@@ -26,7 +26,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use subtle::ConstantTimeEq;
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::config::{is_e164, SenderStatus, VerificationConfig};
@@ -290,10 +289,15 @@ fn validate_code(code: &str, len: u8) -> Result<(), ApiError> {
     }
 }
 
-fn rfc3339(ms: i64) -> Value {
+/// RFC 3339 in UTC with milliseconds, always three digits so the strings
+/// sort as the times do.
+pub fn rfc3339(ms: i64) -> Value {
+    const FMT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
+        .and_then(|t| t.format(FMT).ok())
         .map_or(Value::Null, Value::String)
 }
 

@@ -238,6 +238,7 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     });
 
     let housekeeping = tokio::spawn(housekeeping(state.clone(), prom.clone()));
+    let metrics_addr = local(&metrics_listener, cfg.metrics.listen);
     let metrics_app = axum::Router::new().route(
         "/metrics",
         get(move || {
@@ -259,9 +260,11 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
         }
     });
 
+    // The bound addresses (a port of 0 in the config is resolved here):
+    // tests and scripts read this line to find the engine.
     tracing::info!(
-        http = %cfg.http.listen,
-        metrics = %cfg.metrics.listen,
+        http = %local(&http_listener, cfg.http.listen),
+        metrics = %metrics_addr,
         sip = %sip_addr,
         "flashcall serving"
     );
@@ -291,6 +294,10 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     metrics_server.abort();
     drop(sandbox);
     Ok(())
+}
+
+fn local(l: &tokio::net::TcpListener, configured: SocketAddr) -> SocketAddr {
+    l.local_addr().unwrap_or(configured)
 }
 
 /// Once a second: expire verifications past their TTL; every 10 s: forget

@@ -1,0 +1,209 @@
+//! `flashcall serve` end to end: HTTP in, real SIP out to a SIPp callee on
+//! 127.0.0.1, and back. SIPp logs every message it receives, so the caller
+//! number the INVITE presented is read from SIPp's side, not ours.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::{config, test_dir, Engine};
+
+/// A SIPp callee; killed and reaped on drop.
+struct Sipp {
+    child: Child,
+    messages: PathBuf,
+    stats: PathBuf,
+}
+
+impl Drop for Sipp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Sipp {
+    fn start(dir: &Path, scenario: &Path, port: u16, calls: u32) -> Sipp {
+        std::fs::create_dir_all(dir).unwrap();
+        let messages = dir.join("sipp-messages.log");
+        let stats = dir.join("sipp-stat.csv");
+        let child = Command::new("sipp")
+            .arg("-sf")
+            .arg(scenario)
+            .args(["-i", "127.0.0.1", "-mi", "127.0.0.1"])
+            .args(["-p", &port.to_string(), "-m", &calls.to_string()])
+            .args(["-nostdin", "-timeout", "60s"])
+            .args(["-trace_msg", "-message_file"])
+            .arg(&messages)
+            .args(["-trace_stat", "-stf"])
+            .arg(&stats)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sipp on PATH (apt-get install sip-tester)");
+        let mut s = Sipp {
+            child,
+            messages,
+            stats,
+        };
+        std::thread::sleep(Duration::from_millis(400));
+        if let Some(status) = s.child.try_wait().unwrap() {
+            panic!("SIPp exited at start: {status}");
+        }
+        s
+    }
+
+    /// The INVITEs SIPp received: (To user, From user) pairs.
+    fn invites(&self) -> Vec<(String, String)> {
+        let text = std::fs::read_to_string(&self.messages).unwrap_or_default();
+        let user = |line: &str| -> String {
+            let start = line.find("sip:").map_or(0, |i| i + 4);
+            line[start..]
+                .split(['@', ';', '>'])
+                .next()
+                .unwrap_or("")
+                .to_string()
+        };
+        let mut out = Vec::new();
+        for block in text.split("\n\n") {
+            let mut lines = block.lines().skip_while(|l| !l.starts_with("INVITE "));
+            if lines.next().is_none() {
+                continue;
+            }
+            let mut to = None;
+            let mut from = None;
+            for l in lines {
+                let lower = l.to_ascii_lowercase();
+                if lower.starts_with("to:") {
+                    to = Some(user(l));
+                } else if lower.starts_with("from:") {
+                    from = Some(user(l));
+                }
+            }
+            if let (Some(t), Some(f)) = (to, from) {
+                out.push((t, f));
+            }
+        }
+        out
+    }
+
+    /// Waits for SIPp to stop by itself after its `-m` calls; returns its
+    /// successful and failed call counts.
+    fn finish(&mut self, limit: Duration) -> (u64, u64) {
+        let end = Instant::now() + limit;
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < end, "SIPp still running");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = std::fs::read_to_string(&self.stats).expect("SIPp stat file");
+        let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+        let header: Vec<&str> = lines.next().unwrap().split(';').collect();
+        let last: Vec<&str> = lines.next_back().unwrap().split(';').collect();
+        let col = |n: &str| -> u64 {
+            let i = header.iter().position(|h| *h == n).unwrap();
+            last[i].trim().parse().unwrap()
+        };
+        (col("SuccessfulCall(C)"), col("FailedCall(C)"))
+    }
+}
+
+fn scenario(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/sipp")
+        .join(name)
+}
+
+fn trunk(port: u16) -> String {
+    format!("[[trunks]]\nname = \"sipp\"\naddress = \"127.0.0.1:{port}\"\ncps = 50\n")
+}
+
+fn wait_final_call(e: &Engine, id: &str) -> Value {
+    e.wait_status(id, Duration::from_secs(10), |s| {
+        !matches!(s, "pending" | "calling")
+    })
+}
+
+#[test]
+fn client_code_and_engine_code_verified_through_sipp() {
+    let dir = test_dir("sipp-flow");
+    let mut sipp = Sipp::start(&dir, &scenario("uas_ring_cancel.xml"), 15_410, 2);
+    let cfg = config(&dir, "+44770090XXXX\n", &trunk(15_410), "");
+    let e = Engine::start(&cfg);
+
+    // 1. The client chooses the code.
+    let v = e.create(json!({"phone": "+447911123456", "sender": "SHOP", "code": "4821", "reference": "order-1"}));
+    assert_eq!(v["code"], "4821", "{v}");
+    assert_eq!(v["status"], "pending");
+    assert_eq!(v["caller_prefix"], "+44770090");
+    assert_eq!(v["cli_filter"], "+44770090XXXX");
+    assert_eq!(v["code_length"], 4);
+    assert_eq!(v["reference"], "order-1");
+    let id = v["id"].as_str().unwrap().to_string();
+    let got = wait_final_call(&e, &id);
+    assert_eq!(got["status"], "delivered", "{got}");
+    assert_eq!(got["call"]["outcome"], "delivered", "{got}");
+    assert_eq!(got["call"]["sip_code"], 487, "{got}");
+    assert_eq!(got["call"]["trunk"], "sipp", "{got}");
+    assert_eq!(got["call"]["caller"], "+447700904821", "{got}");
+    for k in ["invited_at", "ringing_at", "ended_at"] {
+        assert!(got["call"][k].is_string(), "{k}: {got}");
+    }
+    assert_eq!(got["attempts_left"], 5);
+
+    let wrong = e.post(&format!("/v1/verifications/{id}/check"), &json!({"code": "4822"}));
+    assert_eq!(wrong.status, 200, "{}", wrong.body);
+    let w = wrong.json();
+    assert_eq!((w["verified"].clone(), w["attempts_left"].clone()), (json!(false), json!(4)));
+    assert_eq!(w["status"], "delivered");
+    let right = e.post(&format!("/v1/verifications/{id}/check"), &json!({"code": "4821"}));
+    let r = right.json();
+    assert_eq!((r["verified"].clone(), r["status"].clone()), (json!(true), json!("verified")), "{r}");
+    assert_eq!(r["attempts_left"], 4);
+
+    // 2. The engine chooses the code; the app checks the full caller number.
+    let v = e.create(json!({"phone": "+4915123456789", "sender": "SHOP"}));
+    assert!(v.get("code").is_none(), "engine-chosen code must not be echoed: {v}");
+    let id2 = v["id"].as_str().unwrap().to_string();
+    let got = wait_final_call(&e, &id2);
+    assert_eq!(got["status"], "delivered", "{got}");
+    let caller = got["call"]["caller"].as_str().unwrap().to_string();
+    assert!(caller.starts_with("+44770090") && caller.len() == 13, "{caller}");
+    let r = e
+        .post(&format!("/v1/verifications/{id2}/check"), &json!({"cli": caller}))
+        .json();
+    assert_eq!(r["verified"], true, "{r}");
+
+    // SIPp saw both INVITEs with those callers and counted both calls good.
+    let (ok, failed) = sipp.finish(Duration::from_secs(15));
+    assert_eq!((ok, failed), (2, 0), "SIPp successful/failed calls");
+    let invites = sipp.invites();
+    assert!(
+        invites.contains(&("+447911123456".into(), "+447700904821".into())),
+        "{invites:?}"
+    );
+    assert!(
+        invites.contains(&("+4915123456789".into(), caller.clone())),
+        "{invites:?}"
+    );
+}
+
+#[test]
+fn busy_callee_gives_failed_with_the_outcome() {
+    let dir = test_dir("sipp-busy");
+    let _sipp = Sipp::start(&dir, &scenario("uas_busy.xml"), 15_411, 1);
+    let cfg = config(&dir, "+44770090XXXX\n", &trunk(15_411), "");
+    let e = Engine::start(&cfg);
+    let v = e.create(json!({"phone": "+447911123457", "sender": "SHOP"}));
+    let got = wait_final_call(&e, v["id"].as_str().unwrap());
+    assert_eq!(got["status"], "failed", "{got}");
+    assert_eq!(got["call"]["outcome"], "busy", "{got}");
+    assert_eq!(got["call"]["sip_code"], 486, "{got}");
+    let m = e.metrics_text();
+    assert!(
+        m.contains("flashcall_calls_total{trunk=\"sipp\",outcome=\"busy\"} 1"),
+        "{m}"
+    );
+}

@@ -1,0 +1,305 @@
+//! A real `flashcall serve` process for the API tests: its own config and
+//! pool in cargo's test tmpdir, every listener on 127.0.0.1 port 0 (the
+//! engine logs the bound addresses), killed and reaped on drop. Requests go
+//! through ureq, a real HTTP client.
+#![allow(dead_code)] // each test crate uses a different subset
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const LOGIN: &str = "shop";
+pub const SECRET: &str = "shop-secret";
+
+/// A running engine.
+pub struct Engine {
+    child: Child,
+    pub http: SocketAddr,
+    pub metrics: SocketAddr,
+    pub sip: SocketAddr,
+    /// Everything the engine logged so far.
+    pub log: Arc<Mutex<String>>,
+    agent: ureq::Agent,
+    pub dir: PathBuf,
+}
+
+/// A response: status, headers we look at, body.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub content_type: String,
+    pub retry_after: Option<String>,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+
+    /// Asserts an RFC 9457 problem with this status and `type`.
+    pub fn assert_problem(&self, status: u16, slug: &str) -> Value {
+        assert_eq!(self.status, status, "status; body {}", self.body);
+        assert_eq!(
+            self.content_type, "application/problem+json",
+            "content type; body {}",
+            self.body
+        );
+        let v = self.json();
+        assert_eq!(v["type"], slug, "{v}");
+        assert_eq!(v["status"], status, "{v}");
+        assert!(v["title"].is_string() && v["detail"].is_string(), "{v}");
+        v
+    }
+}
+
+/// Config text for a test engine. `trunks` is either the sandbox or
+/// `[[trunks]]` tables; `extra` is appended (more sections).
+pub fn config(dir: &Path, pool: &str, trunks: &str, extra: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("test dir");
+    let pool_path = dir.join("numbers.txt");
+    std::fs::write(&pool_path, pool).expect("write pool");
+    let text = format!(
+        r#"
+[http]
+listen = "127.0.0.1:0"
+[metrics]
+listen = "127.0.0.1:0"
+[sip]
+listen = "127.0.0.1:0"
+[pool]
+file = "{pool}"
+[verification]
+allow_prefixes = ["+447700900"]
+[shutdown]
+grace_ms = 3000
+{trunks}
+[[projects]]
+login = "{LOGIN}"
+secret = "{SECRET}"
+rate = 1000
+burst = 1000
+senders = [{{ code = "SHOP", status = "active" }}, {{ code = "NEW", status = "moderation" }}]
+[[projects]]
+login = "other"
+secret = "other-secret"
+senders = [{{ code = "OTHER", status = "active" }}]
+{extra}
+"#,
+        pool = pool_path.display()
+    );
+    let path = dir.join("flashcall.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+pub const SANDBOX: &str = "[sandbox]\nenabled = true\n";
+
+/// A per-test directory under cargo's test tmpdir.
+pub fn test_dir(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("serve-{name}"));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn addr_after(line: &str, key: &str) -> Option<SocketAddr> {
+    let i = line.find(key)?;
+    line[i + key.len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+impl Engine {
+    /// Starts `flashcall serve --config <config>` and waits (at most 20 s)
+    /// for the "flashcall serving" line.
+    pub fn start(config: &Path) -> Engine {
+        Self::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Engine {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flashcall"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("FLASHCALL_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run flashcall serve");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stderr);
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                    if line.contains("flashcall serving") {
+                        let _ = tx.send(line.clone());
+                    }
+                    log.lock().unwrap().push_str(&line);
+                    line.clear();
+                }
+            });
+        }
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "engine did not start; its log:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        Engine {
+            child,
+            http: addr_after(&line, "http=").expect("http= in the serving line"),
+            metrics: addr_after(&line, "metrics=").expect("metrics= in the serving line"),
+            sip: addr_after(&line, "sip=").expect("sip= in the serving line"),
+            log,
+            agent,
+            dir: config.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        }
+    }
+
+    /// Any request. `auth` is (login, secret) for HTTP Basic.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<(&str, &str)>,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Resp {
+        use base64::Engine as _;
+        let url = format!("http://{}{}", self.http, path);
+        let mut req = ureq::http::Request::builder().method(method).uri(&url);
+        if let Some((l, s)) = auth {
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{l}:{s}"));
+            req = req.header("authorization", format!("Basic {token}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = match body {
+            Some(b) => self.agent.run(req.body(b.to_vec()).expect("request")),
+            None => self.agent.run(req.body(()).expect("request")),
+        }
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let status = resp.status().as_u16();
+        let content_type = header("content-type").unwrap_or_default();
+        let retry_after = header("retry-after");
+        let mut body = String::new();
+        resp.into_body()
+            .into_reader()
+            .read_to_string(&mut body)
+            .expect("response body");
+        Resp {
+            status,
+            content_type,
+            retry_after,
+            body,
+        }
+    }
+
+    /// POST JSON as the test project.
+    pub fn post(&self, path: &str, body: &Value) -> Resp {
+        self.post_as((LOGIN, SECRET), path, body, &[])
+    }
+
+    pub fn post_as(
+        &self,
+        auth: (&str, &str),
+        path: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> Resp {
+        let mut h = vec![("content-type", "application/json")];
+        h.extend_from_slice(headers);
+        self.request("POST", path, Some(auth), &h, Some(body.to_string().as_bytes()))
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        self.request("GET", path, Some((LOGIN, SECRET)), &[], None)
+    }
+
+    /// Creates a verification; asserts 201 and returns the object.
+    pub fn create(&self, body: Value) -> Value {
+        let r = self.post("/v1/verifications", &body);
+        assert_eq!(r.status, 201, "create {body}: {}", r.body);
+        r.json()
+    }
+
+    /// Polls the verification until `done(status)` or `limit`.
+    pub fn wait_status(&self, id: &str, limit: Duration, done: impl Fn(&str) -> bool) -> Value {
+        let end = Instant::now() + limit;
+        loop {
+            let v = self.get(&format!("/v1/verifications/{id}")).json();
+            if done(v["status"].as_str().unwrap_or("")) || Instant::now() >= end {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The Prometheus text of /metrics.
+    pub fn metrics_text(&self) -> String {
+        let url = format!("http://{}/metrics", self.metrics);
+        let mut resp = self.agent.get(&url).call().expect("GET /metrics");
+        assert_eq!(resp.status().as_u16(), 200);
+        resp.body_mut().read_to_string().expect("metrics body")
+    }
+
+    /// Sends SIGTERM and waits (at most `limit`) for the exit status.
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let end = Instant::now() + limit;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
