@@ -43,16 +43,38 @@ fn benches(c: &mut Criterion) {
         b.iter(|| pool.pick(None, t0, &mut rng))
     });
 
-    // With a cooldown and virtual time advancing 1 ms per pick, so the
-    // availability checks do real work (nothing is cooling yet, though: the
-    // rejection loop succeeds first try while most buckets are free).
-    pool.set_cooldown(Duration::from_secs(60));
+    // A fresh pool with a 60 s cooldown and virtual time advancing 1 ms per
+    // pick: the production shape. At most 60,000 of the 1,000,000 numbers
+    // are cooling at once, so the rejection loop almost always succeeds on
+    // its first try.
+    let fresh = |rng: &mut StdRng| match Pool::parse(&text, 4, "bench", rng) {
+        Ok(mut p) => {
+            p.set_cooldown(Duration::from_secs(60));
+            p
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let mut pool = fresh(&mut rng);
     let mut tick = 0u64;
     c.bench_function("pool_1m/pick_engine_code_cooldown_60s", |b| {
         b.iter(|| {
             tick += 1;
             pool.pick(None, t0 + Duration::from_millis(tick), &mut rng)
         })
+    });
+
+    // Worst case: every number is cooling, so each draw makes 32 rejected
+    // tries, then scans all 10,000 suffixes exactly, then reports Exhausted.
+    let mut pool = fresh(&mut rng);
+    for code in &codes {
+        for _ in 0..100 {
+            if let Err(e) = pool.pick(Some(code), t0, &mut rng) {
+                panic!("{e}");
+            }
+        }
+    }
+    c.bench_function("pool_1m/pick_engine_code_all_cooling_exhausted", |b| {
+        b.iter(|| pool.pick(None, t0 + Duration::from_millis(1), &mut rng))
     });
 }
 

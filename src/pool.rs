@@ -2,23 +2,25 @@
 //! I/O except [`Pool::load`]; `now` and the RNG are arguments so cooldown and
 //! fairness are tested with virtual time and a seeded RNG.
 //!
-//! Layout, chosen so 1,000,000 numbers cost ~16 bytes each:
+//! Layout, chosen so 1,000,000 numbers cost 16 bytes each and a pick
+//! touches one cache line of per-number data:
 //!
-//! - `numbers: Vec<u64>` — each number's digits as an integer. E.164 never
-//!   starts with 0, so the integer is lossless; `+` is added when rendering.
-//! - `last_use: Vec<u32>` — milliseconds since the pool epoch (the `now` of
-//!   the first pick), plus one so 0 can mean "never used". u32 ms wraps after
-//!   49 days, so the epoch is moved forward (rebased) before that happens.
-//! - buckets — numbers grouped by suffix (last `code_length` digits) in one
-//!   `order: Vec<u32>` of indices, sliced by `bucket_start`. Only covered
+//! - `slots: Vec<Slot>` — one 16-byte slot per number: its digits as a u64
+//!   (E.164 never starts with 0, so the integer is lossless; `+` is added
+//!   when rendering), its last use, and its index in file order (for tags).
+//! - Slots are stored grouped by suffix (last `code_length` digits); bucket
+//!   `b` is `slots[bucket_start[b]..bucket_start[b + 1]]`. Only covered
 //!   suffixes get a bucket (`suffixes`, ascending, binary-searched), because a
 //!   dense table of 10^8 suffixes would cost 400 MB at code_length 8.
 //! - Each bucket is an LRU queue kept as a ring: `head` is the front. Taking
 //!   the front and advancing `head` is exactly "pop front, push back", O(1)
 //!   and without moving memory. Buckets are shuffled once at load, so numbers
 //!   never used are served in random order ("random among equals").
+//! - Last use is u32 milliseconds since the pool epoch (the `now` of the
+//!   first pick), plus one so 0 can mean "never used". u32 ms wraps after
+//!   49 days, so the epoch is moved forward (rebased) before that happens.
 //! - Tags are stored once per distinct tag set and found through runs of
-//!   consecutive indices that share a set, never per number.
+//!   consecutive file-order indices that share a set, never per number.
 
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -178,14 +180,24 @@ impl Entry {
     }
 }
 
+/// One number. Everything a pick reads or writes per number sits together,
+/// so a pick costs one cache miss in a pool far larger than the cache.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    number: u64,
+    /// ms since the epoch + 1; 0 = never used. Holds the suffix while the
+    /// pool is being built (see `parse`).
+    last_use: u32,
+    /// Position in file order: ranges expanded ascending, lines in order.
+    index: u32,
+}
+
 pub struct Pool {
     code_length: u8,
-    numbers: Vec<u64>,
-    last_use: Vec<u32>,
+    slots: Vec<Slot>,
     suffixes: Vec<u32>,
     bucket_start: Vec<u32>,
     head: Vec<u32>,
-    order: Vec<u32>,
     tag_sets: Vec<Box<[(String, String)]>>,
     /// (first index, tag set): runs of consecutive indices sharing a set.
     tag_runs: Vec<(u32, u32)>,
@@ -305,46 +317,42 @@ impl Pool {
         }
         check_overlaps(&entries, &at)?;
 
-        let mut numbers: Vec<u64> = Vec::with_capacity(total as usize);
+        // Group by suffix with one in-place sort. The suffix is parked in
+        // `last_use` during the build so the sort key is a plain load, not a
+        // division per comparison; (suffix, index) is unique, so the
+        // unstable sort is deterministic and no extra buffer is needed.
+        let modulus = 10u64.pow(u32::from(code_length));
+        let mut slots: Vec<Slot> = Vec::with_capacity(total as usize);
         for e in &entries {
-            numbers.extend(e.lo..=e.hi());
+            let first = slots.len() as u32;
+            slots.extend((e.lo..=e.hi()).zip(first..).map(|(number, index)| Slot {
+                number,
+                last_use: (number % modulus) as u32,
+                index,
+            }));
         }
         drop(entries);
-
-        // Group indices by suffix with one sort of (suffix << 32 | index):
-        // no per-suffix table, so code_length 8 costs no more than 4.
-        let modulus = 10u64.pow(u32::from(code_length));
-        let mut keys: Vec<u64> = numbers
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| ((n % modulus) << 32) | i as u64)
-            .collect();
-        keys.sort_unstable();
+        slots.sort_unstable_by_key(|s| (s.last_use, s.index));
         let mut suffixes = Vec::new();
         let mut bucket_start = Vec::new();
-        let mut order: Vec<u32> = Vec::with_capacity(keys.len());
-        for (pos, &k) in keys.iter().enumerate() {
-            let suffix = (k >> 32) as u32;
-            if suffixes.last() != Some(&suffix) {
-                suffixes.push(suffix);
+        for (pos, slot) in slots.iter_mut().enumerate() {
+            if suffixes.last() != Some(&slot.last_use) {
+                suffixes.push(slot.last_use);
                 bucket_start.push(pos as u32);
             }
-            order.push(k as u32);
+            slot.last_use = 0;
         }
-        drop(keys);
-        bucket_start.push(order.len() as u32);
+        bucket_start.push(slots.len() as u32);
         for w in bucket_start.windows(2) {
-            order[w[0] as usize..w[1] as usize].shuffle(rng);
+            slots[w[0] as usize..w[1] as usize].shuffle(rng);
         }
 
         Ok(Pool {
             code_length,
-            last_use: vec![0; numbers.len()],
-            numbers,
+            slots,
             head: vec![0; suffixes.len()],
             suffixes,
             bucket_start,
-            order,
             tag_sets,
             tag_runs,
             cooldown_ms: 0,
@@ -364,13 +372,13 @@ impl Pool {
 
     /// Numbers in the pool.
     pub fn len(&self) -> usize {
-        self.numbers.len()
+        self.slots.len()
     }
 
     /// Always false: an empty pool is refused at parse. Here for the
     /// `len`/`is_empty` convention.
     pub fn is_empty(&self) -> bool {
-        self.numbers.is_empty()
+        self.slots.is_empty()
     }
 
     pub fn code_length(&self) -> u8 {
@@ -400,15 +408,10 @@ impl Pool {
         Duration::from_millis(self.cooldown_ms)
     }
 
-    /// The number at `index`, E.164 with `+`.
-    pub fn number(&self, index: u32) -> Option<String> {
-        self.numbers.get(index as usize).map(|n| format!("+{n}"))
-    }
-
     /// Tags of the entry line `index` came from (empty when it had none or
     /// the index is out of range).
     pub fn tags(&self, index: u32) -> &[(String, String)] {
-        if index as usize >= self.numbers.len() {
+        if index as usize >= self.slots.len() {
             return &[];
         }
         // tag_runs[0].0 == 0 and runs are ascending, so the run is the last
@@ -468,7 +471,7 @@ impl Pool {
     /// stamps, so nothing else is lost.
     fn rebase(&mut self, now_ms: u64) {
         let shift = now_ms - self.cooldown_ms;
-        for s in &mut self.last_use {
+        for Slot { last_use: s, .. } in &mut self.slots {
             if *s != 0 {
                 let used = u64::from(*s - 1);
                 *s = if used < shift {
@@ -492,12 +495,13 @@ impl Pool {
         self.suffixes.binary_search(&suffix).ok()
     }
 
+    /// Position in `slots` of the bucket's least recently used number.
     fn front(&self, bucket: usize) -> usize {
-        self.order[(self.bucket_start[bucket] + self.head[bucket]) as usize] as usize
+        (self.bucket_start[bucket] + self.head[bucket]) as usize
     }
 
     fn front_available(&self, bucket: usize, now_ms: u64) -> bool {
-        match self.last_use[self.front(bucket)] {
+        match self.slots[self.front(bucket)].last_use {
             0 => true,
             s => u64::from(s - 1) + self.cooldown_ms <= now_ms,
         }
@@ -522,20 +526,21 @@ impl Pool {
 
     /// Use the front of `bucket`: stamp it and rotate it to the back.
     fn take(&mut self, bucket: usize, now_ms: u64) -> Picked {
-        let index = self.front(bucket);
+        let pos = self.front(bucket);
         let len = self.bucket_start[bucket + 1] - self.bucket_start[bucket];
         let next = self.head[bucket] + 1;
         self.head[bucket] = if next == len { 0 } else { next };
         // now_ms < REBASE_AT_MS + 1 after `clock`, so +1 fits a u32.
-        self.last_use[index] = (now_ms + 1) as u32;
+        let slot = &mut self.slots[pos];
+        slot.last_use = (now_ms + 1) as u32;
         Picked {
-            number: format!("+{}", self.numbers[index]),
+            number: format!("+{}", slot.number),
             code: format!(
                 "{:0width$}",
                 self.suffixes[bucket],
                 width = usize::from(self.code_length)
             ),
-            index: index as u32,
+            index: slot.index,
         }
     }
 }
@@ -658,6 +663,13 @@ mod tests {
         }
     }
 
+    /// The pool's numbers in file order (index order).
+    fn numbers(p: &Pool) -> Vec<String> {
+        let mut slots = p.slots.clone();
+        slots.sort_by_key(|s| s.index);
+        slots.iter().map(|s| format!("+{}", s.number)).collect()
+    }
+
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
@@ -687,12 +699,12 @@ mod tests {
         assert!(!p.is_empty());
         assert_eq!(p.code_length(), 4);
         // Indices follow the file, ranges expanded in ascending order.
-        assert_eq!(p.number(0).as_deref(), Some("+447700990123"));
-        assert_eq!(p.number(1).as_deref(), Some("+447700900100"));
-        assert_eq!(p.number(100).as_deref(), Some("+447700900199"));
-        assert_eq!(p.number(101).as_deref(), Some("+15550100"));
-        assert_eq!(p.number(201).as_deref(), Some("+447700900299"));
-        assert_eq!(p.number(202), None);
+        let numbers = numbers(&p);
+        assert_eq!(numbers[0], "+447700990123");
+        assert_eq!(numbers[1], "+447700900100");
+        assert_eq!(numbers[100], "+447700900199");
+        assert_eq!(numbers[101], "+15550100");
+        assert_eq!(numbers[201], "+447700900299");
         let gb = [
             ("country".to_owned(), "GB".to_owned()),
             ("carrier".to_owned(), "foo".to_owned()),
@@ -916,7 +928,7 @@ mod tests {
             let got = p.pick(Some(code), t0, &mut r).unwrap();
             assert!(got.number.ends_with(code), "{got:?}");
             assert_eq!(got.code, code);
-            assert_eq!(p.number(got.index), Some(got.number.clone()));
+            assert_eq!(numbers(&p)[got.index as usize], got.number);
         }
         let got = p.pick(Some("1500"), t0, &mut r).unwrap();
         assert_eq!(got.number, "+447700911500");
@@ -1144,7 +1156,7 @@ mod tests {
         assert!(p.pick(Some("0002"), late + ms(6_000), &mut r).is_ok());
         assert!(p.pick(Some("0001"), late, &mut r).is_ok());
         // Stamps stay small after the rebase.
-        assert!(p.last_use.iter().all(|&s| u64::from(s) < REBASE_AT_MS));
+        assert!(p.slots.iter().all(|s| u64::from(s.last_use) < REBASE_AT_MS));
     }
 
     #[test]
