@@ -241,6 +241,9 @@ impl Pool {
         tag_set_ids.insert(Box::new([]), 0);
         let mut tag_runs: Vec<(u32, u32)> = Vec::new();
 
+        // Editors on Windows may save a byte-order mark; it is not part of
+        // the first number.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for (i, raw) in text.lines().enumerate() {
             let line = i + 1;
             let content = raw.split_once('#').map_or(raw, |(before, _)| before);
@@ -855,6 +858,14 @@ mod tests {
                 format!("code_length {n}: must be 1-8")
             );
         }
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_ignored() {
+        assert_eq!(
+            pool("\u{feff}+447700900001\r\n+447700900002\r\n", 4).len(),
+            2
+        );
     }
 
     #[test]
