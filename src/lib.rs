@@ -9,8 +9,12 @@
 //! - `io/` — the only code with sockets and real time: `udp` (the driver
 //!   loop feeding the core) and `rtp` (early-media sink on the SDP port).
 //! - `dial` — the `flashcall dial` command.
+//! - `sandbox` — the in-process sandbox callee (SPEC §9): a pure UAS core
+//!   (100/180, CANCEL -> 200 + 487, magic failure numbers) and its small
+//!   loopback UDP driver.
 //! - `main.rs` — CLI and logging.
 
 pub mod dial;
 pub mod io;
+pub mod sandbox;
 pub mod sip;

@@ -8,8 +8,8 @@
 use rand::rngs::StdRng;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
-use std::time::Instant;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 
