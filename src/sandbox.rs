@@ -860,3 +860,498 @@ async fn send(socket: &UdpSocket, t: &Transmit) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PEER: &str = "127.0.0.1:5061";
+    const LOCAL: &str = "127.0.0.1:5070";
+
+    fn peer() -> SocketAddr {
+        PEER.parse().expect("literal")
+    }
+
+    fn core() -> SandboxCore {
+        SandboxCore::new(LOCAL.parse().expect("literal"), Duration::ZERO)
+    }
+
+    /// A request as our UAC shapes it, plus a second (proxy) Via on the same
+    /// line to check that every Via comes back, in order.
+    fn request(
+        method: &str,
+        to: &str,
+        call_id: &str,
+        branch: &str,
+        cseq: u32,
+        to_tag: &str,
+    ) -> Vec<u8> {
+        let to_tag = if to_tag.is_empty() {
+            String::new()
+        } else {
+            format!(";tag={to_tag}")
+        };
+        format!(
+            "{method} sip:{to}@sandbox;user=phone SIP/2.0\r\n\
+             Via: SIP/2.0/UDP {PEER};rport;branch={branch} , SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKproxy\r\n\
+             Max-Forwards: 70\r\n\
+             From: <sip:+447700900000@flash.example.org;user=phone>;tag=from1\r\n\
+             To: <sip:{to}@sandbox;user=phone>{to_tag}\r\n\
+             Call-ID: {call_id}\r\n\
+             CSeq: {cseq} {method}\r\n\
+             Content-Length: 0\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    fn invite(to: &str, call_id: &str, branch: &str) -> Vec<u8> {
+        request("INVITE", to, call_id, branch, 1, "")
+    }
+
+    fn cancel(to: &str, call_id: &str, branch: &str) -> Vec<u8> {
+        request("CANCEL", to, call_id, branch, 1, "")
+    }
+
+    fn ack(to: &str, call_id: &str, branch: &str, to_tag: &str) -> Vec<u8> {
+        request("ACK", to, call_id, branch, 1, to_tag)
+    }
+
+    /// Everything the core wants sent, as raw datagrams (all to the peer).
+    fn drain(c: &mut SandboxCore) -> Vec<Bytes> {
+        std::iter::from_fn(|| c.poll_transmit())
+            .map(|t| {
+                assert_eq!(t.dest, peer(), "replies go to the datagram's source");
+                t.payload
+            })
+            .collect()
+    }
+
+    fn parse(b: &Bytes) -> Message<'_> {
+        Message::parse(b).expect("the sandbox renders parsable responses")
+    }
+
+    fn codes(out: &[Bytes]) -> Vec<u16> {
+        out.iter().filter_map(|b| parse(b).status()).collect()
+    }
+
+    fn header(m: &Message<'_>, name: &str) -> Option<String> {
+        m.headers()
+            .find(|(_, raw, _)| raw.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, _, v)| String::from_utf8_lossy(v).into_owned())
+    }
+
+    fn vias(m: &Message<'_>) -> Vec<String> {
+        m.values(Name::Via)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect()
+    }
+
+    /// Drives the timers until `end`, returning when each datagram went out.
+    fn run_until(c: &mut SandboxCore, t0: Instant, end: Instant) -> Vec<(Duration, u16)> {
+        let mut sent = Vec::new();
+        while let Some(at) = c.poll_timeout().filter(|&at| at <= end) {
+            c.handle_timeout(at);
+            for b in drain(c) {
+                sent.push((at - t0, parse(&b).status().unwrap_or(0)));
+            }
+        }
+        sent
+    }
+
+    #[test]
+    fn invite_gets_100_and_180_with_the_request_headers_and_a_to_tag() {
+        let mut c = core();
+        let now = Instant::now();
+        c.handle_input(now, peer(), &invite("+447700900123", "c1@h", "z9hG4bK1"));
+        let out = drain(&mut c);
+        assert_eq!(
+            codes(&out),
+            [100, 180],
+            "180 in the same turn when ring_delay is 0"
+        );
+        let expected_vias = [
+            format!("SIP/2.0/UDP {PEER};rport=5061;branch=z9hG4bK1;received=127.0.0.1"),
+            "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKproxy".to_owned(),
+        ];
+        for b in &out {
+            let m = parse(b);
+            assert_eq!(vias(&m), expected_vias);
+            assert_eq!(m.top_via_branch, Some("z9hG4bK1"));
+            assert_eq!(m.call_id, "c1@h");
+            assert_eq!((m.cseq.number, m.cseq.method), (1, "INVITE"));
+            assert_eq!(m.from_tag, Some("from1"));
+            assert!(m.body.is_empty());
+            assert_eq!(header(&m, "Content-Length").as_deref(), Some("0"));
+        }
+        let ringing = parse(&out[1]);
+        assert!(ringing.to_tag.is_some_and(|t| !t.is_empty()));
+        assert_eq!(ringing.contact_uri, Some("sip:sandbox@127.0.0.1:5070"));
+        let s = c.stats();
+        assert_eq!((s.invites, s.rang, s.dialogs), (1, 1, 1));
+    }
+
+    #[test]
+    fn ring_delay_holds_the_180() {
+        let mut c = SandboxCore::new(LOCAL.parse().expect("literal"), Duration::from_millis(300));
+        let t0 = Instant::now();
+        c.handle_input(t0, peer(), &invite("+447700900123", "c1@h", "z9hG4bK1"));
+        assert_eq!(codes(&drain(&mut c)), [100]);
+        assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_millis(300)));
+        let sent = run_until(&mut c, t0, t0 + Duration::from_millis(300));
+        assert_eq!(sent, [(Duration::from_millis(300), 180)]);
+
+        // A CANCEL before the 180 terminates the INVITE, and no 180 follows.
+        c.handle_input(t0, peer(), &invite("+447700900123", "c2@h", "z9hG4bK2"));
+        drain(&mut c);
+        c.handle_input(t0, peer(), &cancel("+447700900123", "c2@h", "z9hG4bK2"));
+        assert_eq!(codes(&drain(&mut c)), [200, 487]);
+        let sent = run_until(&mut c, t0, t0 + Duration::from_millis(400));
+        assert!(sent.iter().all(|(_, code)| *code == 487), "{sent:?}");
+    }
+
+    #[test]
+    fn cancel_gets_200_then_487_with_the_same_to_tag() {
+        let mut c = core();
+        let now = Instant::now();
+        c.handle_input(now, peer(), &invite("+447700900123", "c1@h", "z9hG4bK1"));
+        let out = drain(&mut c);
+        let tag = parse(&out[1]).to_tag.expect("180 has a tag").to_owned();
+        c.handle_input(now, peer(), &cancel("+447700900123", "c1@h", "z9hG4bK1"));
+        let out = drain(&mut c);
+        assert_eq!(codes(&out), [200, 487]);
+        let ok = parse(&out[0]);
+        assert_eq!((ok.cseq.number, ok.cseq.method), (1, "CANCEL"));
+        assert_eq!(ok.to_tag, Some(tag.as_str()));
+        let terminated = parse(&out[1]);
+        assert_eq!(
+            (terminated.cseq.number, terminated.cseq.method),
+            (1, "INVITE")
+        );
+        assert_eq!(terminated.to_tag, Some(tag.as_str()));
+        assert_eq!(terminated.top_via_branch, Some("z9hG4bK1"));
+        assert_eq!(vias(&terminated).len(), 2);
+
+        // A retransmitted CANCEL: 200 again, no second 487.
+        c.handle_input(now, peer(), &cancel("+447700900123", "c1@h", "z9hG4bK1"));
+        assert_eq!(codes(&drain(&mut c)), [200]);
+        let s = c.stats();
+        assert_eq!((s.cancels, s.terminated), (2, 1));
+    }
+
+    #[test]
+    fn the_487_is_retransmitted_on_timer_g_until_32_s_then_forgotten() {
+        let mut c = core();
+        let t0 = Instant::now();
+        c.handle_input(t0, peer(), &invite("+447700900123", "c1@h", "z9hG4bK1"));
+        c.handle_input(t0, peer(), &cancel("+447700900123", "c1@h", "z9hG4bK1"));
+        drain(&mut c);
+        let sent = run_until(&mut c, t0, t0 + Duration::from_secs(60));
+        let ms: Vec<u64> = sent.iter().map(|(d, _)| d.as_millis() as u64).collect();
+        assert_eq!(
+            ms,
+            [500, 1_500, 3_500, 7_500, 11_500, 15_500, 19_500, 23_500, 27_500, 31_500]
+        );
+        assert!(sent.iter().all(|(_, code)| *code == 487));
+        assert_eq!(c.stats().dialogs, 0, "dropped 32 s after the final");
+        assert_eq!(c.poll_timeout(), None);
+    }
+
+    #[test]
+    fn the_ack_stops_the_487_retransmission() {
+        let mut c = core();
+        let t0 = Instant::now();
+        c.handle_input(t0, peer(), &invite("+447700900123", "c1@h", "z9hG4bK1"));
+        let tag = parse(&drain(&mut c)[1]).to_tag.expect("tag").to_owned();
+        c.handle_input(t0, peer(), &cancel("+447700900123", "c1@h", "z9hG4bK1"));
+        drain(&mut c);
+        let sent = run_until(&mut c, t0, t0 + Duration::from_millis(1_500));
+        assert_eq!(sent.len(), 2);
+        let t = t0 + Duration::from_millis(1_600);
+        c.handle_input(t, peer(), &ack("+447700900123", "c1@h", "z9hG4bK1", &tag));
+        assert!(drain(&mut c).is_empty(), "an ACK is never answered");
+        // Only the expiry is left, 32 s after the final.
+        assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(32)));
+        assert!(run_until(&mut c, t0, t0 + Duration::from_secs(60)).is_empty());
+        assert_eq!(c.stats().dialogs, 0);
+        // A late retransmitted CANCEL after expiry: the transaction is gone.
+        c.handle_input(t, peer(), &cancel("+447700900123", "c1@h", "z9hG4bK1"));
+        assert_eq!(codes(&drain(&mut c)), [481]);
+    }
+
+    #[test]
+    fn a_retransmitted_invite_gets_the_last_response_not_a_new_dialog() {
+        let mut c = core();
+        let now = Instant::now();
+        let inv = invite("+447700900123", "c1@h", "z9hG4bK1");
+        c.handle_input(now, peer(), &inv);
+        let first = drain(&mut c);
+        c.handle_input(now, peer(), &inv);
+        let again = drain(&mut c);
+        assert_eq!(again, [first[1].clone()], "the 180, byte for byte");
+        // After the CANCEL the last response is the 487.
+        c.handle_input(now, peer(), &cancel("+447700900123", "c1@h", "z9hG4bK1"));
+        drain(&mut c);
+        c.handle_input(now, peer(), &inv);
+        assert_eq!(codes(&drain(&mut c)), [487]);
+        let s = c.stats();
+        assert_eq!((s.invites, s.invite_retransmits, s.dialogs), (1, 2, 1));
+    }
+
+    #[test]
+    fn a_second_invite_while_the_first_is_pending_gets_500() {
+        let mut c = core();
+        let now = Instant::now();
+        c.handle_input(now, peer(), &invite("+447700900123", "c1@h", "z9hG4bK1"));
+        drain(&mut c);
+        c.handle_input(now, peer(), &invite("+447700900123", "c1@h", "z9hG4bK2"));
+        let out = drain(&mut c);
+        assert_eq!(codes(&out), [500]);
+        assert_eq!(parse(&out[0]).retry_after, Some(1));
+    }
+
+    #[test]
+    fn magic_destinations_give_their_finals_retransmitted_until_acked() {
+        for (to, code) in [
+            ("+447700900486", 486),
+            ("+447700900404", 404),
+            ("+447700900480", 480),
+            ("+447700900503", 503),
+        ] {
+            let mut c = core();
+            let t0 = Instant::now();
+            c.handle_input(t0, peer(), &invite(to, "m@h", "z9hG4bKm"));
+            let out = drain(&mut c);
+            assert_eq!(codes(&out), [100, code], "{to}");
+            let fin = parse(&out[1]);
+            let tag = fin.to_tag.expect("final has a To tag").to_owned();
+            let expected_retry = (code == 503).then_some(5);
+            assert_eq!(fin.retry_after, expected_retry, "{to}");
+            let sent = run_until(&mut c, t0, t0 + Duration::from_millis(500));
+            assert_eq!(sent, [(Duration::from_millis(500), code)], "{to}");
+            c.handle_input(t0, peer(), &ack(to, "m@h", "z9hG4bKm", &tag));
+            assert_eq!(
+                c.poll_timeout(),
+                Some(t0 + LINGER),
+                "{to}: only the expiry left"
+            );
+            assert_eq!(c.stats().rang, 0, "{to}: no 180 before a failure");
+        }
+    }
+
+    #[test]
+    fn magic_0200_answers_after_the_180_and_takes_ack_and_bye() {
+        let mut c = core();
+        let t0 = Instant::now();
+        let to = "+447700900200";
+        c.handle_input(t0, peer(), &invite(to, "a@h", "z9hG4bKa"));
+        let out = drain(&mut c);
+        assert_eq!(codes(&out), [100, 180, 200]);
+        let ok = parse(&out[2]);
+        let tag = ok.to_tag.expect("tag").to_owned();
+        assert_eq!(parse(&out[1]).to_tag, Some(tag.as_str()), "one dialog");
+        assert_eq!(ok.contact_uri, Some("sip:sandbox@127.0.0.1:5070"));
+        assert!(ok.body.starts_with(b"v=0\r\n"));
+        assert_eq!(
+            header(&ok, "Content-Type").as_deref(),
+            Some("application/sdp")
+        );
+        assert_eq!(
+            header(&ok, "Content-Length"),
+            Some(ok.body.len().to_string())
+        );
+        // The 2xx is retransmitted until the ACK (RFC 3261 §13.3.1.4).
+        assert_eq!(
+            run_until(&mut c, t0, t0 + Duration::from_millis(500)).len(),
+            1
+        );
+        // The UAC's ACK for a 2xx has its own branch; BYE has CSeq 2.
+        c.handle_input(t0, peer(), &ack(to, "a@h", "z9hG4bKack", &tag));
+        assert!(drain(&mut c).is_empty());
+        assert_eq!(c.poll_timeout(), Some(t0 + LINGER));
+        c.handle_input(
+            t0,
+            peer(),
+            &request("BYE", to, "a@h", "z9hG4bKbye", 2, &tag),
+        );
+        let out = drain(&mut c);
+        assert_eq!(codes(&out), [200]);
+        let bye_ok = parse(&out[0]);
+        assert_eq!((bye_ok.cseq.number, bye_ok.cseq.method), (2, "BYE"));
+        assert_eq!(bye_ok.to_tag, Some(tag.as_str()));
+        // A CANCEL that crossed the 200 is answered 200 and changes nothing.
+        c.handle_input(t0, peer(), &cancel(to, "a@h", "z9hG4bKa"));
+        assert_eq!(codes(&drain(&mut c)), [200]);
+        assert_eq!(c.stats().terminated, 0);
+    }
+
+    #[test]
+    fn magic_0408_is_silent_and_forgotten_after_the_last_retransmission() {
+        let mut c = core();
+        let t0 = Instant::now();
+        let inv = invite("+447700900408", "s@h", "z9hG4bKs");
+        c.handle_input(t0, peer(), &inv);
+        assert!(drain(&mut c).is_empty(), "not even a 100");
+        // The UAC's Timer A retransmissions: still silent, still one dialog.
+        for ms in [500, 1_500, 3_500, 7_500, 15_500, 31_500] {
+            let t = t0 + Duration::from_millis(ms);
+            c.handle_timeout(t);
+            c.handle_input(t, peer(), &inv);
+            assert!(drain(&mut c).is_empty());
+        }
+        let s = c.stats();
+        assert_eq!((s.invites, s.invite_retransmits, s.dialogs), (1, 6, 1));
+        let last = t0 + Duration::from_millis(31_500);
+        assert_eq!(c.poll_timeout(), Some(last + LINGER));
+        c.handle_timeout(last + LINGER);
+        assert_eq!(c.stats().dialogs, 0);
+    }
+
+    #[test]
+    fn a_phone_left_ringing_gets_480_after_ring_out() {
+        let mut c = core();
+        let t0 = Instant::now();
+        c.handle_input(t0, peer(), &invite("+447700900123", "r@h", "z9hG4bKr"));
+        drain(&mut c);
+        let sent = run_until(&mut c, t0, t0 + RING_OUT);
+        assert_eq!(sent, [(RING_OUT, 480)]);
+    }
+
+    #[test]
+    fn unknown_cancel_and_bye_get_481() {
+        let mut c = core();
+        let now = Instant::now();
+        c.handle_input(now, peer(), &cancel("+447700900123", "nope@h", "z9hG4bK1"));
+        assert_eq!(codes(&drain(&mut c)), [481]);
+        // Right Call-ID, wrong branch: not that INVITE's transaction either.
+        c.handle_input(now, peer(), &invite("+447700900123", "c1@h", "z9hG4bK1"));
+        drain(&mut c);
+        c.handle_input(
+            now,
+            peer(),
+            &cancel("+447700900123", "c1@h", "z9hG4bKother"),
+        );
+        assert_eq!(codes(&drain(&mut c)), [481]);
+        c.handle_input(
+            now,
+            peer(),
+            &request("BYE", "+447700900123", "c1@h", "z9hG4bKb", 2, "wrong"),
+        );
+        assert_eq!(codes(&drain(&mut c)), [481]);
+        assert_eq!(c.stats().unknown_transactions, 3);
+    }
+
+    #[test]
+    fn options_200_other_methods_501_ack_absorbed() {
+        let mut c = core();
+        let now = Instant::now();
+        c.handle_input(
+            now,
+            peer(),
+            &request("OPTIONS", "+447700900123", "o@h", "z9hG4bKo", 1, ""),
+        );
+        let out = drain(&mut c);
+        assert_eq!(codes(&out), [200]);
+        let ok = parse(&out[0]);
+        assert!(header(&ok, "Allow").is_some_and(|a| a.contains("INVITE")));
+        assert!(ok.to_tag.is_some());
+        c.handle_input(
+            now,
+            peer(),
+            &request("INFO", "+447700900123", "o@h", "z9hG4bKi", 2, ""),
+        );
+        assert_eq!(codes(&drain(&mut c)), [501]);
+        c.handle_input(
+            now,
+            peer(),
+            &ack("+447700900123", "stray@h", "z9hG4bKx", "t"),
+        );
+        assert!(drain(&mut c).is_empty());
+        let s = c.stats();
+        assert_eq!((s.options, s.unsupported, s.acks, s.dialogs), (1, 1, 1, 0));
+    }
+
+    #[test]
+    fn a_via_without_rport_is_copied_as_it_came() {
+        let mut c = core();
+        let inv = String::from_utf8(invite("+447700900123", "v@h", "z9hG4bKv"))
+            .expect("ascii")
+            .replace(";rport;", ";");
+        c.handle_input(Instant::now(), peer(), inv.as_bytes());
+        let out = drain(&mut c);
+        assert_eq!(
+            vias(&parse(&out[0]))[0],
+            format!("SIP/2.0/UDP {PEER};branch=z9hG4bKv")
+        );
+    }
+
+    #[test]
+    fn garbage_and_responses_are_counted_and_dropped() {
+        let mut c = core();
+        let now = Instant::now();
+        c.handle_input(now, peer(), b"");
+        c.handle_input(now, peer(), b"\x00\xff\xfe garbage");
+        c.handle_input(
+            now,
+            peer(),
+            b"INVITE sip:x@y SIP/2.0\r\nVia: SIP/2.0/UDP h\r\n\r\n",
+        );
+        // Every truncation of a real INVITE: no panic, each either parses or is counted.
+        let inv = invite("+447700900123", "t@h", "z9hG4bKt");
+        for n in 0..inv.len() {
+            c.handle_input(now, peer(), &inv[..n]);
+        }
+        drain(&mut c);
+        let ringing = b"SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKq\r\n\
+From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>\r\nCall-ID: q\r\nCSeq: 1 INVITE\r\n\r\n";
+        c.handle_input(now, peer(), ringing);
+        assert!(drain(&mut c).is_empty());
+        let s = c.stats();
+        assert!(s.malformed >= 3, "{s:?}");
+        assert_eq!(s.stray_responses, 1);
+    }
+
+    #[test]
+    fn beyond_the_dialog_cap_invites_get_503() {
+        let mut c = core().with_max_dialogs(2);
+        let now = Instant::now();
+        for i in 0..3 {
+            c.handle_input(
+                now,
+                peer(),
+                &invite("+447700900123", &format!("cap{i}@h"), "z9hG4bKc"),
+            );
+        }
+        let out = drain(&mut c);
+        assert_eq!(codes(&out), [100, 180, 100, 180, 503]);
+        assert_eq!(parse(&out[4]).retry_after, Some(5));
+        let s = c.stats();
+        assert_eq!((s.overloaded, s.dialogs), (1, 2));
+    }
+
+    #[test]
+    fn uri_user_and_behaviour() {
+        assert_eq!(uri_user("sip:+447700900486@h;user=phone"), "+447700900486");
+        assert_eq!(uri_user("sip:+447700900486;npdi@h"), "+447700900486");
+        assert_eq!(uri_user("tel:+447700900404"), "+447700900404");
+        assert_eq!(uri_user("sip:h"), "");
+        assert_eq!(
+            Behaviour::for_uri("sip:+44-7700-900-503@h"),
+            Behaviour::Reject(503)
+        );
+        assert_eq!(Behaviour::for_uri("sip:+447700900200@h"), Behaviour::Answer);
+        assert_eq!(Behaviour::for_uri("sip:+447700900408@h"), Behaviour::Silent);
+        assert_eq!(Behaviour::for_uri("sip:486@h"), Behaviour::Ring);
+        assert_eq!(Behaviour::for_uri("sip:h"), Behaviour::Ring);
+    }
+
+    #[tokio::test]
+    async fn spawn_refuses_a_non_loopback_address() {
+        let cfg = SandboxConfig {
+            bind: "0.0.0.0:0".parse().expect("literal"),
+            ..SandboxConfig::default()
+        };
+        let err = spawn(cfg).await.err().expect("refused");
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("0.0.0.0:0"), "{err}");
+    }
+}
