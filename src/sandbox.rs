@@ -233,13 +233,18 @@ struct Dialog {
     deadlines: [Option<Instant>; TIMERS],
 }
 
+/// A heap entry: when, which dialog generation, which timer, whose Call-ID.
+/// Stale entries stay in the heap and are skipped by comparing with the
+/// dialog's own deadline, which is cheaper than removing them.
+type TimerEntry = (Instant, u64, Timer, Arc<str>);
+
 /// The sandbox UAS as a pure state machine (time is an input).
 pub struct SandboxCore {
     local: SocketAddr,
     ring_delay: Duration,
     max_dialogs: usize,
     dialogs: HashMap<Arc<str>, Dialog>,
-    heap: BinaryHeap<Reverse<(Instant, u64, Timer, Arc<str>)>>,
+    heap: BinaryHeap<Reverse<TimerEntry>>,
     transmits: VecDeque<Transmit>,
     next_gen: u64,
     stats: SandboxStats,
@@ -452,6 +457,9 @@ impl SandboxCore {
             self.reply(from, msg, 481, "", &[]);
             return;
         };
+        if state == State::Silent {
+            return; // a silent destination answers nothing at all
+        }
         // §9.2: the CANCEL is answered 200 whatever the INVITE's state; it
         // only terminates an INVITE that has no final yet. A retransmitted
         // CANCEL finds the INVITE completed and so just gets 200 again.
@@ -1198,6 +1206,8 @@ mod tests {
             c.handle_input(t, peer(), &inv);
             assert!(drain(&mut c).is_empty());
         }
+        c.handle_input(t0, peer(), &cancel("+447700900408", "s@h", "z9hG4bKs"));
+        assert!(drain(&mut c).is_empty(), "not even to a CANCEL");
         let s = c.stats();
         assert_eq!((s.invites, s.invite_retransmits, s.dialogs), (1, 6, 1));
         let last = t0 + Duration::from_millis(31_500);
