@@ -409,11 +409,12 @@ impl Config {
                 t.password = s;
             }
         }
-        cfg.validate().map_err(|(key, problem)| ConfigError::Invalid {
-            file: path.to_path_buf(),
-            key,
-            problem,
-        })?;
+        cfg.validate()
+            .map_err(|(key, problem)| ConfigError::Invalid {
+                file: path.to_path_buf(),
+                key,
+                problem,
+            })?;
         Ok(cfg)
     }
 
@@ -460,8 +461,14 @@ impl Config {
             if t.name == "sandbox" {
                 return bad(&k("name"), "\"sandbox\" is reserved for the sandbox callee");
             }
-            if t.address.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
-                return bad(&k("address"), &format!("{:?}: expected host:port", t.address));
+            if t.address
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return bad(
+                    &k("address"),
+                    &format!("{:?}: expected host:port", t.address),
+                );
             }
             if t.cps == 0 {
                 return bad(&k("cps"), "must be > 0");
@@ -532,9 +539,7 @@ impl Config {
                     )
                 }
                 (Some(s), None) if s.is_empty() => return bad(&k("secret"), "must not be empty"),
-                (None, Some(h))
-                    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) =>
-                {
+                (None, Some(h)) if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) => {
                     return bad(&k("secret_sha256"), "expected 64 hex digits")
                 }
                 _ => {}
@@ -548,7 +553,10 @@ impl Config {
             let mut codes = std::collections::HashSet::new();
             for (j, s) in p.senders.iter().enumerate() {
                 if s.code.is_empty() || s.code.len() > 64 {
-                    return bad(&k(&format!("senders[{j}].code")), "must be 1 to 64 characters");
+                    return bad(
+                        &k(&format!("senders[{j}].code")),
+                        "must be 1 to 64 characters",
+                    );
                 }
                 if !codes.insert(s.code.as_str()) {
                     return bad(
@@ -614,9 +622,18 @@ mod tests {
     fn bad_values_name_their_key() {
         for (extra, key) in [
             ("[pool]\ncode_length = 0", "pool.code_length"),
-            ("[verification]\nmax_attempts = 0", "verification.max_attempts"),
-            ("[verification]\nallow_prefixes = [\"44\"]", "verification.allow_prefixes[0]"),
-            ("[limits.per_phone]\nper_secs = 0", "limits.per_phone.per_secs"),
+            (
+                "[verification]\nmax_attempts = 0",
+                "verification.max_attempts",
+            ),
+            (
+                "[verification]\nallow_prefixes = [\"44\"]",
+                "verification.allow_prefixes[0]",
+            ),
+            (
+                "[limits.per_phone]\nper_secs = 0",
+                "limits.per_phone.per_secs",
+            ),
         ] {
             let e = parse(&format!("{MIN}\n{extra}\n")).unwrap_err();
             assert!(e.contains(key), "{extra}: {e}");
@@ -624,10 +641,9 @@ mod tests {
         let e = parse("[sandbox]\nenabled = false\n[[projects]]\nlogin=\"a\"\nsecret=\"b\"")
             .unwrap_err();
         assert!(e.contains(": trunks:"), "{e}");
-        let e = parse(
-            "[[trunks]]\nname=\"a\"\naddress=\"x\"\n[[projects]]\nlogin=\"a\"\nsecret=\"b\"",
-        )
-        .unwrap_err();
+        let e =
+            parse("[[trunks]]\nname=\"a\"\naddress=\"x\"\n[[projects]]\nlogin=\"a\"\nsecret=\"b\"")
+                .unwrap_err();
         assert!(e.contains("trunks[0].address"), "{e}");
         let e = parse("[sandbox]\nenabled = true\n[[projects]]\nlogin=\"a\"").unwrap_err();
         assert!(e.contains("FLASHCALL_PROJECT_A_SECRET"), "{e}");
@@ -653,7 +669,10 @@ mod tests {
             "[sandbox]\nenabled = true\n[[projects]]\nlogin=\"a\"\nsecret_sha256=\"{h}\""
         ))
         .unwrap();
-        assert_eq!(c.projects[0].secret_hash(), <[u8; 32]>::from(Sha256::digest(b"pw")));
+        assert_eq!(
+            c.projects[0].secret_hash(),
+            <[u8; 32]>::from(Sha256::digest(b"pw"))
+        );
     }
 
     #[test]

@@ -138,7 +138,10 @@ impl EngineShared {
         }
         let mut candidates = healthy;
         while !candidates.is_empty() {
-            let total: u64 = candidates.iter().map(|&i| u64::from(self.trunks[i].weight)).sum();
+            let total: u64 = candidates
+                .iter()
+                .map(|&i| u64::from(self.trunks[i].weight))
+                .sum();
             let mut x = rng.gen_range(0..total);
             let mut pos = 0;
             for (k, &i) in candidates.iter().enumerate() {
@@ -152,7 +155,9 @@ impl EngineShared {
             let i = candidates[pos];
             let cap = self.trunks[i].queue_cap;
             let reserved = self.queued[i]
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q < cap).then_some(q + 1))
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                    (q < cap).then_some(q + 1)
+                })
                 .is_ok();
             if reserved {
                 return Ok(Reservation {
@@ -337,9 +342,7 @@ impl udp::App for Driver {
                     }
                 }
             }
-            self.trunk_metrics[t]
-                .queue
-                .set(self.queues[t].len() as f64);
+            self.trunk_metrics[t].queue.set(self.queues[t].len() as f64);
         }
         next
     }
@@ -450,7 +453,11 @@ pub async fn run(
         .collect();
     let mut driver = Driver {
         queues: shared.trunks.iter().map(|_| VecDeque::new()).collect(),
-        trunk_metrics: shared.trunks.iter().map(|t| TrunkMetrics::new(&t.name)).collect(),
+        trunk_metrics: shared
+            .trunks
+            .iter()
+            .map(|t| TrunkMetrics::new(&t.name))
+            .collect(),
         shared,
         store,
         settings,

@@ -106,7 +106,10 @@ impl From<Limited> for ApiError {
             ..Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
-                format!("limit reached for {what}; retry after {} s", l.retry_after_secs()),
+                format!(
+                    "limit reached for {what}; retry after {} s",
+                    l.retry_after_secs()
+                ),
             )
         }
     }
@@ -340,12 +343,7 @@ pub fn render(v: &Verification, full: bool) -> Value {
 }
 
 fn json_response(status: StatusCode, body: String) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        body,
-    )
-        .into_response()
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 #[derive(Deserialize)]
@@ -456,10 +454,7 @@ async fn create(
     if ttl == 0 || ttl > st.verification.max_ttl_secs {
         return Err(ApiError::bad(
             "invalid_request",
-            format!(
-                "ttl_secs must be 1 to {}",
-                st.verification.max_ttl_secs
-            ),
+            format!("ttl_secs must be 1 to {}", st.verification.max_ttl_secs),
         ));
     }
     if req.reference.as_ref().is_some_and(|r| r.len() > 256) {

@@ -23,8 +23,7 @@ use std::time::Duration;
 use crate::config::{PerPhoneConfig, ProjectConfig};
 
 type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
-type Keyed<C> =
-    RateLimiter<u64, DashMapStateStore<u64>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type Keyed<C> = RateLimiter<u64, DashMapStateStore<u64>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
 /// Which limit refused a request: the `scope` label of
 /// `flashcall_rate_limited_total`.

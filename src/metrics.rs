@@ -34,8 +34,8 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     // The delays a flash call cares about: sub-millisecond cancels up to
     // post-dial delays of tens of seconds.
     let delay = [
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        20.0, 30.0,
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
+        30.0,
     ];
     let http = [
         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
@@ -55,14 +55,26 @@ pub fn describe(projects: &[String], trunks: &[String]) {
     describe_counter!(CALLS, "Flash calls by trunk and outcome");
     describe_counter!(SIP_RESPONSES, "SIP responses received by trunk and code");
     describe_gauge!(CALLS_IN_FLIGHT, "Calls whose outcome is not known yet");
-    describe_histogram!(POST_DIAL_DELAY, Unit::Seconds, "INVITE sent to first 180/183");
-    describe_histogram!(CANCEL_DELAY, Unit::Seconds, "180/183 received to CANCEL sent");
+    describe_histogram!(
+        POST_DIAL_DELAY,
+        Unit::Seconds,
+        "INVITE sent to first 180/183"
+    );
+    describe_histogram!(
+        CANCEL_DELAY,
+        Unit::Seconds,
+        "180/183 received to CANCEL sent"
+    );
     describe_counter!(RATE_LIMITED, "Requests refused by a limit, by scope");
     describe_gauge!(POOL_NUMBERS, "Caller numbers in the pool");
     describe_gauge!(POOL_COVERAGE, "Share of code suffixes the pool can serve");
     describe_counter!(CHECKS, "Code checks by result");
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route template and status");
-    describe_histogram!(HTTP_DURATION, Unit::Seconds, "HTTP request duration by route");
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "HTTP request duration by route"
+    );
     describe_counter!(SIP_PARSE_ERRORS, "Malformed SIP datagrams dropped");
     describe_gauge!(TRUNK_QUEUE, "INVITEs waiting for a CPS slot, by trunk");
     describe_counter!(SIP_STRAY, "SIP responses matching no transaction");
@@ -165,8 +177,7 @@ pub fn check(result: CheckResult) {
 }
 
 pub fn sip_response(trunk: &str, code: u16) {
-    counter!(SIP_RESPONSES, "trunk" => trunk.to_string(), "code" => code.to_string())
-        .increment(1);
+    counter!(SIP_RESPONSES, "trunk" => trunk.to_string(), "code" => code.to_string()).increment(1);
 }
 
 pub fn pool(numbers: usize, coverage: f64) {

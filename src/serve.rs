@@ -222,7 +222,11 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
                     Project {
                         login: p.login.clone(),
                         secret_sha256: p.secret_hash(),
-                        senders: p.senders.iter().map(|s| (s.code.clone(), s.status)).collect(),
+                        senders: p
+                            .senders
+                            .iter()
+                            .map(|s| (s.code.clone(), s.status))
+                            .collect(),
                     },
                 )
             })
@@ -286,7 +290,10 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
         .map_err(|_| ServeError::Sip("the SIP thread panicked".into()))?
         .map_err(|e| ServeError::Sip(e.to_string()))?;
     if left > 0 {
-        tracing::warn!(calls = left, "shutdown grace ended with calls still in flight");
+        tracing::warn!(
+            calls = left,
+            "shutdown grace ended with calls still in flight"
+        );
     } else {
         tracing::info!("every call in flight was closed");
     }

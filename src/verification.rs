@@ -261,7 +261,10 @@ mod tests {
         assert_eq!(v.check(3_000, Guess::Code("0123")), CheckResult::Verified);
         assert_eq!(v.status, Status::Verified);
         assert_eq!(v.attempts_left, 2);
-        assert_eq!(v.check(3_000, Guess::Code("0123")), CheckResult::AlreadyVerified);
+        assert_eq!(
+            v.check(3_000, Guess::Code("0123")),
+            CheckResult::AlreadyVerified
+        );
         assert_eq!(v.check(3_000, Guess::Code("1111")), CheckResult::WrongCode);
         assert_eq!(v.status, Status::Verified);
     }
@@ -269,8 +272,14 @@ mod tests {
     #[test]
     fn check_by_cli() {
         let mut v = v();
-        assert_eq!(v.check(2_000, Guess::Cli("+447700900124")), CheckResult::WrongCode);
-        assert_eq!(v.check(2_000, Guess::Cli("+447700900123")), CheckResult::Verified);
+        assert_eq!(
+            v.check(2_000, Guess::Cli("+447700900124")),
+            CheckResult::WrongCode
+        );
+        assert_eq!(
+            v.check(2_000, Guess::Cli("+447700900123")),
+            CheckResult::Verified
+        );
     }
 
     #[test]
@@ -298,7 +307,10 @@ mod tests {
         assert_eq!(v.check(2_000, Guess::Code("2")), CheckResult::WrongCode);
         assert_eq!(v.check(2_000, Guess::Code("3")), CheckResult::Exhausted);
         assert_eq!(v.status, Status::AttemptsExhausted);
-        assert_eq!(v.check(2_000, Guess::Code("0123")), CheckResult::NoAttemptsLeft);
+        assert_eq!(
+            v.check(2_000, Guess::Code("0123")),
+            CheckResult::NoAttemptsLeft
+        );
         assert!(!v.check(2_000, Guess::Code("0123")).verified());
     }
 

@@ -134,7 +134,9 @@ fn client_code_and_engine_code_verified_through_sipp() {
     let e = Engine::start(&cfg);
 
     // 1. The client chooses the code.
-    let v = e.create(json!({"phone": "+447911123456", "sender": "SHOP", "code": "4821", "reference": "order-1"}));
+    let v = e.create(
+        json!({"phone": "+447911123456", "sender": "SHOP", "code": "4821", "reference": "order-1"}),
+    );
     assert_eq!(v["code"], "4821", "{v}");
     assert_eq!(v["status"], "pending");
     assert_eq!(v["caller_prefix"], "+44770090");
@@ -153,26 +155,48 @@ fn client_code_and_engine_code_verified_through_sipp() {
     }
     assert_eq!(got["attempts_left"], 5);
 
-    let wrong = e.post(&format!("/v1/verifications/{id}/check"), &json!({"code": "4822"}));
+    let wrong = e.post(
+        &format!("/v1/verifications/{id}/check"),
+        &json!({"code": "4822"}),
+    );
     assert_eq!(wrong.status, 200, "{}", wrong.body);
     let w = wrong.json();
-    assert_eq!((w["verified"].clone(), w["attempts_left"].clone()), (json!(false), json!(4)));
+    assert_eq!(
+        (w["verified"].clone(), w["attempts_left"].clone()),
+        (json!(false), json!(4))
+    );
     assert_eq!(w["status"], "delivered");
-    let right = e.post(&format!("/v1/verifications/{id}/check"), &json!({"code": "4821"}));
+    let right = e.post(
+        &format!("/v1/verifications/{id}/check"),
+        &json!({"code": "4821"}),
+    );
     let r = right.json();
-    assert_eq!((r["verified"].clone(), r["status"].clone()), (json!(true), json!("verified")), "{r}");
+    assert_eq!(
+        (r["verified"].clone(), r["status"].clone()),
+        (json!(true), json!("verified")),
+        "{r}"
+    );
     assert_eq!(r["attempts_left"], 4);
 
     // 2. The engine chooses the code; the app checks the full caller number.
     let v = e.create(json!({"phone": "+4915123456789", "sender": "SHOP"}));
-    assert!(v.get("code").is_none(), "engine-chosen code must not be echoed: {v}");
+    assert!(
+        v.get("code").is_none(),
+        "engine-chosen code must not be echoed: {v}"
+    );
     let id2 = v["id"].as_str().unwrap().to_string();
     let got = wait_final_call(&e, &id2);
     assert_eq!(got["status"], "delivered", "{got}");
     let caller = got["call"]["caller"].as_str().unwrap().to_string();
-    assert!(caller.starts_with("+44770090") && caller.len() == 13, "{caller}");
+    assert!(
+        caller.starts_with("+44770090") && caller.len() == 13,
+        "{caller}"
+    );
     let r = e
-        .post(&format!("/v1/verifications/{id2}/check"), &json!({"cli": caller}))
+        .post(
+            &format!("/v1/verifications/{id2}/check"),
+            &json!({"cli": caller}),
+        )
         .json();
     assert_eq!(r["verified"], true, "{r}");
 

@@ -158,10 +158,7 @@ impl Engine {
                 let _ = child.kill();
                 let _ = child.wait();
                 std::thread::sleep(Duration::from_millis(100));
-                panic!(
-                    "engine did not start; its log:\n{}",
-                    log.lock().unwrap()
-                );
+                panic!("engine did not start; its log:\n{}", log.lock().unwrap());
             }
         };
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -240,7 +237,13 @@ impl Engine {
     ) -> Resp {
         let mut h = vec![("content-type", "application/json")];
         h.extend_from_slice(headers);
-        self.request("POST", path, Some(auth), &h, Some(body.to_string().as_bytes()))
+        self.request(
+            "POST",
+            path,
+            Some(auth),
+            &h,
+            Some(body.to_string().as_bytes()),
+        )
     }
 
     pub fn get(&self, path: &str) -> Resp {
