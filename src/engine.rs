@@ -177,6 +177,22 @@ impl EngineShared {
         self.notify.notify_one();
     }
 
+    /// Moves every submitted call into `out` (swapping buffers, so the lock
+    /// is held for a pointer swap). Their queue places stay taken until
+    /// [`EngineShared::dequeued`].
+    pub fn take_submitted(&self, out: &mut Vec<CallCmd>) {
+        let mut inbox = match self.inbox.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        std::mem::swap(&mut *inbox, out);
+    }
+
+    /// A call left `trunk`'s queue (its INVITE went out, or it was dropped).
+    pub fn dequeued(&self, trunk: usize) {
+        self.queued[trunk].fetch_sub(1, Ordering::AcqRel);
+    }
+
     pub fn queued(&self, trunk: usize) -> usize {
         self.queued[trunk].load(Ordering::Acquire)
     }
@@ -234,7 +250,7 @@ impl Driver {
     }
 
     fn start(&mut self, now: Instant, ep: &mut Endpoint<StdRng>, cmd: CallCmd) {
-        self.shared.queued[cmd.trunk].fetch_sub(1, Ordering::AcqRel);
+        self.shared.dequeued(cmd.trunk);
         let shared = self.shared.clone();
         let trunk = &shared.trunks[cmd.trunk];
         let at_ms = self.wall(now);
@@ -291,13 +307,7 @@ impl Driver {
 
 impl udp::App for Driver {
     fn poll(&mut self, now: Instant, ep: &mut Endpoint<StdRng>) -> Option<Instant> {
-        {
-            let mut inbox = match self.shared.inbox.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            std::mem::swap(&mut *inbox, &mut self.swap);
-        }
+        self.shared.take_submitted(&mut self.swap);
         for cmd in self.swap.drain(..) {
             self.queues[cmd.trunk].push_back(cmd);
         }
