@@ -484,3 +484,99 @@ pub async fn run(
     udp::run(&socket, &mut ep, &mut driver).await;
     Ok(ep.active_calls())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trunk(name: &str, weight: u32, queue_cap: usize) -> Trunk {
+        Trunk {
+            name: name.into(),
+            addr: "127.0.0.1:5070".parse().unwrap(),
+            host: "127.0.0.1:5070".into(),
+            cps: 10,
+            queue_cap,
+            weight,
+            credentials: None,
+            caller_id: CallerId::From,
+        }
+    }
+
+    fn cmd(trunk: usize) -> CallCmd {
+        CallCmd {
+            id: "v".into(),
+            project: "p".into(),
+            trunk,
+            to: "+447911123456".into(),
+            caller: "+447700900001".into(),
+        }
+    }
+
+    #[test]
+    fn trunks_share_calls_by_weight() {
+        let e = EngineShared::new(vec![trunk("a", 3, 1_000_000), trunk("b", 1, 1_000_000)]);
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut per = [0u32; 2];
+        for _ in 0..40_000 {
+            let r = e.reserve(0, &mut rng).unwrap();
+            per[r.trunk()] += 1;
+            let t = r.trunk();
+            r.send(cmd(t));
+        }
+        // 3:1 expected, 30,000 vs 10,000; binomial sd ~87, so 5 sd = 435.
+        assert!((per[0] as i64 - 30_000).abs() < 435, "{per:?}");
+        assert_eq!(e.queued(0) + e.queued(1), 40_000);
+    }
+
+    #[test]
+    fn full_queue_spills_to_the_other_trunk_then_refuses() {
+        let e = EngineShared::new(vec![trunk("a", 1, 2), trunk("b", 1, 1)]);
+        let mut rng = StdRng::seed_from_u64(1);
+        for _ in 0..3 {
+            let r = e.reserve(0, &mut rng).unwrap();
+            let t = r.trunk();
+            r.send(cmd(t));
+        }
+        assert_eq!((e.queued(0), e.queued(1)), (2, 1));
+        assert!(matches!(
+            e.reserve(0, &mut rng),
+            Err(Unavailable::QueueFull)
+        ));
+        // The driver takes one from trunk a: its place comes back.
+        let mut out = Vec::new();
+        e.take_submitted(&mut out);
+        assert_eq!(out.len(), 3);
+        e.dequeued(0);
+        assert_eq!(e.reserve(0, &mut rng).unwrap().trunk(), 0);
+    }
+
+    #[test]
+    fn an_unsent_reservation_gives_its_place_back() {
+        let e = EngineShared::new(vec![trunk("a", 1, 1)]);
+        let mut rng = StdRng::seed_from_u64(1);
+        drop(e.reserve(0, &mut rng).unwrap());
+        assert_eq!(e.queued(0), 0);
+        assert!(e.reserve(0, &mut rng).is_ok());
+    }
+
+    #[test]
+    fn backing_off_trunks_are_skipped_until_retry_after_passes() {
+        let e = EngineShared::new(vec![trunk("a", 1, 10), trunk("b", 1, 10)]);
+        e.backoff_until_ms[0].store(5_000, Ordering::Release);
+        let mut rng = StdRng::seed_from_u64(3);
+        for _ in 0..50 {
+            assert_eq!(e.reserve(4_999, &mut rng).unwrap().trunk(), 1);
+        }
+        e.backoff_until_ms[1].store(5_000, Ordering::Release);
+        assert!(matches!(
+            e.reserve(4_999, &mut rng),
+            Err(Unavailable::BackingOff)
+        ));
+        assert!(e.reserve(5_000, &mut rng).is_ok());
+        e.shutdown();
+        assert!(matches!(
+            e.reserve(6_000, &mut rng),
+            Err(Unavailable::ShuttingDown)
+        ));
+    }
+}
