@@ -381,6 +381,9 @@ fn one_line(text: &str, e: &toml::de::Error) -> String {
     match (table, key) {
         (Some(t), Some(k)) => format!("line {line_no}, column {col}: {t}.{k}: {msg}"),
         (None, Some(k)) => format!("line {line_no}, column {col}: {k}: {msg}"),
+        (_, None) if line.trim_start().starts_with('[') => {
+            format!("line {line_no}, column {col}: {}: {msg}", line.trim())
+        }
         _ => format!("line {line_no}, column {col}: {msg}"),
     }
 }
