@@ -10,6 +10,9 @@ use std::sync::Mutex;
 use super::{Idempotent, Store, StoreError, StoreFuture};
 use crate::verification::Verification;
 
+/// (drop_at_ms, id, idempotency key (project, key)), earliest first.
+type DropQueue = BinaryHeap<Reverse<(i64, String, Option<(String, String)>)>>;
+
 pub struct MemoryStore {
     by_id: DashMap<String, Verification>,
     idem: DashMap<(String, String), Idempotent>,
@@ -17,7 +20,7 @@ pub struct MemoryStore {
     /// due instead of scanning every record each second.
     expiries: Mutex<BinaryHeap<Reverse<(i64, String)>>>,
     /// (drop_at_ms, id, idempotency key).
-    drops: Mutex<BinaryHeap<Reverse<(i64, String, Option<(String, String)>)>>>,
+    drops: Mutex<DropQueue>,
     retention_ms: i64,
 }
 
