@@ -117,7 +117,9 @@ fn invalid_phone_is_400() {
         "+1234567890123456", // 16 digits: too long
         "+0447700900123",    // country code cannot start with 0
         "+4400000000000",    // E.164 shape, but not a valid GB number
-        "+447700800123",     // E.164 shape, outside allow_prefixes, invalid in GB
+        "+441000000000",     // E.164 shape, no GB number starts 010
+        "+449999999999",     // nor 099
+        "+4412345",          // 7 digits: E.164 shape, too short for GB
         "+10000000000",      // NANP shape, invalid area code
         "",
         "++447700900123",
