@@ -57,8 +57,11 @@ pub struct CallCmd {
 pub enum Unavailable {
     /// Every usable trunk's queue is full.
     QueueFull,
-    /// Every trunk is backing off after a 503.
-    BackingOff,
+    /// Every trunk is backing off after a 503; the first is back in this
+    /// many whole seconds (rounded up, at least 1).
+    BackingOff {
+        retry_after_secs: u64,
+    },
     ShuttingDown,
 }
 
@@ -134,7 +137,16 @@ impl EngineShared {
             .filter(|&i| self.backoff_until_ms[i].load(Ordering::Acquire) <= now_ms)
             .collect();
         if healthy.is_empty() {
-            return Err(Unavailable::BackingOff);
+            let first_back = self
+                .backoff_until_ms
+                .iter()
+                .map(|b| b.load(Ordering::Acquire))
+                .min()
+                .unwrap_or(now_ms);
+            let ms = u64::try_from(first_back - now_ms).unwrap_or(0);
+            return Err(Unavailable::BackingOff {
+                retry_after_secs: ms.div_ceil(1000).max(1),
+            });
         }
         let mut candidates = healthy;
         while !candidates.is_empty() {

@@ -477,9 +477,9 @@ async fn create(
             m::rate_limited(Scope::Trunk);
             ApiError::overloaded("every trunk's call queue is full", 1)
         }
-        Unavailable::BackingOff => ApiError::overloaded(
+        Unavailable::BackingOff { retry_after_secs } => ApiError::overloaded(
             "every trunk is backing off after 503 Service Unavailable",
-            5,
+            retry_after_secs,
         ),
         Unavailable::ShuttingDown => ApiError::overloaded("the engine is shutting down", 5),
     })?;

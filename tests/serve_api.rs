@@ -957,6 +957,12 @@ fn trunk_503_backs_off_and_creates_get_503() {
     r.assert_problem(503, "overloaded");
     let first = retry_after(&r);
     assert!(first <= 5, "Retry-After {first}");
+    // Retry-After is the back-off still left, not a fixed figure.
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = e.post(CREATE, &json!({"phone": "+447700900124", "sender": "SHOP"}));
+    r.assert_problem(503, "overloaded");
+    let later = retry_after(&r);
+    assert!(later < first, "Retry-After {later} after {first}");
 }
 
 // ---------------------------------------------------------------- shape
