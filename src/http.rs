@@ -397,6 +397,22 @@ async fn create(
     let _idem_guard = match &idem_key {
         None => None,
         Some(k) => {
+            // Mark the key in flight before looking in the store: checked
+            // the other way round, a second request could look (nothing
+            // yet), the first could finish and unmark, and the second would
+            // then mark and create a second verification.
+            let key = (project.login.clone(), k.clone());
+            if st.idem_in_flight.insert(key.clone(), ()).is_some() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_key_in_progress",
+                    "a request with this Idempotency-Key is still being handled",
+                ));
+            }
+            let guard = IdemGuard {
+                map: &st.idem_in_flight,
+                key,
+            };
             if let Some(prev) = st
                 .store
                 .idempotent(&project.login, k)
@@ -414,18 +430,7 @@ async fn create(
                     "this Idempotency-Key was used with a different request body",
                 ));
             }
-            let key = (project.login.clone(), k.clone());
-            if st.idem_in_flight.insert(key.clone(), ()).is_some() {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "idempotency_key_in_progress",
-                    "a request with this Idempotency-Key is still being handled",
-                ));
-            }
-            Some(IdemGuard {
-                map: &st.idem_in_flight,
-                key,
-            })
+            Some(guard)
         }
     };
 
