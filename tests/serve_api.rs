@@ -616,6 +616,51 @@ fn idempotency_key_replays_and_refuses_other_bodies() {
     assert_eq!(got["status"], "delivered", "{got}");
 }
 
+/// Concurrent creates with one key: one verification whatever the
+/// interleaving; each answer is the replayed 201 or 409 "in progress".
+#[test]
+fn concurrent_creates_with_one_key_make_one_verification() {
+    let e = engine("idempotency-race");
+    let rounds = 10;
+    for round in 0..rounds {
+        let key = format!("race-{round}");
+        let body = json!({"phone": format!("+4477009003{round:02}"), "sender": "SHOP"});
+        let barrier = std::sync::Barrier::new(6);
+        let answers: Vec<Resp> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        e.post_as((LOGIN, SECRET), CREATE, &body, &[("idempotency-key", &key)])
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let created: Vec<&Resp> = answers.iter().filter(|r| r.status == 201).collect();
+        assert!(!created.is_empty(), "round {round}: no 201: {answers:?}");
+        for r in &answers {
+            if r.status != 201 {
+                r.assert_problem(409, "idempotency_key_in_progress");
+            }
+        }
+        assert!(
+            created.iter().all(|r| r.body == created[0].body),
+            "round {round}: different responses: {created:?}"
+        );
+    }
+    let m = e.metrics_text();
+    assert_eq!(
+        metric(
+            &m,
+            "flashcall_verifications_total",
+            &[("project", "shop"), ("status", "pending")]
+        ),
+        f64::from(rounds),
+        "{m}"
+    );
+}
+
 // ---------------------------------------------------------------- 429, 503
 
 #[test]
