@@ -28,7 +28,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub http: HttpConfig,
@@ -43,25 +43,6 @@ pub struct Config {
     pub projects: Vec<ProjectConfig>,
     pub sandbox: SandboxConfig,
     pub shutdown: ShutdownConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            http: HttpConfig::default(),
-            metrics: MetricsConfig::default(),
-            sip: SipConfig::default(),
-            trunks: Vec::new(),
-            call: CallConfig::default(),
-            pool: PoolConfig::default(),
-            verification: VerificationConfig::default(),
-            limits: LimitsConfig::default(),
-            store: StoreConfig::default(),
-            projects: Vec::new(),
-            sandbox: SandboxConfig::default(),
-            shutdown: ShutdownConfig::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

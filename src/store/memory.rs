@@ -10,14 +10,16 @@ use std::sync::Mutex;
 use super::{Idempotent, Store, StoreError, StoreFuture};
 use crate::verification::Verification;
 
+/// (drop_at_ms, id, idempotency key as (project, key)).
+type DropEntry = Reverse<(i64, String, Option<(String, String)>)>;
+
 pub struct MemoryStore {
     by_id: DashMap<String, Verification>,
     idem: DashMap<(String, String), Idempotent>,
     /// (expires_at_ms, id): a heap so the expiry sweep touches only what is
     /// due instead of scanning every record each second.
     expiries: Mutex<BinaryHeap<Reverse<(i64, String)>>>,
-    /// (drop_at_ms, id, idempotency key).
-    drops: Mutex<BinaryHeap<Reverse<(i64, String, Option<(String, String)>)>>>,
+    drops: Mutex<BinaryHeap<DropEntry>>,
     retention_ms: i64,
 }
 
