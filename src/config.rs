@@ -333,6 +333,42 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// A TOML error as one line (toml's own Display spans several, with a
+/// source excerpt): `line L, column C: table.key: message`. The key is read
+/// from the line the error points at, under the nearest `[table]` header.
+fn one_line(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    let Some(span) = e.span() else {
+        return msg;
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before[line_start..].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && !k.starts_with('#') && !k.starts_with('['));
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| {
+            let inner = l.trim_start_matches('[');
+            inner.split(']').next().unwrap_or(inner).trim().to_string()
+        });
+    match (table, key) {
+        (Some(t), Some(k)) => format!("line {line_no}, column {col}: {t}.{k}: {msg}"),
+        (None, Some(k)) => format!("line {line_no}, column {col}: {k}: {msg}"),
+        (_, None) if line.trim_start().starts_with('[') => {
+            format!("line {line_no}, column {col}: {}: {msg}", line.trim())
+        }
+        _ => format!("line {line_no}, column {col}: {msg}"),
+    }
+}
+
 /// E.164: `+` then 7 to 15 digits, first digit not 0.
 pub fn is_e164(s: &str) -> bool {
     let Some(d) = s.strip_prefix('+') else {
@@ -372,7 +408,7 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let mut cfg: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string().trim().into()))?;
+            .map_err(|e| ConfigError::Parse(path.to_path_buf(), one_line(text, &e)))?;
         for p in &mut cfg.projects {
             if let Some(s) = env(&secret_env_var(&p.login)) {
                 p.secret = Some(s);
@@ -586,8 +622,12 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let e = parse(&format!("{MIN}\n[call]\nring_mss = 3\n")).unwrap_err();
-        assert!(e.contains("ring_mss"), "{e}");
-        assert!(e.starts_with("config t.toml:"), "{e}");
+        assert!(e.contains("call.ring_mss: unknown field"), "{e}");
+        assert!(e.starts_with("config t.toml: line 10, column 1:"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+        let e = parse(&format!("{MIN}\n[pool]\ncode_length = \"four\"\n")).unwrap_err();
+        assert!(e.contains("pool.code_length: invalid type"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
     }
 
     #[test]

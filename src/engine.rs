@@ -189,6 +189,22 @@ impl EngineShared {
         self.notify.notify_one();
     }
 
+    /// Moves every submitted call into `out` (swapping buffers, so the lock
+    /// is held for a pointer swap). Their queue places stay taken until
+    /// [`EngineShared::dequeued`].
+    pub fn take_submitted(&self, out: &mut Vec<CallCmd>) {
+        let mut inbox = match self.inbox.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        std::mem::swap(&mut *inbox, out);
+    }
+
+    /// A call left `trunk`'s queue (its INVITE went out, or it was dropped).
+    pub fn dequeued(&self, trunk: usize) {
+        self.queued[trunk].fetch_sub(1, Ordering::AcqRel);
+    }
+
     pub fn queued(&self, trunk: usize) -> usize {
         self.queued[trunk].load(Ordering::Acquire)
     }
@@ -246,7 +262,7 @@ impl Driver {
     }
 
     fn start(&mut self, now: Instant, ep: &mut Endpoint<StdRng>, cmd: CallCmd) {
-        self.shared.queued[cmd.trunk].fetch_sub(1, Ordering::AcqRel);
+        self.shared.dequeued(cmd.trunk);
         let shared = self.shared.clone();
         let trunk = &shared.trunks[cmd.trunk];
         let at_ms = self.wall(now);
@@ -303,13 +319,7 @@ impl Driver {
 
 impl udp::App for Driver {
     fn poll(&mut self, now: Instant, ep: &mut Endpoint<StdRng>) -> Option<Instant> {
-        {
-            let mut inbox = match self.shared.inbox.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            std::mem::swap(&mut *inbox, &mut self.swap);
-        }
+        self.shared.take_submitted(&mut self.swap);
         for cmd in self.swap.drain(..) {
             self.queues[cmd.trunk].push_back(cmd);
         }
@@ -485,4 +495,112 @@ pub async fn run(
     };
     udp::run(&socket, &mut ep, &mut driver).await;
     Ok(ep.active_calls())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trunk(name: &str, weight: u32, queue_cap: usize) -> Trunk {
+        Trunk {
+            name: name.into(),
+            addr: "127.0.0.1:5070".parse().unwrap(),
+            host: "127.0.0.1:5070".into(),
+            cps: 10,
+            queue_cap,
+            weight,
+            credentials: None,
+            caller_id: CallerId::From,
+        }
+    }
+
+    fn cmd(trunk: usize) -> CallCmd {
+        CallCmd {
+            id: "v".into(),
+            project: "p".into(),
+            trunk,
+            to: "+447911123456".into(),
+            caller: "+447700900001".into(),
+        }
+    }
+
+    #[test]
+    fn trunks_share_calls_by_weight() {
+        let e = EngineShared::new(vec![trunk("a", 3, 1_000_000), trunk("b", 1, 1_000_000)]);
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut per = [0u32; 2];
+        for _ in 0..40_000 {
+            let r = e.reserve(0, &mut rng).unwrap();
+            per[r.trunk()] += 1;
+            let t = r.trunk();
+            r.send(cmd(t));
+        }
+        // 3:1 expected, 30,000 vs 10,000; binomial sd ~87, so 5 sd = 435.
+        assert!((per[0] as i64 - 30_000).abs() < 435, "{per:?}");
+        assert_eq!(e.queued(0) + e.queued(1), 40_000);
+    }
+
+    #[test]
+    fn full_queue_spills_to_the_other_trunk_then_refuses() {
+        let e = EngineShared::new(vec![trunk("a", 1, 2), trunk("b", 1, 1)]);
+        let mut rng = StdRng::seed_from_u64(1);
+        for _ in 0..3 {
+            let r = e.reserve(0, &mut rng).unwrap();
+            let t = r.trunk();
+            r.send(cmd(t));
+        }
+        assert_eq!((e.queued(0), e.queued(1)), (2, 1));
+        assert!(matches!(
+            e.reserve(0, &mut rng),
+            Err(Unavailable::QueueFull)
+        ));
+        // The driver takes one from trunk a: its place comes back.
+        let mut out = Vec::new();
+        e.take_submitted(&mut out);
+        assert_eq!(out.len(), 3);
+        e.dequeued(0);
+        assert_eq!(e.reserve(0, &mut rng).unwrap().trunk(), 0);
+    }
+
+    #[test]
+    fn an_unsent_reservation_gives_its_place_back() {
+        let e = EngineShared::new(vec![trunk("a", 1, 1)]);
+        let mut rng = StdRng::seed_from_u64(1);
+        drop(e.reserve(0, &mut rng).unwrap());
+        assert_eq!(e.queued(0), 0);
+        assert!(e.reserve(0, &mut rng).is_ok());
+    }
+
+    #[test]
+    fn backing_off_trunks_are_skipped_until_retry_after_passes() {
+        let e = EngineShared::new(vec![trunk("a", 1, 10), trunk("b", 1, 10)]);
+        e.backoff_until_ms[0].store(5_000, Ordering::Release);
+        let mut rng = StdRng::seed_from_u64(3);
+        for _ in 0..50 {
+            assert_eq!(e.reserve(4_999, &mut rng).unwrap().trunk(), 1);
+        }
+        e.backoff_until_ms[1].store(5_000, Ordering::Release);
+        assert!(matches!(
+            e.reserve(4_999, &mut rng),
+            Err(Unavailable::BackingOff {
+                retry_after_secs: 1
+            })
+        ));
+        assert!(e.reserve(5_000, &mut rng).is_ok());
+        // Retry-After: until the first trunk is back, rounded up.
+        e.backoff_until_ms[0].store(12_000, Ordering::Release);
+        e.backoff_until_ms[1].store(7_500, Ordering::Release);
+        assert!(matches!(
+            e.reserve(5_000, &mut rng),
+            Err(Unavailable::BackingOff {
+                retry_after_secs: 3
+            })
+        ));
+        assert!(e.reserve(7_500, &mut rng).is_ok());
+        e.shutdown();
+        assert!(matches!(
+            e.reserve(6_000, &mut rng),
+            Err(Unavailable::ShuttingDown)
+        ));
+    }
 }

@@ -56,6 +56,42 @@ pub struct AppState {
     pub idem_in_flight: DashMap<(String, String), ()>,
 }
 
+impl AppState {
+    pub fn new(
+        cfg: &crate::config::Config,
+        pool: Pool,
+        store: Arc<dyn Store>,
+        engine: Arc<EngineShared>,
+    ) -> Self {
+        AppState {
+            projects: cfg
+                .projects
+                .iter()
+                .map(|p| {
+                    let project = Project {
+                        login: p.login.clone(),
+                        secret_sha256: p.secret_hash(),
+                        senders: p
+                            .senders
+                            .iter()
+                            .map(|s| (s.code.clone(), s.status))
+                            .collect(),
+                    };
+                    (p.login.clone(), project)
+                })
+                .collect(),
+            store,
+            limits: Limits::new(&cfg.projects, &cfg.limits.per_phone),
+            pool: Mutex::new(pool),
+            engine,
+            verification: cfg.verification.clone(),
+            code_length: cfg.pool.code_length,
+            max_body_bytes: cfg.http.max_body_bytes,
+            idem_in_flight: DashMap::new(),
+        }
+    }
+}
+
 /// A problem+json error.
 #[derive(Debug)]
 pub struct ApiError {

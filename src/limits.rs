@@ -231,7 +231,9 @@ mod tests {
         clock.advance(Duration::from_secs(100));
         l.sweep();
         assert_eq!(l.tracked_phones(), 1_000_000);
-        clock.advance(Duration::from_secs(100));
+        // governor keeps a key one emission interval (200 s) past the
+        // moment its allowance refilled (200 s): forgotten by 400 s.
+        clock.advance(Duration::from_secs(300));
         l.sweep();
         assert_eq!(l.tracked_phones(), 0);
         for _ in 0..3 {
@@ -249,7 +251,8 @@ mod tests {
         for i in 0..100u64 {
             l.check_phone(i).unwrap();
         }
-        clock.advance(Duration::from_secs(10));
+        // Refilled at 10 s, forgettable one interval later.
+        clock.advance(Duration::from_secs(21));
         l.check_phone(1000).unwrap();
         assert_eq!(l.tracked_phones(), 1);
     }

@@ -4,18 +4,16 @@
 //! gracefully on SIGTERM / SIGINT.
 
 use axum::routing::get;
-use dashmap::DashMap;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
 use crate::config::Config;
 use crate::engine::{self, CallSettings, EngineShared, Trunk};
-use crate::http::{self, AppState, Project};
-use crate::limits::Limits;
+use crate::http::{self, AppState};
 use crate::pool::{Pool, PoolError};
 use crate::sip::Credentials;
 use crate::store::memory::MemoryStore;
@@ -212,34 +210,7 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
             .map_err(|e| ServeError::Sip(e.to_string()))?
     };
 
-    let state = Arc::new(AppState {
-        projects: cfg
-            .projects
-            .iter()
-            .map(|p| {
-                (
-                    p.login.clone(),
-                    Project {
-                        login: p.login.clone(),
-                        secret_sha256: p.secret_hash(),
-                        senders: p
-                            .senders
-                            .iter()
-                            .map(|s| (s.code.clone(), s.status))
-                            .collect(),
-                    },
-                )
-            })
-            .collect(),
-        store: store.clone(),
-        limits: Limits::new(&cfg.projects, &cfg.limits.per_phone),
-        pool: Mutex::new(pool),
-        engine: shared.clone(),
-        verification: cfg.verification.clone(),
-        code_length: cfg.pool.code_length,
-        max_body_bytes: cfg.http.max_body_bytes,
-        idem_in_flight: DashMap::new(),
-    });
+    let state = Arc::new(AppState::new(&cfg, pool, store.clone(), shared.clone()));
 
     let housekeeping = tokio::spawn(housekeeping(state.clone(), prom.clone()));
     let metrics_addr = local(&metrics_listener, cfg.metrics.listen);

@@ -580,6 +580,10 @@ impl<R: RngCore> Endpoint<R> {
         }
         let (tag, trunk, invite_kind, cseq) = (call.tag, call.trunk, call.invite_kind, call.cseq);
         let method = msg.cseq.method;
+        // The Response event goes before any event the response causes (a
+        // final's Ended), so the application still knows the call by its
+        // tag when it counts the code.
+        let first_event = self.events.len();
         let matched = match kind {
             k if k == invite_kind && method == "INVITE" && msg.cseq.number == cseq => {
                 self.on_invite_response(now, handle, code, msg);
@@ -621,7 +625,8 @@ impl<R: RngCore> Endpoint<R> {
             _ => false,
         };
         if matched {
-            self.events.push_back(Event::Response { tag, trunk, code });
+            self.events
+                .insert(first_event, Event::Response { tag, trunk, code });
         }
         matched
     }

@@ -10,8 +10,8 @@ use std::sync::Mutex;
 use super::{Idempotent, Store, StoreError, StoreFuture};
 use crate::verification::Verification;
 
-/// (drop_at_ms, id, idempotency key as (project, key)).
-type DropEntry = Reverse<(i64, String, Option<(String, String)>)>;
+/// When a record is dropped: (drop_at_ms, id, its idempotency key).
+type DropAt = Reverse<(i64, String, Option<(String, String)>)>;
 
 pub struct MemoryStore {
     by_id: DashMap<String, Verification>,
@@ -19,7 +19,7 @@ pub struct MemoryStore {
     /// (expires_at_ms, id): a heap so the expiry sweep touches only what is
     /// due instead of scanning every record each second.
     expiries: Mutex<BinaryHeap<Reverse<(i64, String)>>>,
-    drops: Mutex<BinaryHeap<DropEntry>>,
+    drops: Mutex<BinaryHeap<DropAt>>,
     retention_ms: i64,
 }
 

@@ -1,0 +1,97 @@
+//! Micro-benchmarks of the create path of `serve`: the limiter checks and
+//! the whole `POST /v1/verifications` handler in-process (auth, JSON,
+//! phone validation, limits, a pick from a 1,000,000-number pool, the
+//! in-memory store, queueing the call), driven through the router with
+//! tower's `oneshot`, so no socket is involved.
+
+use axum::body::Body;
+use axum::http::Request;
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use flashcall::config::Config;
+use flashcall::engine::{EngineShared, Trunk};
+use flashcall::http::{router, AppState};
+use flashcall::limits::Limits;
+use flashcall::pool::Pool;
+use flashcall::store::memory::MemoryStore;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::path::Path;
+use std::sync::Arc;
+use tower::ServiceExt;
+
+const CONFIG: &str = r#"
+[sandbox]
+enabled = true
+[limits.per_phone]
+max = 1000000
+per_secs = 1
+[[projects]]
+login = "bench"
+secret = "bench-secret"
+rate = 1000000000
+burst = 1000000000
+senders = [{ code = "BENCH", status = "active" }]
+"#;
+
+fn pool() -> Pool {
+    let text: String = (0..100).map(|i| format!("+4477{i:02}00XXXX\n")).collect();
+    Pool::parse(&text, 4, "bench", &mut StdRng::seed_from_u64(1)).expect("pool")
+}
+
+fn benches(c: &mut Criterion) {
+    let cfg = Config::parse(CONFIG, Path::new("bench.toml"), |_| None).expect("config");
+
+    let limits = Limits::new(&cfg.projects, &cfg.limits.per_phone);
+    c.bench_function("limits_check_project", |b| {
+        b.iter(|| limits.check_project(black_box("bench")))
+    });
+    let mut phone = 447_000_000_000u64;
+    c.bench_function("limits_check_phone_distinct_keys", |b| {
+        b.iter(|| {
+            phone += 1;
+            limits.check_phone(black_box(phone))
+        })
+    });
+
+    let engine = Arc::new(EngineShared::new(vec![Trunk {
+        name: "bench".into(),
+        addr: "127.0.0.1:5070".parse().expect("literal"),
+        host: "127.0.0.1:5070".into(),
+        cps: 1_000_000,
+        queue_cap: 1_000_000,
+        weight: 1,
+        credentials: None,
+        caller_id: Default::default(),
+    }]));
+    let store = Arc::new(MemoryStore::new(0));
+    let state = Arc::new(AppState::new(&cfg, pool(), store, engine.clone()));
+    let app = router(state);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut n = 0u32;
+    let mut drained = Vec::new();
+    c.bench_function("create_handler_1m_pool", |b| {
+        b.iter(|| {
+            n = (n + 1) % 100_000;
+            let body = format!(r#"{{"phone":"+4479111{n:05}","sender":"BENCH"}}"#);
+            let req = Request::post("/v1/verifications")
+                .header("content-type", "application/json")
+                // base64("bench:bench-secret")
+                .header("authorization", "Basic YmVuY2g6YmVuY2gtc2VjcmV0")
+                .body(Body::from(body))
+                .expect("request");
+            let resp = rt.block_on(app.clone().oneshot(req)).expect("infallible");
+            assert_eq!(resp.status(), 201);
+            // Stand in for the SIP driver: take the queued call.
+            engine.take_submitted(&mut drained);
+            for cmd in drained.drain(..) {
+                engine.dequeued(cmd.trunk);
+            }
+        })
+    });
+}
+
+criterion_group!(serve, benches);
+criterion_main!(serve);

@@ -1,0 +1,185 @@
+//! Graceful shutdown of a real `flashcall serve`: SIGTERM while calls ring
+//! at a SIPp callee CANCELs every one of them properly (SIPp, not the
+//! engine, says each call ended with CANCEL, 487 and its ACK), exits 0 in
+//! bounded time, and closes the listeners; an idle engine exits 0 at once.
+
+mod support;
+
+use serde_json::json;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::{config, test_dir, Engine, SANDBOX};
+
+/// A SIPp callee; killed and reaped on drop.
+struct Sipp {
+    child: Child,
+    stats: PathBuf,
+}
+
+impl Drop for Sipp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Sipp {
+    /// Needs no wait for readiness: the engine retransmits its INVITEs
+    /// (Timer A) until SIPp answers.
+    fn start(dir: &Path, scenario: &str, port: u16, calls: u32) -> Sipp {
+        std::fs::create_dir_all(dir).unwrap();
+        let scenario = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/sipp")
+            .join(scenario);
+        let stats = dir.join("sipp-stat.csv");
+        let child = Command::new("sipp")
+            .arg("-sf")
+            .arg(&scenario)
+            .args(["-i", "127.0.0.1", "-mi", "127.0.0.1"])
+            .args(["-p", &port.to_string(), "-m", &calls.to_string()])
+            .args(["-nostdin", "-timeout", "60s"])
+            .args(["-trace_stat", "-stf"])
+            .arg(&stats)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sipp on PATH (apt-get install sip-tester)");
+        Sipp { child, stats }
+    }
+
+    /// Waits for SIPp to stop by itself after its `-m` calls; returns its
+    /// successful and failed call counts from the -trace_stat file.
+    fn finish(&mut self, limit: Duration) -> (u64, u64) {
+        let end = Instant::now() + limit;
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < end, "SIPp still running");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = std::fs::read_to_string(&self.stats).expect("SIPp stat file");
+        let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+        let header: Vec<&str> = lines.next().unwrap().split(';').collect();
+        let last: Vec<&str> = lines.next_back().unwrap().split(';').collect();
+        let col = |n: &str| -> u64 {
+            let i = header.iter().position(|h| *h == n).unwrap();
+            last[i].trim().parse().unwrap()
+        };
+        (col("SuccessfulCall(C)"), col("FailedCall(C)"))
+    }
+}
+
+/// One sample of an unlabelled-or-labelled counter, by exact line prefix.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn assert_refused(addr: std::net::SocketAddr, what: &str) {
+    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Ok(_) => panic!("{what} {addr} still accepts connections after exit"),
+        Err(e) => assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{what} {addr}: {e}"
+        ),
+    }
+}
+
+const CALLS: u32 = 5;
+
+#[test]
+fn sigterm_cancels_ringing_calls_and_exits_zero() {
+    let dir = test_dir("shutdown-ringing");
+    let port = 15_420;
+    let mut sipp = Sipp::start(&dir, "uas_ring_cancel.xml", port, CALLS);
+    // ring_ms of a minute: the calls would ring on for 60 s, so only the
+    // shutdown can be what CANCELs them.
+    let trunk = format!("[[trunks]]\nname = \"sipp\"\naddress = \"127.0.0.1:{port}\"\ncps = 50\n");
+    let cfg = config(&dir, "+44770090XXXX\n", &trunk, "[call]\nring_ms = 60000\n");
+    let mut e = Engine::start(&cfg);
+
+    let ids: Vec<String> = (0..CALLS)
+        .map(|i| {
+            let v = e.create(json!({"phone": format!("+44791112340{i}"), "sender": "SHOP"}));
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    // Every call is `calling` and its 180 from SIPp has reached the engine.
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = e.metrics_text();
+        let rung = metric(
+            &m,
+            "flashcall_sip_responses_total{trunk=\"sipp\",code=\"180\"}",
+        );
+        let in_flight = metric(&m, "flashcall_calls_in_flight");
+        if rung >= f64::from(CALLS) && in_flight == f64::from(CALLS) {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "calls not ringing: 180s {rung}, in flight {in_flight}\n{}",
+            e.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for id in &ids {
+        let v = e.get(&format!("/v1/verifications/{id}")).json();
+        assert_eq!(v["status"], "calling", "{v}");
+    }
+    assert!(
+        sipp.child.try_wait().unwrap().is_none(),
+        "SIPp exited early"
+    );
+
+    let t0 = Instant::now();
+    let status = e
+        .terminate(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no exit 10 s after SIGTERM\n{}", e.log_text()));
+    let took = t0.elapsed();
+    assert!(status.success(), "exit {status}\n{}", e.log_text());
+    // The calls were closed, not abandoned when the 3 s grace ran out.
+    assert!(
+        took < Duration::from_millis(2_500),
+        "shutdown took {took:?}\n{}",
+        e.log_text()
+    );
+    let log = e.log_text();
+    assert!(log.contains("every call in flight was closed"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+
+    // SIPp counts a call successful only once it got the CANCEL, sent the
+    // 487 and received its ACK.
+    let (ok, failed) = sipp.finish(Duration::from_secs(15));
+    assert_eq!(
+        (ok, failed),
+        (u64::from(CALLS), 0),
+        "SIPp successful/failed calls"
+    );
+
+    assert_refused(e.http, "HTTP");
+    assert_refused(e.metrics, "metrics");
+}
+
+#[test]
+fn sigterm_on_an_idle_engine_exits_zero_quickly() {
+    let dir = test_dir("shutdown-idle");
+    let cfg = config(&dir, "+44770090XXXX\n", SANDBOX, "");
+    let mut e = Engine::start(&cfg);
+    assert_eq!(e.request("GET", "/healthz", None, &[], None).status, 200);
+    let t0 = Instant::now();
+    let status = e
+        .terminate(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no exit 5 s after SIGTERM\n{}", e.log_text()));
+    assert!(status.success(), "exit {status}\n{}", e.log_text());
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "idle shutdown took {:?}",
+        t0.elapsed()
+    );
+    assert_refused(e.http, "HTTP");
+    assert!(!e.log_text().contains("panicked"));
+}
