@@ -57,8 +57,11 @@ pub struct CallCmd {
 pub enum Unavailable {
     /// Every usable trunk's queue is full.
     QueueFull,
-    /// Every trunk is backing off after a 503.
-    BackingOff,
+    /// Every trunk is backing off after a 503; the first is back in this
+    /// many whole seconds (rounded up, at least 1).
+    BackingOff {
+        retry_after_secs: u64,
+    },
     ShuttingDown,
 }
 
@@ -134,7 +137,16 @@ impl EngineShared {
             .filter(|&i| self.backoff_until_ms[i].load(Ordering::Acquire) <= now_ms)
             .collect();
         if healthy.is_empty() {
-            return Err(Unavailable::BackingOff);
+            let first_back = self
+                .backoff_until_ms
+                .iter()
+                .map(|b| b.load(Ordering::Acquire))
+                .min()
+                .unwrap_or(now_ms);
+            let ms = u64::try_from(first_back - now_ms).unwrap_or(0);
+            return Err(Unavailable::BackingOff {
+                retry_after_secs: ms.div_ceil(1000).max(1),
+            });
         }
         let mut candidates = healthy;
         while !candidates.is_empty() {
@@ -570,9 +582,21 @@ mod tests {
         e.backoff_until_ms[1].store(5_000, Ordering::Release);
         assert!(matches!(
             e.reserve(4_999, &mut rng),
-            Err(Unavailable::BackingOff)
+            Err(Unavailable::BackingOff {
+                retry_after_secs: 1
+            })
         ));
         assert!(e.reserve(5_000, &mut rng).is_ok());
+        // Retry-After: until the first trunk is back, rounded up.
+        e.backoff_until_ms[0].store(12_000, Ordering::Release);
+        e.backoff_until_ms[1].store(7_500, Ordering::Release);
+        assert!(matches!(
+            e.reserve(5_000, &mut rng),
+            Err(Unavailable::BackingOff {
+                retry_after_secs: 3
+            })
+        ));
+        assert!(e.reserve(7_500, &mut rng).is_ok());
         e.shutdown();
         assert!(matches!(
             e.reserve(6_000, &mut rng),

@@ -3,7 +3,7 @@
 //! stable `type` slug.
 //!
 //! A create goes: auth -> project limit -> body -> Idempotency-Key ->
-//! validation -> per-phone limit -> trunk queue -> pool pick -> durable
+//! validation -> trunk queue -> per-phone limit -> pool pick -> durable
 //! insert -> queue the call -> 201. Cheap refusals come first, and nothing
 //! that consumes a shared resource (a queue place, a pool number) happens
 //! before every check that could still refuse the request.
@@ -433,6 +433,22 @@ async fn create(
     let _idem_guard = match &idem_key {
         None => None,
         Some(k) => {
+            // Mark the key in flight before looking in the store: checked
+            // the other way round, a second request could look (nothing
+            // yet), the first could finish and unmark, and the second would
+            // then mark and create a second verification.
+            let key = (project.login.clone(), k.clone());
+            if st.idem_in_flight.insert(key.clone(), ()).is_some() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_key_in_progress",
+                    "a request with this Idempotency-Key is still being handled",
+                ));
+            }
+            let guard = IdemGuard {
+                map: &st.idem_in_flight,
+                key,
+            };
             if let Some(prev) = st
                 .store
                 .idempotent(&project.login, k)
@@ -450,18 +466,7 @@ async fn create(
                     "this Idempotency-Key was used with a different request body",
                 ));
             }
-            let key = (project.login.clone(), k.clone());
-            if st.idem_in_flight.insert(key.clone(), ()).is_some() {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "idempotency_key_in_progress",
-                    "a request with this Idempotency-Key is still being handled",
-                ));
-            }
-            Some(IdemGuard {
-                map: &st.idem_in_flight,
-                key,
-            })
+            Some(guard)
         }
     };
 
@@ -500,23 +505,30 @@ async fn create(
         ));
     }
 
-    st.limits.check_phone(phone_num)?;
     let now = now_ms();
+    // The trunk queue place first: it is given back if anything below
+    // refuses the request, while a per-phone send, once counted, is not;
+    // a 503 must not use up the destination's allowance.
+    let reservation = {
+        let mut rng = rand::thread_rng();
+        st.engine.reserve(now, &mut rng)
+    }
+    .map_err(|u| match u {
+        Unavailable::QueueFull => {
+            m::rate_limited(Scope::Trunk);
+            ApiError::overloaded("every trunk's call queue is full", 1)
+        }
+        Unavailable::BackingOff { retry_after_secs } => ApiError::overloaded(
+            "every trunk is backing off after 503 Service Unavailable",
+            retry_after_secs,
+        ),
+        Unavailable::ShuttingDown => ApiError::overloaded("the engine is shutting down", 5),
+    })?;
+    st.limits.check_phone(phone_num)?;
     // ThreadRng is not Send: it lives only in this block, never across an
     // await. It is a CSPRNG (ChaCha, seeded from the OS), as codes need.
-    let (reservation, picked, id) = {
+    let (picked, id) = {
         let mut rng = rand::thread_rng();
-        let reservation = st.engine.reserve(now, &mut rng).map_err(|u| match u {
-            Unavailable::QueueFull => {
-                m::rate_limited(Scope::Trunk);
-                ApiError::overloaded("every trunk's call queue is full", 1)
-            }
-            Unavailable::BackingOff => ApiError::overloaded(
-                "every trunk is backing off after 503 Service Unavailable",
-                5,
-            ),
-            Unavailable::ShuttingDown => ApiError::overloaded("the engine is shutting down", 5),
-        })?;
         let picked = {
             let mut pool = match st.pool.lock() {
                 Ok(p) => p,
@@ -534,7 +546,7 @@ async fn create(
         })?;
         let mut id_bytes = [0u8; 16];
         rng.fill_bytes(&mut id_bytes);
-        (reservation, picked, hex::encode(id_bytes))
+        (picked, hex::encode(id_bytes))
     };
     let v = Verification {
         id,

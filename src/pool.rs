@@ -504,6 +504,12 @@ impl Pool {
     }
 
     fn front_available(&self, bucket: usize, now_ms: u64) -> bool {
+        // No cooldown: always available. (The stamp is rounded up and `now`
+        // down so a cooldown never ends early; with a cooldown of 0 that
+        // rounding alone would block a number for up to 2 ms.)
+        if self.cooldown_ms == 0 {
+            return true;
+        }
         match self.slots[self.front(bucket)].last_use {
             0 => true,
             s => u64::from(s - 1) + self.cooldown_ms <= now_ms,
@@ -1016,6 +1022,17 @@ mod tests {
         assert!(p.pick(Some("0123"), t0 + ms(5000), &mut r).is_ok());
         assert_eq!(p.pick(Some("0123"), t0 + ms(5000), &mut r), blocked);
         assert!(p.pick(Some("0123"), t0 + ms(10_000), &mut r).is_ok());
+    }
+
+    #[test]
+    fn no_cooldown_reuses_a_number_within_the_same_millisecond() {
+        let mut p = pool("+447700900123\n", 4);
+        let (t0, mut r) = (Instant::now(), rng(9));
+        for us in [0, 300, 1_500, 1_800, 1_900] {
+            let at = t0 + Duration::from_micros(us);
+            assert!(p.pick(Some("0123"), at, &mut r).is_ok(), "at +{us} us");
+            assert!(p.pick(None, at, &mut r).is_ok(), "at +{us} us");
+        }
     }
 
     #[test]

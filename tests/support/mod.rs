@@ -34,10 +34,20 @@ pub struct Resp {
     pub status: u16,
     pub content_type: String,
     pub retry_after: Option<String>,
+    /// Every response header, names lower-case, in order.
+    pub headers: Vec<(String, String)>,
     pub body: String,
 }
 
 impl Resp {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.body)
             .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
@@ -210,6 +220,16 @@ impl Engine {
         let status = resp.status().as_u16();
         let content_type = header("content-type").unwrap_or_default();
         let retry_after = header("retry-after");
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_ascii_lowercase(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
         let mut body = String::new();
         resp.into_body()
             .into_reader()
@@ -219,6 +239,7 @@ impl Engine {
             status,
             content_type,
             retry_after,
+            headers,
             body,
         }
     }
