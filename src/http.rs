@@ -20,13 +20,12 @@ use base64::Engine as _;
 use dashmap::DashMap;
 use rand::RngCore;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use subtle::ConstantTimeEq;
-use time::OffsetDateTime;
 
 use crate::config::{is_e164, SenderStatus, VerificationConfig};
 use crate::engine::{now_ms, CallCmd, EngineShared, Unavailable};
@@ -328,56 +327,6 @@ fn validate_code(code: &str, len: u8) -> Result<(), ApiError> {
     }
 }
 
-/// RFC 3339 in UTC with milliseconds, always three digits so the strings
-/// sort as the times do.
-pub fn rfc3339(ms: i64) -> Value {
-    const FMT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(FMT).ok())
-        .map_or(Value::Null, Value::String)
-}
-
-/// The verification object of SPEC §5; `full` adds `call` and
-/// `attempts_left` (the GET form).
-pub fn render(v: &Verification, full: bool) -> Value {
-    let mut o = json!({
-        "id": v.id,
-        "status": v.status,
-        "phone": v.phone,
-        "sender": v.sender,
-        "caller_prefix": v.caller_prefix(),
-        "code_length": v.code.len(),
-        "cli_filter": v.cli_filter(),
-        "created_at": rfc3339(v.created_at_ms),
-        "expires_at": rfc3339(v.expires_at_ms),
-        "reference": v.reference,
-    });
-    if v.client_code {
-        o["code"] = json!(v.code);
-    }
-    if full {
-        let c = &v.call;
-        o["attempts_left"] = json!(v.attempts_left);
-        o["call"] = if c.invited_at_ms.is_some() {
-            json!({
-                "outcome": c.outcome,
-                "sip_code": c.sip_code,
-                "trunk": c.trunk,
-                "caller": v.caller,
-                "invited_at": c.invited_at_ms.map_or(Value::Null, rfc3339),
-                "ringing_at": c.ringing_at_ms.map_or(Value::Null, rfc3339),
-                "ended_at": c.ended_at_ms.map_or(Value::Null, rfc3339),
-            })
-        } else {
-            Value::Null
-        };
-    }
-    o
-}
-
 fn json_response(status: StatusCode, body: String) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
@@ -563,7 +512,7 @@ async fn create(
         status: Status::Pending,
         call: Default::default(),
     };
-    let body = render(&v, false).to_string();
+    let body = v.to_json(false).to_string();
     let idem = idem_key.map(|k| {
         (
             k,
@@ -617,7 +566,7 @@ async fn get_one(
 ) -> ApiResult {
     let project = auth(&st, &headers)?;
     let v = load(&st, project, &id)?;
-    Ok(json_response(StatusCode::OK, render(&v, true).to_string()))
+    Ok(json_response(StatusCode::OK, v.to_json(true).to_string()))
 }
 
 #[derive(Deserialize)]

@@ -14,7 +14,9 @@
 //! `answered` call did show the caller number.
 
 use serde::Serialize;
+use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
 
 use crate::sip::Outcome;
 
@@ -217,6 +219,70 @@ impl Verification {
         } else {
             CheckResult::WrongCode
         }
+    }
+}
+
+/// RFC 3339 in UTC with milliseconds, always three digits so the strings
+/// sort as the times do.
+pub fn rfc3339(ms: i64) -> Value {
+    const FMT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(FMT).ok())
+        .map_or(Value::Null, Value::String)
+}
+
+/// The JSON body of a webhook event for `v`'s current status (Standard
+/// Webhooks shape: `type`, `timestamp`, `data`).
+pub fn event_payload(v: &Verification, at_ms: i64) -> String {
+    json!({
+        "type": format!("verification.{}", v.status.as_str()),
+        "timestamp": rfc3339(at_ms),
+        "data": v.to_json(true),
+    })
+    .to_string()
+}
+
+impl Verification {
+    /// The verification object of SPEC §5; `full` adds `call` and
+    /// `attempts_left` (the GET form).
+    pub fn to_json(&self, full: bool) -> Value {
+        let v = self;
+        let mut o = json!({
+            "id": v.id,
+            "status": v.status,
+            "phone": v.phone,
+            "sender": v.sender,
+            "caller_prefix": v.caller_prefix(),
+            "code_length": v.code.len(),
+            "cli_filter": v.cli_filter(),
+            "created_at": rfc3339(v.created_at_ms),
+            "expires_at": rfc3339(v.expires_at_ms),
+            "reference": v.reference,
+        });
+        if v.client_code {
+            o["code"] = json!(v.code);
+        }
+        if full {
+            let c = &v.call;
+            o["attempts_left"] = json!(v.attempts_left);
+            o["call"] = if c.invited_at_ms.is_some() {
+                json!({
+                    "outcome": c.outcome,
+                    "sip_code": c.sip_code,
+                    "trunk": c.trunk,
+                    "caller": v.caller,
+                    "invited_at": c.invited_at_ms.map_or(Value::Null, rfc3339),
+                    "ringing_at": c.ringing_at_ms.map_or(Value::Null, rfc3339),
+                    "ended_at": c.ended_at_ms.map_or(Value::Null, rfc3339),
+                })
+            } else {
+                Value::Null
+            };
+        }
+        o
     }
 }
 

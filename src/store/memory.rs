@@ -7,7 +7,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Mutex;
 
-use super::{Idempotent, Store, StoreError, StoreFuture};
+use super::{DeliveryAttempt, Idempotent, OutboxEvent, Store, StoreError, StoreFuture};
 use crate::verification::Verification;
 
 /// When a record is dropped: (drop_at_ms, id, its idempotency key).
@@ -127,6 +127,37 @@ impl Store for MemoryStore {
         }
         self.prune(now_ms);
         Ok(expired)
+    }
+
+    fn scan(
+        &self,
+        project: &str,
+        from_ms: i64,
+        to_ms: i64,
+        sink: &mut dyn FnMut(&Verification) -> bool,
+    ) -> Result<(), StoreError> {
+        // Memory holds everything anyway: collect the range, then sort.
+        let mut rows: Vec<Verification> = self
+            .by_id
+            .iter()
+            .filter(|v| v.project == project && (from_ms..to_ms).contains(&v.created_at_ms))
+            .map(|v| v.clone())
+            .collect();
+        rows.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        for v in &rows {
+            if !sink(v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn outbox_due(&self, _now_ms: i64, _limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    fn outbox_record(&self, _id: &str, _attempt: DeliveryAttempt) -> Result<(), StoreError> {
+        Ok(())
     }
 
     fn len(&self) -> usize {

@@ -32,6 +32,35 @@ pub struct Idempotent {
     pub response: String,
 }
 
+/// A webhook event waiting in the outbox (SPEC §7). Written by the store
+/// in the same transaction as the status change it reports, so an event is
+/// never lost and never sent for a change that was not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEvent {
+    /// `msg_` + random: the Standard Webhooks `webhook-id`, the same on
+    /// every retry so receivers can de-duplicate.
+    pub id: String,
+    pub project: String,
+    /// The JSON body, fixed when the event is written.
+    pub payload: String,
+    pub created_at_ms: i64,
+    /// Delivery attempts made so far.
+    pub attempts: u32,
+    pub next_attempt_ms: i64,
+}
+
+/// The result of one delivery attempt, recorded against its event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryAttempt {
+    pub at_ms: i64,
+    /// The receiver's HTTP status, when it answered.
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    /// When to try again; `None` ends the event (delivered, or given up).
+    pub next_attempt_ms: Option<i64>,
+    pub delivered: bool,
+}
+
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 pub trait Store: Send + Sync + 'static {
@@ -50,6 +79,21 @@ pub trait Store: Send + Sync + 'static {
     /// Marks every verification whose TTL has passed by `now_ms` as
     /// expired and returns them (for metrics and webhooks).
     fn expire_due(&self, now_ms: i64) -> Result<Vec<Verification>, StoreError>;
+    /// Calls `sink` with every verification of `project` created in
+    /// `[from_ms, to_ms)`, oldest first, until it returns false. Streams:
+    /// a durable store must not hold the whole range in memory (CSV export
+    /// of a million rows).
+    fn scan(
+        &self,
+        project: &str,
+        from_ms: i64,
+        to_ms: i64,
+        sink: &mut dyn FnMut(&Verification) -> bool,
+    ) -> Result<(), StoreError>;
+    /// Up to `limit` webhook events due for an attempt at `now_ms`.
+    fn outbox_due(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxEvent>, StoreError>;
+    /// Records an attempt of event `id` (and when to retry, if at all).
+    fn outbox_record(&self, id: &str, attempt: DeliveryAttempt) -> Result<(), StoreError>;
     /// How many verifications are held.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
