@@ -7,68 +7,9 @@ mod support;
 
 use serde_json::json;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::sipp::{scenario, Sipp};
 use support::{config, test_dir, Engine, SANDBOX};
-
-/// A SIPp callee; killed and reaped on drop.
-struct Sipp {
-    child: Child,
-    stats: PathBuf,
-}
-
-impl Drop for Sipp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Sipp {
-    /// Needs no wait for readiness: the engine retransmits its INVITEs
-    /// (Timer A) until SIPp answers.
-    fn start(dir: &Path, scenario: &str, port: u16, calls: u32) -> Sipp {
-        std::fs::create_dir_all(dir).unwrap();
-        let scenario = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/sipp")
-            .join(scenario);
-        let stats = dir.join("sipp-stat.csv");
-        let child = Command::new("sipp")
-            .arg("-sf")
-            .arg(&scenario)
-            .args(["-i", "127.0.0.1", "-mi", "127.0.0.1"])
-            .args(["-p", &port.to_string(), "-m", &calls.to_string()])
-            .args(["-nostdin", "-timeout", "60s"])
-            .args(["-trace_stat", "-stf"])
-            .arg(&stats)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("sipp on PATH (apt-get install sip-tester)");
-        Sipp { child, stats }
-    }
-
-    /// Waits for SIPp to stop by itself after its `-m` calls; returns its
-    /// successful and failed call counts from the -trace_stat file.
-    fn finish(&mut self, limit: Duration) -> (u64, u64) {
-        let end = Instant::now() + limit;
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < end, "SIPp still running");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let text = std::fs::read_to_string(&self.stats).expect("SIPp stat file");
-        let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-        let header: Vec<&str> = lines.next().unwrap().split(';').collect();
-        let last: Vec<&str> = lines.next_back().unwrap().split(';').collect();
-        let col = |n: &str| -> u64 {
-            let i = header.iter().position(|h| *h == n).unwrap();
-            last[i].trim().parse().unwrap()
-        };
-        (col("SuccessfulCall(C)"), col("FailedCall(C)"))
-    }
-}
 
 /// One sample of an unlabelled-or-labelled counter, by exact line prefix.
 fn metric(text: &str, series: &str) -> f64 {
@@ -94,7 +35,7 @@ const CALLS: u32 = 5;
 fn sigterm_cancels_ringing_calls_and_exits_zero() {
     let dir = test_dir("shutdown-ringing");
     let port = 15_420;
-    let mut sipp = Sipp::start(&dir, "uas_ring_cancel.xml", port, CALLS);
+    let mut sipp = Sipp::start(&dir, &scenario("uas_ring_cancel.xml"), port, CALLS);
     // ring_ms of a minute: the calls would ring on for 60 s, so only the
     // shutdown can be what CANCELs them.
     let trunk = format!("[[trunks]]\nname = \"sipp\"\naddress = \"127.0.0.1:{port}\"\ncps = 50\n");
@@ -130,10 +71,7 @@ fn sigterm_cancels_ringing_calls_and_exits_zero() {
         let v = e.get(&format!("/v1/verifications/{id}")).json();
         assert_eq!(v["status"], "calling", "{v}");
     }
-    assert!(
-        sipp.child.try_wait().unwrap().is_none(),
-        "SIPp exited early"
-    );
+    assert!(sipp.running(), "SIPp exited early");
 
     let t0 = Instant::now();
     let status = e

@@ -4,6 +4,8 @@
 //! through ureq, a real HTTP client.
 #![allow(dead_code)] // each test crate uses a different subset
 
+pub mod sipp;
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
