@@ -18,12 +18,13 @@ impl Drop for Kill {
     }
 }
 
-fn children_cpu() -> Duration {
+/// CPU time (user + sys) and voluntary context switches of reaped children.
+fn children_cpu() -> (Duration, i64) {
     // SAFETY: getrusage only writes into the struct we pass.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    (tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_nvcsw)
 }
 
 fn callee(port: u16) -> Kill {
@@ -38,6 +39,12 @@ fn callee(port: u16) -> Kill {
             &port.to_string(),
             "-max_recv_loops",
             "100000",
+            // Both callers get 4 MiB socket buffers (flashcall asks the
+            // same): with the default 64 KiB, a callee descheduled for a few
+            // ms by other work on the machine drops datagrams, and SIPp's
+            // caller, which does not retransmit a CANCEL, then waits forever.
+            "-buff_size",
+            "4194304",
         ])
         .args(["-nostdin", "-nd", "-timeout", "600s"])
         .stdout(Stdio::null())
@@ -48,12 +55,14 @@ fn callee(port: u16) -> Kill {
     Kill(child)
 }
 
-/// Runs a caller to completion; returns (cpu, wall, exit ok).
-fn measure(cmd: &mut Command) -> (Duration, Duration, bool) {
-    let before = children_cpu();
+/// Runs a caller to completion; returns (cpu, voluntary context switches,
+/// wall, exit ok).
+fn measure(cmd: &mut Command) -> (Duration, i64, Duration, bool) {
+    let (cpu0, cs0) = children_cpu();
     let t0 = Instant::now();
     let status = cmd.status().expect("spawn caller");
-    (children_cpu() - before, t0.elapsed(), status.success())
+    let (cpu1, cs1) = children_cpu();
+    (cpu1 - cpu0, cs1 - cs0, t0.elapsed(), status.success())
 }
 
 fn main() {
@@ -73,7 +82,7 @@ fn main() {
     let _uas = callee(16_070);
     let summary = std::env::temp_dir().join("flashcall-dial-bench.json");
     let out = std::fs::File::create(&summary).expect("temp file");
-    let (fc_cpu, fc_wall, fc_ok) = measure(
+    let (fc_cpu, fc_cs, fc_wall, fc_ok) = measure(
         Command::new(exe)
             .args([
                 "dial",
@@ -96,7 +105,7 @@ fn main() {
     drop(_uas);
 
     let _uas = callee(16_072);
-    let (sp_cpu, sp_wall, sp_ok) = measure(
+    let (sp_cpu, sp_cs, sp_wall, sp_ok) = measure(
         Command::new("sipp")
             .arg("-sf")
             .arg(root.join("tests/sipp/uac_ring_cancel.xml"))
@@ -108,13 +117,19 @@ fn main() {
                 &rate.to_string(),
                 "-l",
                 "100000",
+                "-buff_size",
+                "4194304",
+                // A call whose datagram was lost fails after 10 s instead of
+                // holding the run until the global timeout.
+                "-recv_timeout",
+                "10000",
             ])
             .args([
                 "-max_recv_loops",
                 "100000",
                 "-nostdin",
                 "-timeout",
-                "600s",
+                "120s",
                 "127.0.0.1:16072",
             ])
             .stdout(Stdio::null())
@@ -123,15 +138,18 @@ fn main() {
 
     let per = |cpu: Duration| cpu.as_secs_f64() * 1e6 / count as f64;
     println!("flash calls: {count} at {rate}/s against SIPp uas_ring_cancel.xml on 127.0.0.1");
+    let cs = |n: i64| n as f64 / count as f64;
     println!(
-        "flashcall dial: {:>7.1} us CPU/call, wall {:.2} s, all delivered: {fc_ok}",
+        "flashcall dial: {:>7.1} us CPU/call, {:.2} wake-ups/call, wall {:.2} s, all delivered: {fc_ok}",
         per(fc_cpu),
+        cs(fc_cs),
         fc_wall.as_secs_f64()
     );
     println!("  {last}");
     println!(
-        "sipp caller:    {:>7.1} us CPU/call, wall {:.2} s, all successful: {sp_ok}",
+        "sipp caller:    {:>7.1} us CPU/call, {:.2} wake-ups/call, wall {:.2} s, all successful: {sp_ok}",
         per(sp_cpu),
+        cs(sp_cs),
         sp_wall.as_secs_f64()
     );
     println!("ratio flashcall/sipp: {:.2}", per(fc_cpu) / per(sp_cpu));

@@ -876,6 +876,9 @@ impl<R: RngCore> Endpoint<R> {
             return;
         }
         cancel.done = true;
+        // Never sent again: free it now rather than after Timer D, so the
+        // next calls reuse the memory instead of faulting in fresh pages.
+        cancel.payload = Bytes::new();
         self.disarm(h, Timer::CancelRetransmit);
         self.disarm(h, Timer::CancelTimeout);
     }
