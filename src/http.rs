@@ -750,13 +750,15 @@ type Chunk = Result<Bytes, std::io::Error>;
 /// response body. A failed send means the client went away; the write
 /// error then stops the scan.
 struct ChunkWriter {
+    /// Sent once it reaches CSV_CHUNK; the csv writer hands over up to
+    /// 8 KiB at a time, hence the capacity of CSV_CHUNK + 8 KiB.
     buf: Vec<u8>,
     tx: tokio::sync::mpsc::Sender<Chunk>,
 }
 
 impl ChunkWriter {
     fn send(&mut self) -> std::io::Result<()> {
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CSV_CHUNK + 4096));
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CSV_CHUNK + 8192));
         self.tx.blocking_send(Ok(Bytes::from(chunk))).map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
         })
@@ -802,7 +804,7 @@ pub async fn csv_export(
         let mut w = csv::WriterBuilder::new()
             .terminator(csv::Terminator::CRLF) // RFC 4180 line breaks
             .from_writer(ChunkWriter {
-                buf: Vec::with_capacity(CSV_CHUNK + 4096),
+                buf: Vec::with_capacity(CSV_CHUNK + 8192),
                 tx,
             });
         let mut failed: Option<csv::Error> = None;
