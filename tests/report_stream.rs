@@ -25,6 +25,8 @@ struct Counting {
     inner: MemoryStore,
     visited: AtomicUsize,
     done: AtomicBool,
+    /// Scans fail at once, as a store whose disk went away.
+    fail: AtomicBool,
 }
 
 impl Store for Counting {
@@ -54,6 +56,9 @@ impl Store for Counting {
         to_ms: i64,
         sink: &mut dyn FnMut(&Verification) -> bool,
     ) -> Result<(), StoreError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("disk I/O error".into()));
+        }
         let r = self.inner.scan(project, from_ms, to_ms, &mut |v| {
             self.visited.fetch_add(1, Ordering::SeqCst);
             sink(v)
@@ -105,6 +110,7 @@ async fn store_with_rows() -> Arc<Counting> {
         inner: MemoryStore::new(3_600_000),
         visited: AtomicUsize::new(0),
         done: AtomicBool::new(false),
+        fail: AtomicBool::new(false),
     });
     for i in 0..ROWS {
         s.insert(synthetic(i), None).await.expect("insert");
@@ -194,4 +200,22 @@ async fn a_client_that_goes_away_stops_the_scan() {
     }
     let visited = s.visited.load(Ordering::SeqCst);
     assert!(visited < ROWS, "the scan went on to row {visited}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_fails_at_once_is_a_503_not_a_200() {
+    let s = Arc::new(Counting {
+        inner: MemoryStore::new(3_600_000),
+        visited: AtomicUsize::new(0),
+        done: AtomicBool::new(false),
+        fail: AtomicBool::new(true),
+    });
+    let store: Arc<dyn Store> = s.clone();
+    match csv_export(store, "p".into(), T0, T0 + 1, None, T0).await {
+        Ok(_) => panic!("a failed scan answered with a body"),
+        Err(e) => {
+            assert_eq!(e.status.as_u16(), 503);
+            assert_eq!(e.slug, "overloaded");
+        }
+    }
 }
