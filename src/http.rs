@@ -8,9 +8,10 @@
 //! that consumes a shared resource (a queue place, a pool number) happens
 //! before every check that could still refuse the request.
 
+use axum::body::Body;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -32,7 +33,8 @@ use crate::engine::{now_ms, CallCmd, EngineShared, Unavailable};
 use crate::limits::{Limited, Limits, Scope};
 use crate::metrics as m;
 use crate::pool::{PickError, Pool};
-use crate::store::{Idempotent, Store};
+use crate::report::{self, GroupBy, ReportError, Stats};
+use crate::store::{Idempotent, Store, StoreError};
 use crate::verification::{CheckResult, Guess, Status, Verification};
 
 /// A project as the API authenticates it.
@@ -188,6 +190,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/verifications", post(create))
         .route("/v1/verifications/{id}", get(get_one))
         .route("/v1/verifications/{id}/check", post(check))
+        .route("/v1/stats", get(stats))
+        .route("/v1/reports/verifications.csv", get(verifications_csv))
         .route("/healthz", get(healthz))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
@@ -637,4 +641,221 @@ async fn check(
         "attempts_left": v.attempts_left,
     });
     Ok(json_response(StatusCode::OK, body.to_string()))
+}
+
+impl From<ReportError> for ApiError {
+    fn from(e: ReportError) -> Self {
+        ApiError::bad("invalid_request", e.to_string())
+    }
+}
+
+/// The query of `/v1/stats` and the CSV export. Unknown parameters are
+/// ignored, as browsers and BI tools like to add their own.
+#[derive(Deserialize)]
+struct ReportParams {
+    from: Option<String>,
+    to: Option<String>,
+    group_by: Option<String>,
+    sender: Option<String>,
+}
+
+fn report_params(
+    q: Result<Query<ReportParams>, QueryRejection>,
+) -> Result<(ReportParams, i64, i64, i64), ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad("invalid_request", e.body_text()))?;
+    let now = now_ms();
+    let (from, to) = report::resolve_range(q.from.as_deref(), q.to.as_deref(), now)?;
+    Ok((q, from, to, now))
+}
+
+/// An empty `sender=` means every sender, as no parameter does.
+fn sender_filter(s: Option<String>) -> Option<String> {
+    s.filter(|s| !s.is_empty())
+}
+
+/// `GET /v1/stats` (SPEC §7): counts of the calling project's
+/// verifications created in the range, per UTC day or month.
+async fn stats(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    q: Result<Query<ReportParams>, QueryRejection>,
+) -> ApiResult {
+    let project = auth(&st, &headers)?;
+    let (q, from, to, now) = report_params(q)?;
+    let group_by = GroupBy::parse(q.group_by.as_deref())?;
+    let sender = sender_filter(q.sender);
+    let store = st.store.clone();
+    let login = project.login.clone();
+    // A durable store reads from disk: off the async workers.
+    let stats = tokio::task::spawn_blocking(move || {
+        let mut s = Stats::new(from, to, group_by, sender, now);
+        store.scan(&login, from, to, &mut |v| {
+            s.add(v);
+            true
+        })?;
+        Ok::<_, StoreError>(s)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    Ok(json_response(StatusCode::OK, stats.to_json().to_string()))
+}
+
+/// `GET /v1/reports/verifications.csv` (SPEC §7): one row per verification
+/// of the calling project created in the range, streamed.
+async fn verifications_csv(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    q: Result<Query<ReportParams>, QueryRejection>,
+) -> ApiResult {
+    let project = auth(&st, &headers)?;
+    let (q, from, to, now) = report_params(q)?;
+    let sender = sender_filter(q.sender);
+    let body = csv_export(
+        st.store.clone(),
+        project.login.clone(),
+        from,
+        to,
+        sender,
+        now,
+    )
+    .await?;
+    let disposition = format!(
+        "attachment; filename=\"verifications-{}-{}.csv\"",
+        report::file_stamp(from),
+        report::file_stamp(to)
+    );
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/csv; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&disposition) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(resp)
+}
+
+/// Bytes per body chunk of the CSV export: big enough that framing costs
+/// nothing, small enough that a slow client holds little memory.
+pub const CSV_CHUNK: usize = 64 * 1024;
+/// Chunks buffered between the scan and the client: with [`CSV_CHUNK`],
+/// at most ~320 KiB per export however many rows it has.
+const CSV_CHANNEL: usize = 4;
+
+type Chunk = Result<Bytes, std::io::Error>;
+
+/// The csv writer's output: collects rows and hands each full chunk to the
+/// response body. A failed send means the client went away; the write
+/// error then stops the scan.
+struct ChunkWriter {
+    /// Sent once it reaches CSV_CHUNK; the csv writer hands over up to
+    /// 8 KiB at a time, hence the capacity of CSV_CHUNK + 8 KiB.
+    buf: Vec<u8>,
+    tx: tokio::sync::mpsc::Sender<Chunk>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CSV_CHUNK + 8192));
+        self.tx.blocking_send(Ok(Bytes::from(chunk))).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+        })
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= CSV_CHUNK {
+            self.send()?;
+        }
+        Ok(b.len())
+    }
+
+    /// Chunks go out by size, and the tail once at the end; a flush from
+    /// the csv writer must not send a tiny chunk.
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The CSV export of `project`'s verifications created in `[from, to)`
+/// (of `sender` only, if given) as a streamed body. `store.scan` runs on a
+/// blocking thread and feeds a bounded channel, so rows are never all in
+/// memory and a slow client slows the scan instead of growing a buffer.
+///
+/// The first chunk is awaited before answering: a store that fails at once
+/// gets a 503 problem. A failure later, after the 200 went out, aborts the
+/// body, so the client sees a broken transfer rather than a CSV that looks
+/// complete.
+pub async fn csv_export(
+    store: Arc<dyn Store>,
+    project: String,
+    from: i64,
+    to: i64,
+    sender: Option<String>,
+    now: i64,
+) -> Result<Body, ApiError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(CSV_CHANNEL);
+    let err_tx = tx.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut w = csv::WriterBuilder::new()
+            .terminator(csv::Terminator::CRLF) // RFC 4180 line breaks
+            .from_writer(ChunkWriter {
+                buf: Vec::with_capacity(CSV_CHUNK + 8192),
+                tx,
+            });
+        let mut failed: Option<csv::Error> = None;
+        let scanned = match w.write_record(report::CSV_HEADER) {
+            Err(e) => {
+                failed = Some(e);
+                Ok(())
+            }
+            Ok(()) => store.scan(&project, from, to, &mut |v| {
+                if sender.as_ref().is_some_and(|s| *s != v.sender) {
+                    return true;
+                }
+                match w.write_record(report::csv_row(v, now)) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
+                }
+            }),
+        };
+        if let Err(e) = scanned {
+            tracing::error!(error = %e, "CSV export: the store scan failed");
+            let _ = err_tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+            return;
+        }
+        if let Some(e) = failed {
+            // Nearly always the client hanging up; nothing to tell it.
+            tracing::debug!(error = %e, "CSV export stopped");
+            return;
+        }
+        match w.into_inner() {
+            Ok(mut cw) => {
+                if !cw.buf.is_empty() {
+                    let _ = cw.send();
+                }
+            }
+            Err(e) => tracing::debug!(error = %e.error(), "CSV export stopped"),
+        }
+    });
+    let first = match rx.recv().await {
+        Some(Ok(b)) => b,
+        Some(Err(e)) => return Err(ApiError::internal(e)),
+        // The producer always sends at least the header row, unless it
+        // panicked.
+        None => return Err(ApiError::internal("the CSV export task ended early")),
+    };
+    let rest = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let stream = futures_util::StreamExt::chain(
+        futures_util::stream::iter([Ok::<_, std::io::Error>(first)]),
+        rest,
+    );
+    Ok(Body::from_stream(stream))
 }

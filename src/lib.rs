@@ -13,6 +13,8 @@
 //! - `limits` — per-project and per-phone GCRA limits (governor), swept.
 //! - `verification` — PURE verification lifecycle: statuses, check, expiry.
 //! - `store/` — the `Store` trait and the in-memory store.
+//! - `report` — PURE statistics and CSV rows: query ranges, per-period
+//!   counts, rates and median post-dial delay (`/v1/stats`, the CSV export).
 //! - `engine` — the SIP side of `serve`: trunk queues paced by CPS, the
 //!   driver thread, outcomes into the store.
 //! - `http` — the API router, handlers, problem+json errors.
@@ -30,6 +32,7 @@ pub mod io;
 pub mod limits;
 pub mod metrics;
 pub mod pool;
+pub mod report;
 pub mod sandbox;
 pub mod serve;
 pub mod sip;
