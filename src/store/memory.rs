@@ -23,9 +23,13 @@ const OUTBOX_CAP: usize = 100_000;
 
 #[derive(Default)]
 struct Outbox {
-    events: HashMap<String, OutboxEvent>,
-    /// (next_attempt_ms, id): what is due, in order, without a scan.
-    due: BTreeSet<(i64, String)>,
+    /// Each event with its write sequence number.
+    events: HashMap<String, (u64, OutboxEvent)>,
+    /// (next_attempt_ms, seq, id): what is due, in order, without a scan;
+    /// `seq` keeps events written in the same millisecond in write order,
+    /// so a receiver usually hears "pending" before "calling".
+    due: BTreeSet<(i64, u64, String)>,
+    seq: u64,
 }
 
 /// When a record is dropped: (drop_at_ms, id, its idempotency key).
@@ -91,7 +95,7 @@ impl MemoryStore {
         {
             let mut ob = self.outbox.lock().map_err(|_| poisoned())?;
             if ob.events.len() >= OUTBOX_CAP {
-                if let Some((_, id)) = ob.due.pop_last() {
+                if let Some((_, _, id)) = ob.due.pop_last() {
                     ob.events.remove(&id);
                     crate::metrics::webhook_delivery("given_up");
                     tracing::warn!(
@@ -100,8 +104,10 @@ impl MemoryStore {
                     );
                 }
             }
-            ob.due.insert((ev.next_attempt_ms, ev.id.clone()));
-            ob.events.insert(ev.id.clone(), ev);
+            ob.seq += 1;
+            let seq = ob.seq;
+            ob.due.insert((ev.next_attempt_ms, seq, ev.id.clone()));
+            ob.events.insert(ev.id.clone(), (seq, ev));
         }
         self.wake.notify_one();
         Ok(())
@@ -239,8 +245,8 @@ impl Store for MemoryStore {
         Ok(ob
             .due
             .iter()
-            .take_while(|(at, _)| *at <= now_ms)
-            .filter_map(|(_, id)| ob.events.get(id).cloned())
+            .take_while(|(at, _, _)| *at <= now_ms)
+            .filter_map(|(_, _, id)| ob.events.get(id).map(|(_, e)| e.clone()))
             .take(limit)
             .collect())
     }
@@ -249,15 +255,15 @@ impl Store for MemoryStore {
         // Memory keeps no attempt history: only what the next attempt
         // needs. A delivered or ended event is removed.
         let mut ob = self.outbox.lock().map_err(|_| poisoned())?;
-        let Some(mut ev) = ob.events.remove(id) else {
+        let Some((seq, mut ev)) = ob.events.remove(id) else {
             return Ok(());
         };
-        ob.due.remove(&(ev.next_attempt_ms, ev.id.clone()));
+        ob.due.remove(&(ev.next_attempt_ms, seq, ev.id.clone()));
         if let (Some(next), false) = (attempt.next_attempt_ms, attempt.delivered) {
             ev.attempts += 1;
             ev.next_attempt_ms = next;
-            ob.due.insert((next, ev.id.clone()));
-            ob.events.insert(ev.id.clone(), ev);
+            ob.due.insert((next, seq, ev.id.clone()));
+            ob.events.insert(ev.id.clone(), (seq, ev));
         }
         Ok(())
     }
