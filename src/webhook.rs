@@ -460,4 +460,174 @@ mod tests {
         }
         assert!(now >= 24 * 3_600_000, "gave up at {now} ms");
     }
+
+    /// A store that keeps every attempt recorded, around the memory store.
+    struct Recording {
+        inner: crate::store::memory::MemoryStore,
+        attempts: std::sync::Mutex<Vec<(String, DeliveryAttempt)>>,
+    }
+
+    impl Store for Recording {
+        fn insert(
+            &self,
+            v: crate::verification::Verification,
+            idem: Option<(String, crate::store::Idempotent)>,
+        ) -> crate::store::StoreFuture<'_, ()> {
+            self.inner.insert(v, idem)
+        }
+        fn get(
+            &self,
+            id: &str,
+        ) -> Result<Option<crate::verification::Verification>, crate::store::StoreError> {
+            self.inner.get(id)
+        }
+        fn update(
+            &self,
+            id: &str,
+            f: &mut dyn FnMut(&mut crate::verification::Verification),
+        ) -> Result<Option<crate::verification::Verification>, crate::store::StoreError> {
+            self.inner.update(id, f)
+        }
+        fn idempotent(
+            &self,
+            project: &str,
+            key: &str,
+        ) -> Result<Option<crate::store::Idempotent>, crate::store::StoreError> {
+            self.inner.idempotent(project, key)
+        }
+        fn expire_due(
+            &self,
+            now_ms: i64,
+        ) -> Result<Vec<crate::verification::Verification>, crate::store::StoreError> {
+            self.inner.expire_due(now_ms)
+        }
+        fn scan(
+            &self,
+            project: &str,
+            from_ms: i64,
+            to_ms: i64,
+            sink: &mut dyn FnMut(&crate::verification::Verification) -> bool,
+        ) -> Result<(), crate::store::StoreError> {
+            self.inner.scan(project, from_ms, to_ms, sink)
+        }
+        fn outbox_due(
+            &self,
+            now_ms: i64,
+            limit: usize,
+        ) -> Result<Vec<OutboxEvent>, crate::store::StoreError> {
+            self.inner.outbox_due(now_ms, limit)
+        }
+        fn outbox_record(
+            &self,
+            id: &str,
+            attempt: DeliveryAttempt,
+        ) -> Result<(), crate::store::StoreError> {
+            self.attempts
+                .lock()
+                .unwrap()
+                .push((id.to_string(), attempt.clone()));
+            self.inner.outbox_record(id, attempt)
+        }
+        fn len(&self) -> usize {
+            self.inner.len()
+        }
+    }
+
+    /// Timeouts and connection errors are retried under the same id, each
+    /// attempt recorded with its cause; the worker never waits on a
+    /// receiver longer than the timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn timeouts_and_connect_errors_are_recorded_and_retried() {
+        // `slow` accepts and never answers; `closed` is a port nobody
+        // listens on any more.
+        let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let slow_addr = slow.local_addr().unwrap();
+        let hold = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((c, _)) = slow.accept().await {
+                conns.push(c);
+            }
+        });
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_addr = closed.local_addr().unwrap();
+        drop(closed);
+
+        let memory = crate::store::memory::MemoryStore::new(
+            60_000,
+            HashSet::from(["slow".to_string(), "closed".to_string()]),
+        );
+        let wake = memory.outbox_wake();
+        let store = Arc::new(Recording {
+            inner: memory,
+            attempts: std::sync::Mutex::new(Vec::new()),
+        });
+        let ep = |addr: std::net::SocketAddr| {
+            Arc::new(Endpoint {
+                url: format!("http://{addr}/hook"),
+                key: b"key".to_vec(),
+                disabled: AtomicBool::new(false),
+            })
+        };
+        let endpoints = HashMap::from([
+            ("slow".to_string(), ep(slow_addr)),
+            ("closed".to_string(), ep(closed_addr)),
+        ]);
+        let settings = Settings {
+            timeout: Duration::from_millis(200),
+            max_age_ms: 3_600_000,
+            concurrency: 4,
+            retry_base_ms: 20,
+            retry_cap_ms: 100,
+            poll: Duration::from_millis(20),
+        };
+        let worker = tokio::spawn(run(store.clone(), endpoints, settings, wake));
+        for (id, project) in [("a", "slow"), ("b", "closed")] {
+            let now = crate::engine::now_ms();
+            let v = crate::verification::Verification {
+                id: id.into(),
+                project: project.into(),
+                phone: "+447700900123".into(),
+                sender: "S".into(),
+                code: "1234".into(),
+                client_code: true,
+                caller: "+447700901234".into(),
+                reference: None,
+                created_at_ms: now,
+                expires_at_ms: now + 60_000,
+                attempts_left: 3,
+                status: crate::verification::Status::Pending,
+                call: Default::default(),
+            };
+            store.insert(v, None).await.unwrap();
+        }
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        let (slow_ids, closed_ids) = loop {
+            let got = store.attempts.lock().unwrap().clone();
+            let by = |cause: &str| -> Vec<String> {
+                got.iter()
+                    .filter(|(_, a)| a.error.as_deref().is_some_and(|e| e.starts_with(cause)))
+                    .map(|(id, a)| {
+                        assert!(a.status.is_none() && !a.delivered, "{a:?}");
+                        assert!(a.next_attempt_ms.is_some(), "retried: {a:?}");
+                        id.clone()
+                    })
+                    .collect()
+            };
+            let (t, c) = (by("timeout"), by("connect"));
+            if t.len() >= 2 && c.len() >= 2 {
+                break (t, c);
+            }
+            assert!(std::time::Instant::now() < end, "attempts: {got:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // One event each, retried under the same webhook-id.
+        assert!(slow_ids.iter().all(|i| *i == slow_ids[0]), "{slow_ids:?}");
+        assert!(
+            closed_ids.iter().all(|i| *i == closed_ids[0]),
+            "{closed_ids:?}"
+        );
+        assert_ne!(slow_ids[0], closed_ids[0]);
+        worker.abort();
+        hold.abort();
+    }
 }
