@@ -63,7 +63,7 @@ fn benches(c: &mut Criterion) {
         credentials: None,
         caller_id: Default::default(),
     }]));
-    let store = Arc::new(MemoryStore::new(0));
+    let store = Arc::new(MemoryStore::new(0, Default::default()));
     let state = Arc::new(AppState::new(&cfg, pool(), store, engine.clone()));
     let app = router(state);
     let rt = tokio::runtime::Builder::new_current_thread()

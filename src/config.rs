@@ -43,6 +43,7 @@ pub struct Config {
     pub projects: Vec<ProjectConfig>,
     pub sandbox: SandboxConfig,
     pub shutdown: ShutdownConfig,
+    pub webhooks: WebhooksConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -333,6 +334,33 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// Delivery of project webhooks (SPEC §7).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Per-request timeout; a receiver slower than this counts as failed.
+    pub timeout_ms: u64,
+    /// An event is retried until this long after it was written (the
+    /// issue asks for at least 24 h).
+    pub max_age_hours: u64,
+    /// Deliveries in flight at once, over all endpoints.
+    pub concurrency: usize,
+    /// Back-off base: retry n waits a random time up to base * 2^n, capped
+    /// at an hour. Small in tests.
+    pub retry_base_ms: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            timeout_ms: 5_000,
+            max_age_hours: 25,
+            concurrency: 8,
+            retry_base_ms: 5_000,
+        }
+    }
+}
+
 /// A TOML error as one line (toml's own Display spans several, with a
 /// source excerpt): `line L, column C: table.key: message`. The key is read
 /// from the line the error points at, under the nearest `[table]` header.
@@ -393,6 +421,22 @@ pub fn secret_env_var(login: &str) -> String {
     format!("FLASHCALL_PROJECT_{name}_SECRET")
 }
 
+/// `FLASHCALL_PROJECT_<LOGIN>_WEBHOOK_SECRET`, named like [`secret_env_var`].
+pub fn webhook_secret_env_var(login: &str) -> String {
+    let var = secret_env_var(login);
+    format!(
+        "{}_WEBHOOK_SECRET",
+        var.strip_suffix("_SECRET").unwrap_or(&var)
+    )
+}
+
+/// An absolute http(s) URL with a host.
+fn is_http_url(s: &str) -> bool {
+    reqwest::Url::parse(s).is_ok_and(|u| {
+        matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty())
+    })
+}
+
 impl Config {
     /// Reads, parses, applies secrets from the environment and validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -413,6 +457,9 @@ impl Config {
             if let Some(s) = env(&secret_env_var(&p.login)) {
                 p.secret = Some(s);
                 p.secret_sha256 = None;
+            }
+            if let Some(s) = env(&webhook_secret_env_var(&p.login)) {
+                p.webhook_secret = Some(s);
             }
         }
         for t in &mut cfg.trunks {
@@ -567,6 +614,36 @@ impl Config {
             if p.burst == 0 {
                 return bad(&k("burst"), "must be > 0");
             }
+            match (&p.webhook_url, &p.webhook_secret) {
+                (None, None) => {}
+                (Some(_), None) => {
+                    return bad(
+                        &k("webhook_secret"),
+                        &format!(
+                            "missing: webhook_url needs webhook_secret (or {})",
+                            webhook_secret_env_var(&p.login)
+                        ),
+                    )
+                }
+                (None, Some(_)) => {
+                    return bad(
+                        &k("webhook_url"),
+                        "missing: webhook_secret needs webhook_url",
+                    )
+                }
+                (Some(url), Some(secret)) => {
+                    if !is_http_url(url) {
+                        return bad(
+                            &k("webhook_url"),
+                            &format!("{url:?}: expected an http:// or https:// URL"),
+                        );
+                    }
+                    // The secret itself never goes into the message.
+                    if let Err(e) = crate::webhook::decode_secret(secret) {
+                        return bad(&k("webhook_secret"), &e.to_string());
+                    }
+                }
+            }
             let mut codes = std::collections::HashSet::new();
             for (j, s) in p.senders.iter().enumerate() {
                 if s.code.is_empty() || s.code.len() > 64 {
@@ -582,6 +659,19 @@ impl Config {
                     );
                 }
             }
+        }
+        let w = &self.webhooks;
+        if w.timeout_ms == 0 {
+            return bad("webhooks.timeout_ms", "must be > 0");
+        }
+        if w.max_age_hours == 0 {
+            return bad("webhooks.max_age_hours", "must be > 0");
+        }
+        if w.concurrency == 0 {
+            return bad("webhooks.concurrency", "must be > 0");
+        }
+        if w.retry_base_ms == 0 {
+            return bad("webhooks.retry_base_ms", "must be > 0");
         }
         Ok(())
     }
@@ -693,6 +783,58 @@ mod tests {
         assert_eq!(
             c.projects[0].secret_hash(),
             <[u8; 32]>::from(Sha256::digest(b"pw"))
+        );
+    }
+
+    #[test]
+    fn webhook_keys_are_checked() {
+        let proj = "[sandbox]\nenabled = true\n[[projects]]\nlogin=\"shop-1\"\nsecret=\"s\"\n";
+        let ok = "webhook_url = \"https://example.com/hook\"\nwebhook_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n";
+        let c = parse(&format!("{proj}{ok}")).unwrap();
+        assert_eq!(c.webhooks.timeout_ms, 5_000);
+        assert_eq!(c.webhooks.max_age_hours, 25);
+        assert_eq!(c.webhooks.concurrency, 8);
+        assert_eq!(c.webhooks.retry_base_ms, 5_000);
+        for (extra, key) in [
+            (
+                "webhook_url = \"ftp://x/y\"\nwebhook_secret = \"whsec_c2hvcnQ=\"",
+                "projects[0].webhook_url",
+            ),
+            (
+                "webhook_url = \"not a url\"\nwebhook_secret = \"whsec_c2hvcnQ=\"",
+                "projects[0].webhook_url",
+            ),
+            (
+                "webhook_url = \"http://h/\"\nwebhook_secret = \"c2hvcnQ=\"",
+                "projects[0].webhook_secret",
+            ),
+            (
+                "webhook_url = \"http://h/\"\nwebhook_secret = \"whsec_!!\"",
+                "projects[0].webhook_secret",
+            ),
+            ("webhook_url = \"http://h/\"", "projects[0].webhook_secret"),
+            (
+                "webhook_secret = \"whsec_c2hvcnQ=\"",
+                "projects[0].webhook_url",
+            ),
+            ("[webhooks]\nconcurrency = 0", "webhooks.concurrency"),
+        ] {
+            let e = parse(&format!("{proj}{extra}\n")).unwrap_err();
+            assert!(e.contains(key), "{extra}: {e}");
+            assert!(!e.contains("whsec_!!"), "secret echoed: {e}");
+        }
+        let e = parse(&format!("{proj}webhook_url = \"http://h/\"\n")).unwrap_err();
+        assert!(e.contains("FLASHCALL_PROJECT_SHOP_1_WEBHOOK_SECRET"), "{e}");
+        // The secret from the environment.
+        let c = Config::parse(
+            &format!("{proj}webhook_url = \"http://h/\"\n"),
+            Path::new("t"),
+            |k| (k == "FLASHCALL_PROJECT_SHOP_1_WEBHOOK_SECRET").then(|| "whsec_c2hvcnQ=".into()),
+        )
+        .unwrap();
+        assert_eq!(
+            c.projects[0].webhook_secret.as_deref(),
+            Some("whsec_c2hvcnQ=")
         );
     }
 

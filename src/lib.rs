@@ -21,6 +21,7 @@
 //! - `metrics` — every metric name, the recorder, per-call handles.
 //! - `sandbox` — the loopback callee behind the default config.
 //! - `serve` — wires it all up; graceful shutdown; `check-config`.
+//! - `webhook` — Standard Webhooks signing and the outbox delivery worker.
 //! - `dial` — the `flashcall dial` command.
 //! - `main.rs` — CLI and logging.
 
@@ -38,3 +39,4 @@ pub mod serve;
 pub mod sip;
 pub mod store;
 pub mod verification;
+pub mod webhook;

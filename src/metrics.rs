@@ -27,6 +27,12 @@ pub const HTTP_DURATION: &str = "flashcall_http_request_duration_seconds";
 pub const SIP_PARSE_ERRORS: &str = "flashcall_sip_parse_errors_total";
 pub const TRUNK_QUEUE: &str = "flashcall_trunk_queue_depth";
 pub const SIP_STRAY: &str = "flashcall_sip_stray_responses_total";
+pub const WEBHOOK_DELIVERIES: &str = "flashcall_webhook_deliveries_total";
+/// The `result` label values of [`WEBHOOK_DELIVERIES`]: `failed` counts
+/// every failed attempt (non-2xx, timeout, connect error), `given_up` each
+/// event abandoned after `max_age_hours`, `gone` each 410 answer and each
+/// event dropped because its endpoint had answered 410.
+pub const WEBHOOK_RESULTS: [&str; 4] = ["delivered", "failed", "gone", "given_up"];
 
 /// Installs the global recorder with histogram buckets for every
 /// histogram (the exporter's default would render summaries).
@@ -78,6 +84,7 @@ pub fn describe(projects: &[String], trunks: &[String]) {
     describe_counter!(SIP_PARSE_ERRORS, "Malformed SIP datagrams dropped");
     describe_gauge!(TRUNK_QUEUE, "INVITEs waiting for a CPS slot, by trunk");
     describe_counter!(SIP_STRAY, "SIP responses matching no transaction");
+    describe_counter!(WEBHOOK_DELIVERIES, "Webhook delivery attempts by result");
 
     for p in projects {
         for s in Status::ALL {
@@ -102,6 +109,9 @@ pub fn describe(projects: &[String], trunks: &[String]) {
         CheckResult::Expired,
     ] {
         counter!(CHECKS, "result" => r.as_str()).absolute(0);
+    }
+    for r in WEBHOOK_RESULTS {
+        counter!(WEBHOOK_DELIVERIES, "result" => r).absolute(0);
     }
     gauge!(CALLS_IN_FLIGHT).set(0.0);
     counter!(SIP_PARSE_ERRORS).absolute(0);
@@ -183,4 +193,8 @@ pub fn sip_response(trunk: &str, code: u16) {
 pub fn pool(numbers: usize, coverage: f64) {
     gauge!(POOL_NUMBERS).set(numbers as f64);
     gauge!(POOL_COVERAGE).set(coverage);
+}
+
+pub fn webhook_delivery(result: &'static str) {
+    counter!(WEBHOOK_DELIVERIES, "result" => result).increment(1);
 }

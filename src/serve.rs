@@ -5,8 +5,10 @@
 
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
+use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
@@ -18,6 +20,7 @@ use crate::pool::{Pool, PoolError};
 use crate::sip::Credentials;
 use crate::store::memory::MemoryStore;
 use crate::store::Store;
+use crate::webhook::Endpoint;
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -184,7 +187,22 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
 
     // Memory: records are kept an hour past their TTL (the durable store
     // of issue 4 replaces this).
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(3_600_000));
+    let endpoints = webhook_endpoints(&cfg);
+    let memory = MemoryStore::new(3_600_000, endpoints.keys().cloned().collect());
+    let wake = memory.outbox_wake();
+    let store: Arc<dyn Store> = Arc::new(memory);
+    let webhooks = (!endpoints.is_empty()).then(|| {
+        tracing::info!(
+            projects = endpoints.len(),
+            "webhook delivery worker started"
+        );
+        tokio::spawn(crate::webhook::run(
+            store.clone(),
+            endpoints,
+            webhook_settings(&cfg),
+            wake,
+        ))
+    });
     let shared = Arc::new(EngineShared::new(trunks));
     let settings = CallSettings {
         ring: Duration::from_millis(cfg.call.ring_ms),
@@ -269,9 +287,47 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
         tracing::info!("every call in flight was closed");
     }
     housekeeping.abort();
+    if let Some(w) = webhooks {
+        // Undelivered events stay in the store's outbox: the durable store
+        // resumes them on the next start.
+        w.abort();
+    }
     metrics_server.abort();
     drop(sandbox);
     Ok(())
+}
+
+/// The projects with a webhook, keyed by login. validate() proved each
+/// has a URL and a decodable secret.
+fn webhook_endpoints(cfg: &Config) -> HashMap<String, Arc<Endpoint>> {
+    cfg.projects
+        .iter()
+        .filter_map(|p| {
+            let url = p.webhook_url.clone()?;
+            let key = crate::webhook::decode_secret(p.webhook_secret.as_deref()?).ok()?;
+            Some((
+                p.login.clone(),
+                Arc::new(Endpoint {
+                    url,
+                    key,
+                    disabled: AtomicBool::new(false),
+                }),
+            ))
+        })
+        .collect()
+}
+
+fn webhook_settings(cfg: &Config) -> crate::webhook::Settings {
+    let w = &cfg.webhooks;
+    crate::webhook::Settings {
+        timeout: Duration::from_millis(w.timeout_ms),
+        max_age_ms: i64::try_from(w.max_age_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX),
+        concurrency: w.concurrency,
+        retry_base_ms: w.retry_base_ms,
+        // The issue's "5 s * 2^n capped at 1 h".
+        retry_cap_ms: 3_600_000,
+        poll: Duration::from_millis(200),
+    }
 }
 
 fn local(l: &tokio::net::TcpListener, configured: SocketAddr) -> SocketAddr {
