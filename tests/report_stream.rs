@@ -107,7 +107,7 @@ fn synthetic(i: usize) -> Verification {
 
 async fn store_with_rows() -> Arc<Counting> {
     let s = Arc::new(Counting {
-        inner: MemoryStore::new(3_600_000),
+        inner: MemoryStore::new(3_600_000, Default::default()),
         visited: AtomicUsize::new(0),
         done: AtomicBool::new(false),
         fail: AtomicBool::new(false),
@@ -205,7 +205,7 @@ async fn a_client_that_goes_away_stops_the_scan() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_fails_at_once_is_a_503_not_a_200() {
     let s = Arc::new(Counting {
-        inner: MemoryStore::new(3_600_000),
+        inner: MemoryStore::new(3_600_000, Default::default()),
         visited: AtomicUsize::new(0),
         done: AtomicBool::new(false),
         fail: AtomicBool::new(true),
