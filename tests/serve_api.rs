@@ -10,7 +10,7 @@ mod support;
 
 use serde_json::{json, Value};
 use std::time::Duration;
-use support::{config, test_dir, Engine, Resp, LOGIN, SANDBOX, SECRET};
+use support::{config, id_of, test_dir, Engine, Resp, LOGIN, SANDBOX, SECRET};
 
 const POOL: &str = "+44770090XXXX\n";
 const CREATE: &str = "/v1/verifications";
@@ -39,20 +39,6 @@ fn post_raw(e: &Engine, path: &str, content_type: &str, body: &[u8]) -> Resp {
 
 fn check(e: &Engine, id: &str, body: Value) -> Resp {
     e.post(&format!("/v1/verifications/{id}/check"), &body)
-}
-
-fn id_of(v: &Value) -> String {
-    v["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no id: {v}"))
-        .to_string()
-}
-
-/// Polls until the call has an outcome (status left pending/calling).
-fn wait_call_done(e: &Engine, id: &str) -> Value {
-    e.wait_status(id, Duration::from_secs(5), |s| {
-        !matches!(s, "pending" | "calling")
-    })
 }
 
 /// `Retry-After` as whole seconds; asserts it is there and >= 1.
@@ -346,7 +332,7 @@ fn ids_are_invisible_across_projects() {
     }
     let v = e.create(json!({"phone": "+447700900123", "sender": "SHOP", "code": "1234"}));
     let id = id_of(&v);
-    wait_call_done(&e, &id);
+    e.wait_call_done(&id);
     // The other project: 404 on GET and on check, by code and by CLI,
     // even with the right code.
     let get = e.request(
@@ -395,7 +381,7 @@ fn code_no_number_serves_is_409() {
     let v = e.create(json!({"phone": "+447700900124", "sender": "SHOP", "code": "0142"}));
     assert_eq!(v["code"], "0142", "{v}");
     assert_eq!(v["caller_prefix"], "+44770090", "{v}");
-    let got = wait_call_done(&e, &id_of(&v));
+    let got = e.wait_call_done(&id_of(&v));
     assert_eq!(got["call"]["caller"], "+447700900142", "{got}");
 }
 
@@ -544,7 +530,7 @@ fn idempotency_key_replays_and_refuses_other_bodies() {
     );
     assert_eq!(first.status, 201, "{}", first.body);
     let id = id_of(&first.json());
-    wait_call_done(&e, &id);
+    e.wait_call_done(&id);
 
     // Same key, same body: the very same response, no second verification.
     for _ in 0..3 {
@@ -591,8 +577,8 @@ fn idempotency_key_replays_and_refuses_other_bodies() {
     );
     assert_eq!(fresh.status, 201, "{}", fresh.body);
     assert_ne!(id_of(&fresh.json()), id);
-    wait_call_done(&e, &id_of(&fresh.json()));
-    wait_call_done(&e, &their_id);
+    e.wait_call_done(&id_of(&fresh.json()));
+    e.wait_call_done(&their_id);
 
     // One call per verification: three in all, one for "shop" + k-1.
     let m = e.metrics_text();
@@ -831,7 +817,7 @@ fn delivered_wrong_code_then_right_code_verified() {
     let e = engine("lifecycle");
     let v = e.create(json!({"phone": "+447700900123", "sender": "SHOP", "code": "4821"}));
     let id = id_of(&v);
-    let got = wait_call_done(&e, &id);
+    let got = e.wait_call_done(&id);
     assert_eq!(got["status"], "delivered", "{got}");
     assert_eq!(got["call"]["outcome"], "delivered", "{got}");
     assert_eq!(got["call"]["sip_code"], 487, "{got}");
@@ -870,7 +856,7 @@ fn delivered_wrong_code_then_right_code_verified() {
     // The engine-chosen code, checked by the full caller number.
     let v = e.create(json!({"phone": "+447700900124", "sender": "SHOP"}));
     let id2 = id_of(&v);
-    let got = wait_call_done(&e, &id2);
+    let got = e.wait_call_done(&id2);
     assert_eq!(got["status"], "delivered", "{got}");
     let caller = got["call"]["caller"].as_str().unwrap().to_string();
     assert!(
@@ -898,7 +884,7 @@ fn attempts_exhausted_after_max_wrong_codes() {
     let e = engine("exhausted");
     let v = e.create(json!({"phone": "+447700900123", "sender": "SHOP", "code": "1111"}));
     let id = id_of(&v);
-    wait_call_done(&e, &id);
+    e.wait_call_done(&id);
     for left in (0..5).rev() {
         let r = check(&e, &id, json!({"code": "2222"}));
         assert_eq!(r.status, 200, "{}", r.body);
@@ -965,7 +951,7 @@ fn magic_destinations_give_their_outcomes() {
         })
         .collect();
     for ((phone, outcome, code), id) in cases.iter().zip(&ids) {
-        let got = wait_call_done(&e, id);
+        let got = e.wait_call_done(id);
         assert_eq!(got["status"], "failed", "{phone}: {got}");
         assert_eq!(got["call"]["outcome"], *outcome, "{phone}: {got}");
         assert_eq!(got["call"]["sip_code"], *code, "{phone}: {got}");
@@ -993,7 +979,7 @@ fn magic_destinations_give_their_outcomes() {
 fn trunk_503_backs_off_and_creates_get_503() {
     let e = engine("trunk-503");
     let v = e.create(json!({"phone": "+447700900503", "sender": "SHOP"}));
-    let got = wait_call_done(&e, &id_of(&v));
+    let got = e.wait_call_done(&id_of(&v));
     assert_eq!(got["status"], "failed", "{got}");
     assert_eq!(got["call"]["outcome"], "trunk_error", "{got}");
     assert_eq!(got["call"]["sip_code"], 503, "{got}");
@@ -1056,7 +1042,7 @@ fn response_shape() {
     assert_ne!(id_of(&w), id);
 
     // GET: the same object plus `call` and `attempts_left`.
-    let got = wait_call_done(&e, &id);
+    let got = e.wait_call_done(&id);
     for k in [
         "id",
         "status",

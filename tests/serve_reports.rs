@@ -8,8 +8,7 @@ mod support;
 
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::time::Duration;
-use support::{config, test_dir, Engine, Resp, LOGIN, SANDBOX};
+use support::{config, id_of, test_dir, Engine, Resp, LOGIN, SANDBOX};
 
 const POOL: &str = "+44770090XXXX\n";
 const OTHER: (&str, &str) = ("other", "other-secret");
@@ -38,19 +37,6 @@ const HEADER: [&str; 17] = [
 fn engine(name: &str) -> Engine {
     let dir = test_dir(&format!("reports-{name}"));
     Engine::start(&config(&dir, POOL, SANDBOX, ""))
-}
-
-fn id_of(v: &Value) -> String {
-    v["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no id: {v}"))
-        .to_string()
-}
-
-fn wait_call_done(e: &Engine, id: &str) -> Value {
-    e.wait_status(id, Duration::from_secs(5), |s| {
-        !matches!(s, "pending" | "calling")
-    })
 }
 
 fn get_as(e: &Engine, auth: (&str, &str), path: &str) -> Resp {
@@ -144,7 +130,7 @@ fn csv_rows_match_get_and_stats_add_up() {
         .map(|v| id_of(v))
         .collect();
     for id in &ours {
-        wait_call_done(&e, id);
+        e.wait_call_done(id);
     }
     let vid = id_of(&verified);
     let r = e.post(

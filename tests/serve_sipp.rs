@@ -4,19 +4,13 @@
 
 mod support;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::Duration;
 use support::sipp::{scenario, Sipp};
 use support::{config, test_dir, Engine};
 
 fn trunk(port: u16) -> String {
     format!("[[trunks]]\nname = \"sipp\"\naddress = \"127.0.0.1:{port}\"\ncps = 50\n")
-}
-
-fn wait_final_call(e: &Engine, id: &str) -> Value {
-    e.wait_status(id, Duration::from_secs(10), |s| {
-        !matches!(s, "pending" | "calling")
-    })
 }
 
 #[test]
@@ -37,7 +31,7 @@ fn client_code_and_engine_code_verified_through_sipp() {
     assert_eq!(v["code_length"], 4);
     assert_eq!(v["reference"], "order-1");
     let id = v["id"].as_str().unwrap().to_string();
-    let got = wait_final_call(&e, &id);
+    let got = e.wait_call_done(&id);
     assert_eq!(got["status"], "delivered", "{got}");
     assert_eq!(got["call"]["outcome"], "delivered", "{got}");
     assert_eq!(got["call"]["sip_code"], 487, "{got}");
@@ -78,7 +72,7 @@ fn client_code_and_engine_code_verified_through_sipp() {
         "engine-chosen code must not be echoed: {v}"
     );
     let id2 = v["id"].as_str().unwrap().to_string();
-    let got = wait_final_call(&e, &id2);
+    let got = e.wait_call_done(&id2);
     assert_eq!(got["status"], "delivered", "{got}");
     let caller = got["call"]["caller"].as_str().unwrap().to_string();
     assert!(
@@ -114,7 +108,7 @@ fn busy_callee_gives_failed_with_the_outcome() {
     let cfg = config(&dir, "+44770090XXXX\n", &trunk(15_411), "");
     let e = Engine::start(&cfg);
     let v = e.create(json!({"phone": "+447911123457", "sender": "SHOP"}));
-    let got = wait_final_call(&e, v["id"].as_str().unwrap());
+    let got = e.wait_call_done(v["id"].as_str().unwrap());
     assert_eq!(got["status"], "failed", "{got}");
     assert_eq!(got["call"]["outcome"], "busy", "{got}");
     assert_eq!(got["call"]["sip_code"], 486, "{got}");

@@ -292,6 +292,13 @@ impl Engine {
         }
     }
 
+    /// Polls until the call has an outcome (status left pending/calling).
+    pub fn wait_call_done(&self, id: &str) -> Value {
+        self.wait_status(id, Duration::from_secs(10), |s| {
+            !matches!(s, "pending" | "calling")
+        })
+    }
+
     /// The Prometheus text of /metrics.
     pub fn metrics_text(&self) -> String {
         let url = format!("http://{}/metrics", self.metrics);
@@ -328,4 +335,12 @@ impl Drop for Engine {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The `id` of a verification object.
+pub fn id_of(v: &Value) -> String {
+    v["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id: {v}"))
+        .to_string()
 }
