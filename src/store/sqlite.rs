@@ -578,7 +578,9 @@ fn write_delivery(tx: &Transaction<'_>, id: &str, a: &DeliveryAttempt) -> rusqli
 
 fn write_prune(tx: &Transaction<'_>, before_ms: i64, limit: usize) -> rusqlite::Result<usize> {
     // The same ids for every table: one temp table, filled once.
-    tx.execute_batch("CREATE TEMP TABLE IF NOT EXISTS prune_ids (id TEXT PRIMARY KEY); DELETE FROM prune_ids;")?;
+    tx.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS prune_ids (id TEXT PRIMARY KEY); DELETE FROM prune_ids;",
+    )?;
     tx.execute(
         "INSERT INTO prune_ids SELECT id FROM verifications WHERE created_at_ms < ?1 \
          ORDER BY created_at_ms LIMIT ?2",
@@ -840,7 +842,9 @@ impl SqliteStore {
         tracing::info!(path = %path.display(), live = inner.cache.len(), "store opened");
 
         let reader = connect(path, OpenFlags::default()).map_err(sql)?;
-        reader.pragma_update(None, "query_only", true).map_err(sql)?;
+        reader
+            .pragma_update(None, "query_only", true)
+            .map_err(sql)?;
         let (tx, rx) = mpsc::channel();
         let writer = {
             let inner = inner.clone();
@@ -897,10 +901,7 @@ impl SqliteStore {
         self.send_wait(Op::Fault(f)).map(|_| ())
     }
 
-    fn read<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, StoreError> {
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
         let conn = self.reader.lock().map_err(|_| poisoned())?;
         f(&conn).map_err(unavailable)
     }
