@@ -267,6 +267,9 @@ pub struct SqliteStore {
     /// Serialises read-modify-write of records not in the cache.
     miss: Mutex<()>,
     path: PathBuf,
+    /// Dropped to stop the checkpointer.
+    stop_checkpoints: Option<mpsc::Sender<()>>,
+    checkpointer: Option<JoinHandle<()>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -804,6 +807,11 @@ impl SqliteStore {
         }
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sql)?;
+        // No checkpoint inside the writer's COMMIT: it would copy pages and
+        // fsync the database while every create of the batch waits (the
+        // p99). The checkpointer thread does it beside the writer instead.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(sql)?;
         migrate(&mut conn, path)?;
 
         let hooks = Hooks(webhook_projects);
@@ -845,6 +853,15 @@ impl SqliteStore {
         reader
             .pragma_update(None, "query_only", true)
             .map_err(sql)?;
+        let checkpoint_conn = connect(path, OpenFlags::default()).map_err(sql)?;
+        let (stop_checkpoints, checkpoint_rx) = mpsc::channel::<()>();
+        let checkpointer = std::thread::Builder::new()
+            .name("flashcall-checkpoint".into())
+            .spawn(move || checkpointer(checkpoint_conn, checkpoint_rx))
+            .map_err(|err| OpenError::Thread {
+                path: path.into(),
+                err,
+            })?;
         let (tx, rx) = mpsc::channel();
         let writer = {
             let inner = inner.clone();
@@ -863,6 +880,8 @@ impl SqliteStore {
             reader: Mutex::new(reader),
             miss: Mutex::new(()),
             path: path.into(),
+            stop_checkpoints: Some(stop_checkpoints),
+            checkpointer: Some(checkpointer),
         })
     }
 
@@ -960,6 +979,32 @@ impl Drop for SqliteStore {
         self.tx.take();
         if let Some(w) = self.writer.take() {
             let _ = w.join();
+        }
+        self.stop_checkpoints.take();
+        if let Some(c) = self.checkpointer.take() {
+            let _ = c.join();
+        }
+    }
+}
+
+/// Copies the WAL back into the database every 500 ms, beside the writer
+/// (PASSIVE: never waits for, nor blocks, the writer or readers), so the
+/// WAL stays small without a checkpoint ever running inside a commit.
+fn checkpointer(conn: Connection, stop: mpsc::Receiver<()>) {
+    let mut failing = false;
+    loop {
+        match stop.recv_timeout(Duration::from_millis(500)) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            _ => break,
+        }
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
+            Ok(_) => failing = false,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "store: WAL checkpoint failed; will retry");
+                }
+                failing = true;
+            }
         }
     }
 }
