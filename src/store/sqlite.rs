@@ -997,11 +997,8 @@ impl Drop for SqliteStore {
 /// WAL stays small without a checkpoint ever running inside a commit.
 fn checkpointer(conn: Connection, stop: mpsc::Receiver<()>) {
     let mut failing = false;
-    loop {
-        match stop.recv_timeout(Duration::from_millis(500)) {
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            _ => break,
-        }
+    // Anything but a timeout (the store dropped its sender) ends it.
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(Duration::from_millis(500)) {
         match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
             Ok(_) => failing = false,
             Err(e) => {
