@@ -224,3 +224,34 @@ per_secs = 1
         acked.len() as i64
     );
 }
+
+/// A database serve must not touch: one `error:` line naming the file,
+/// exit 2, before anything listens.
+#[test]
+fn serve_refuses_a_garbage_or_newer_database() {
+    for (name, expect) in [("garbage", "not a SQLite database"), ("newer", "newer")] {
+        let dir = test_dir(&format!("crash-refuse-{name}"));
+        let cfg = config(&dir, "+44770090XXXX\n", support::SANDBOX, "");
+        let db = dir.join("flashcall.db");
+        if name == "garbage" {
+            std::fs::write(&db, "not a database\n".repeat(100)).unwrap();
+        } else {
+            let c = rusqlite::Connection::open(&db).unwrap();
+            c.pragma_update(None, "user_version", 999).unwrap();
+        }
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_flashcall"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .output()
+            .expect("run serve");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(
+            errors[0].contains(&db.display().to_string()) && errors[0].contains(expect),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
