@@ -653,6 +653,20 @@ mod tests {
     }
 
     #[test]
+    fn store_section() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Sqlite);
+        assert_eq!(c.store.retention_days, 30);
+        assert_eq!(c.store.path, PathBuf::from("data/flashcall.db"));
+        let c = parse(&format!("{MIN}\n[store]\nbackend = \"memory\"\n")).unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Memory);
+        let e = parse(&format!("{MIN}\n[store]\nretention_days = 0\n")).unwrap_err();
+        assert!(e.contains("store.retention_days"), "{e}");
+        let e = parse(&format!("{MIN}\n[store]\nbackend = \"postgres\"\n")).unwrap_err();
+        assert!(e.contains("store.backend"), "{e}");
+    }
+
+    #[test]
     fn sandbox_beside_a_real_trunk_is_refused() {
         let e = parse(&format!(
             "{MIN}\n[[trunks]]\nname = \"main\"\naddress = \"10.0.0.1:5060\"\n"
