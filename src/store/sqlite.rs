@@ -342,6 +342,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OpenError> {
     if found == SCHEMA_VERSION {
         return Ok(());
     }
+    if found < 0 {
+        return Err(OpenError::Corrupt {
+            path: path.into(),
+            detail: format!("negative schema version {found}"),
+        });
+    }
     // Every pending step and the new version in one transaction: a crash
     // mid-migration leaves the old schema, never half of the new one.
     let tx = conn.transaction().map_err(sql)?;
