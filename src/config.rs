@@ -226,13 +226,29 @@ impl Default for PerPhoneConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// The SQLite database (its directory is created).
     pub path: PathBuf,
+    /// Verifications older than this are pruned in the background.
+    pub retention_days: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// Durable: SQLite in WAL mode at `path`.
+    #[default]
+    Sqlite,
+    /// Nothing survives a restart (tests, benchmarks).
+    Memory,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
+            backend: StoreBackend::Sqlite,
             path: "data/flashcall.db".into(),
+            retention_days: 30,
         }
     }
 }
@@ -544,6 +560,12 @@ impl Config {
                 return bad(&k("username"), "username and password go together");
             }
         }
+        if !(1..=36_500).contains(&self.store.retention_days) {
+            return bad("store.retention_days", "must be 1 to 36500 days");
+        }
+        if self.store.backend == StoreBackend::Sqlite && self.store.path.as_os_str().is_empty() {
+            return bad("store.path", "must not be empty");
+        }
         if self.call.ring_timeout_ms == 0 {
             return bad("call.ring_timeout_ms", "must be > 0");
         }
@@ -718,6 +740,20 @@ mod tests {
         let e = parse(&format!("{MIN}\n[pool]\ncode_length = \"four\"\n")).unwrap_err();
         assert!(e.contains("pool.code_length: invalid type"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn store_section() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Sqlite);
+        assert_eq!(c.store.retention_days, 30);
+        assert_eq!(c.store.path, PathBuf::from("data/flashcall.db"));
+        let c = parse(&format!("{MIN}\n[store]\nbackend = \"memory\"\n")).unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Memory);
+        let e = parse(&format!("{MIN}\n[store]\nretention_days = 0\n")).unwrap_err();
+        assert!(e.contains("store.retention_days"), "{e}");
+        let e = parse(&format!("{MIN}\n[store]\nbackend = \"postgres\"\n")).unwrap_err();
+        assert!(e.contains("store.backend"), "{e}");
     }
 
     #[test]

@@ -623,6 +623,9 @@ async fn check(
         })
         .map_err(ApiError::internal)?
         .ok_or_else(ApiError::not_found)?;
+    st.store.record_check(&id, now, result);
+    // A `verified` (or a spent attempt) is durable before it is answered.
+    st.store.flush().await.map_err(ApiError::internal)?;
     m::check(result);
     if v.status != before {
         m::verification(&v.project, v.status);

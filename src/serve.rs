@@ -14,11 +14,13 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::config::Config;
+use crate::config::StoreBackend;
 use crate::engine::{self, CallSettings, EngineShared, Trunk};
 use crate::http::{self, AppState};
 use crate::pool::{Pool, PoolError};
 use crate::sip::Credentials;
 use crate::store::memory::MemoryStore;
+use crate::store::sqlite::{OpenError, SqliteStore};
 use crate::store::Store;
 use crate::webhook::Endpoint;
 
@@ -44,6 +46,10 @@ pub enum ServeError {
     Metrics(String),
     #[error("SIP driver: {0}")]
     Sip(String),
+    #[error(transparent)]
+    Store(#[from] OpenError),
+    #[error("store: {0}")]
+    StoreTask(String),
 }
 
 fn listen_err(key: &'static str, addr: SocketAddr) -> impl FnOnce(std::io::Error) -> ServeError {
@@ -185,12 +191,27 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     crate::metrics::describe(&projects, &trunk_names);
     crate::metrics::pool(pool.len(), pool.coverage_ratio());
 
-    // Memory: records are kept an hour past their TTL (the durable store
-    // of issue 4 replaces this).
+    // Opened before any listener serves: a database we refuse (not
+    // SQLite, corrupt, newer schema) stops serve with one line.
     let endpoints = webhook_endpoints(&cfg);
-    let memory = MemoryStore::new(3_600_000, endpoints.keys().cloned().collect());
-    let wake = memory.outbox_wake();
-    let store: Arc<dyn Store> = Arc::new(memory);
+    let hooks: std::collections::HashSet<String> = endpoints.keys().cloned().collect();
+    let (store, wake): (Arc<dyn Store>, _) = match cfg.store.backend {
+        StoreBackend::Sqlite => {
+            let path = cfg.store.path.clone();
+            // Loading the live records reads the disk: off the async workers.
+            let s = tokio::task::spawn_blocking(move || SqliteStore::open(&path, hooks))
+                .await
+                .map_err(|e| ServeError::StoreTask(format!("opening panicked: {e}")))??;
+            let wake = s.outbox_wake();
+            (Arc::new(s), wake)
+        }
+        // Memory: records are kept an hour past their TTL.
+        StoreBackend::Memory => {
+            let m = MemoryStore::new(3_600_000, hooks);
+            let wake = m.outbox_wake();
+            (Arc::new(m), wake)
+        }
+    };
     let webhooks = (!endpoints.is_empty()).then(|| {
         tracing::info!(
             projects = endpoints.len(),
@@ -230,7 +251,8 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
 
     let state = Arc::new(AppState::new(&cfg, pool, store.clone(), shared.clone()));
 
-    let housekeeping = tokio::spawn(housekeeping(state.clone(), prom.clone()));
+    let retention_ms = i64::from(cfg.store.retention_days) * 86_400_000;
+    let housekeeping = tokio::spawn(housekeeping(state.clone(), prom.clone(), retention_ms));
     let metrics_addr = local(&metrics_listener, cfg.metrics.listen);
     let metrics_app = axum::Router::new().route(
         "/metrics",
@@ -293,6 +315,10 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
         w.abort();
     }
     metrics_server.abort();
+    // The SIP driver's last outcomes are queued: commit them before exit.
+    if let Err(e) = store.flush().await {
+        tracing::error!(error = %e, "store: final flush failed");
+    }
     drop(sandbox);
     Ok(())
 }
@@ -334,9 +360,14 @@ fn local(l: &tokio::net::TcpListener, configured: SocketAddr) -> SocketAddr {
     l.local_addr().unwrap_or(configured)
 }
 
+/// Rows deleted per prune transaction: small enough that the writer (and
+/// the creates waiting on it) is never held for long.
+const PRUNE_BATCH: usize = 1_000;
+
 /// Once a second: expire verifications past their TTL; every 10 s: forget
-/// idle limiter keys and run the metrics exporter's upkeep.
-async fn housekeeping(st: Arc<AppState>, prom: PrometheusHandle) {
+/// idle limiter keys and run the metrics exporter's upkeep; every 60 s:
+/// prune records older than the retention.
+async fn housekeeping(st: Arc<AppState>, prom: PrometheusHandle, retention_ms: i64) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
     loop {
@@ -354,6 +385,40 @@ async fn housekeeping(st: Arc<AppState>, prom: PrometheusHandle) {
             st.limits.sweep();
             prom.run_upkeep();
         }
+        if n % 60 == 1 {
+            prune(&st, engine::now_ms().saturating_sub(retention_ms)).await;
+        }
+    }
+}
+
+/// Deletes everything created before `before_ms`, one batch per
+/// transaction, yielding between batches.
+async fn prune(st: &Arc<AppState>, before_ms: i64) {
+    let mut total = 0usize;
+    loop {
+        let store = st.store.clone();
+        // prune blocks until its batch is committed: not on a worker.
+        let r = tokio::task::spawn_blocking(move || store.prune(before_ms, PRUNE_BATCH)).await;
+        match r {
+            Ok(Ok(n)) => {
+                total += n;
+                if n < PRUNE_BATCH {
+                    break;
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "retention prune failed");
+                break;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "retention prune panicked");
+                break;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    if total > 0 {
+        tracing::info!(deleted = total, "retention: old verifications pruned");
     }
 }
 

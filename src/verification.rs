@@ -55,6 +55,11 @@ impl Status {
         }
     }
 
+    /// The inverse of [`Status::as_str`] (reading the store back).
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
     /// No transition leaves these.
     pub fn is_final(self) -> bool {
         matches!(

@@ -118,10 +118,14 @@ pub enum Outcome {
     Failed,
     Timeout,
     NoRinging,
+    /// The engine stopped (crash, kill -9) before the call's outcome was
+    /// known; set by the durable store at startup. The SIP core never
+    /// produces it.
+    Interrupted,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Delivered,
         Outcome::Answered,
         Outcome::Busy,
@@ -132,6 +136,7 @@ impl Outcome {
         Outcome::Failed,
         Outcome::Timeout,
         Outcome::NoRinging,
+        Outcome::Interrupted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -146,7 +151,13 @@ impl Outcome {
             Outcome::Failed => "failed",
             Outcome::Timeout => "timeout",
             Outcome::NoRinging => "no_ringing",
+            Outcome::Interrupted => "interrupted",
         }
+    }
+
+    /// The inverse of [`Outcome::as_str`] (reading the store back).
+    pub fn parse(s: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == s)
     }
 
     /// SPEC §4 mapping of a final response we did not provoke with a CANCEL.

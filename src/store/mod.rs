@@ -11,9 +11,10 @@ use std::future::Future;
 use std::pin::Pin;
 use thiserror::Error;
 
-use crate::verification::Verification;
+use crate::verification::{CheckResult, Verification};
 
 pub mod memory;
+pub mod sqlite;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -94,6 +95,22 @@ pub trait Store: Send + Sync + 'static {
     fn outbox_due(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxEvent>, StoreError>;
     /// Records an attempt of event `id` (and when to retry, if at all).
     fn outbox_record(&self, id: &str, attempt: DeliveryAttempt) -> Result<(), StoreError>;
+    /// Resolves once everything written before it is durable (a durable
+    /// store: committed). `check` awaits it so a `verified` answer is never
+    /// sent for a state a crash could lose.
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+    /// Records one check of `id` (the audit trail of issue 4); durable by
+    /// the next `flush`.
+    fn record_check(&self, _id: &str, _at_ms: i64, _result: CheckResult) {}
+    /// Deletes up to `limit` verifications created before `before_ms`
+    /// (and what hangs off them); returns how many. Retention: the caller
+    /// repeats while a full batch comes back, so no single transaction
+    /// holds the writer long.
+    fn prune(&self, _before_ms: i64, _limit: usize) -> Result<usize, StoreError> {
+        Ok(0)
+    }
     /// How many verifications are held.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {

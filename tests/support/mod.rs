@@ -91,6 +91,8 @@ file = "{pool}"
 allow_prefixes = ["+447700900"]
 [shutdown]
 grace_ms = 3000
+[store]
+path = "{db}"
 {trunks}
 [[projects]]
 login = "{LOGIN}"
@@ -104,7 +106,8 @@ secret = "other-secret"
 senders = [{{ code = "OTHER", status = "active" }}]
 {extra}
 "#,
-        pool = pool_path.display()
+        pool = pool_path.display(),
+        db = dir.join("flashcall.db").display()
     );
     let path = dir.join("flashcall.toml");
     std::fs::write(&path, text).expect("write config");

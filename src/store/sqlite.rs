@@ -1,0 +1,1243 @@
+//! The durable store (issue 4): SQLite in WAL mode behind an in-memory
+//! cache of the live records.
+//!
+//! - Reads (`get`, `idempotent`) and `update` work on the cache, at memory
+//!   speed: the SIP driver calls `update` from its own thread and must not
+//!   wait for a disk.
+//! - Every write (insert, each update, expiry, check, delivery attempt) is
+//!   also queued to ONE writer thread that owns the `Connection` and commits
+//!   whatever is queued in one transaction (group commit: one fsync-free WAL
+//!   append for many requests), then wakes every waiter of the batch.
+//! - `insert` resolves only after its batch is committed, so a 201 means
+//!   durable; a failed commit resolves it with `StoreError::Unavailable`
+//!   (the API answers 503). A record enters the cache only once committed:
+//!   nothing is visible that was not stored.
+//! - A status change and its webhook outbox row go in the same transaction.
+//! - Records leave the cache a few minutes after their TTL; a read of an
+//!   older one falls back to the database.
+
+use dashmap::DashMap;
+use rand::RngCore;
+use rusqlite::types::Type;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transaction};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::sync::oneshot;
+use tokio::sync::Notify;
+
+use super::{DeliveryAttempt, Idempotent, OutboxEvent, Store, StoreError, StoreFuture};
+use crate::sip::Outcome;
+use crate::verification::{event_payload, CallRecord, CheckResult, Status, Verification};
+
+/// Schema steps, applied in order; `PRAGMA user_version` is how many have
+/// run. Append only: a released step is never edited.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    r#"
+CREATE TABLE verifications (
+    id TEXT PRIMARY KEY,
+    project TEXT NOT NULL,
+    phone TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    code TEXT NOT NULL,
+    client_code INTEGER NOT NULL,
+    caller TEXT NOT NULL,
+    reference TEXT,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    attempts_left INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    call_trunk TEXT NOT NULL DEFAULT '',
+    call_outcome TEXT,
+    call_sip_code INTEGER,
+    call_invited_at_ms INTEGER,
+    call_ringing_at_ms INTEGER,
+    call_cancel_at_ms INTEGER,
+    call_ended_at_ms INTEGER
+);
+CREATE INDEX verifications_project_created ON verifications (project, created_at_ms);
+CREATE INDEX verifications_created ON verifications (created_at_ms);
+CREATE INDEX verifications_expires ON verifications (expires_at_ms);
+CREATE INDEX verifications_status ON verifications (status);
+CREATE TABLE call_attempts (
+    id INTEGER PRIMARY KEY,
+    verification_id TEXT NOT NULL UNIQUE,
+    trunk TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    invited_at_ms INTEGER,
+    ringing_at_ms INTEGER,
+    cancel_at_ms INTEGER,
+    final_at_ms INTEGER,
+    sip_code INTEGER,
+    outcome TEXT
+);
+CREATE TABLE checks (
+    id INTEGER PRIMARY KEY,
+    verification_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    result TEXT NOT NULL
+);
+CREATE INDEX checks_verification ON checks (verification_id);
+CREATE TABLE idempotency (
+    project TEXT NOT NULL,
+    key TEXT NOT NULL,
+    body_sha256 BLOB NOT NULL,
+    verification_id TEXT NOT NULL,
+    response TEXT NOT NULL,
+    PRIMARY KEY (project, key)
+);
+CREATE INDEX idempotency_verification ON idempotency (verification_id);
+CREATE TABLE webhook_outbox (
+    id TEXT PRIMARY KEY,
+    project TEXT NOT NULL,
+    verification_id TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX webhook_outbox_due ON webhook_outbox (done, next_attempt_ms);
+CREATE INDEX webhook_outbox_verification ON webhook_outbox (verification_id);
+CREATE TABLE webhook_deliveries (
+    id INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    status INTEGER,
+    error TEXT
+);
+CREATE INDEX webhook_deliveries_event ON webhook_deliveries (event_id);
+"#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// How long past its TTL a record stays in the cache (reads after that go
+/// to the database; a late check only answers "expired").
+const EVICT_AFTER_MS: i64 = 5 * 60_000;
+/// The most jobs one transaction takes: bounds how long the writer holds
+/// its transaction and how much one failure affects.
+const MAX_BATCH: usize = 8_192;
+/// Queued updates kept for a retry while commits fail (read-only or full
+/// disk); beyond this they are dropped with an error line.
+const MAX_RETRY: usize = 100_000;
+
+const V_COLS: &str = "id, project, phone, sender, code, client_code, caller, reference, \
+     created_at_ms, expires_at_ms, attempts_left, status, call_trunk, call_outcome, \
+     call_sip_code, call_invited_at_ms, call_ringing_at_ms, call_cancel_at_ms, call_ended_at_ms";
+
+/// Why the store cannot be opened; serve prints it and exits 2.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    #[error("store {path}: cannot create its directory: {err}")]
+    Dir { path: PathBuf, err: std::io::Error },
+    #[error("store {path}: cannot read: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
+    #[error("store {path}: not a SQLite database; refusing to start")]
+    NotSqlite { path: PathBuf },
+    #[error("store {path}: integrity check failed ({detail}); refusing to start")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "store {path}: schema version {found} is newer than this build knows ({known}); \
+         refusing to start (run the newer flashcall, or restore a backup)"
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("store {path}: {err}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        err: rusqlite::Error,
+    },
+    #[error("store {path}: cannot start the writer thread: {err}")]
+    Thread { path: PathBuf, err: std::io::Error },
+}
+
+/// A failure to simulate in tests (the disk cannot be made read-only or
+/// full for root in a test).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Every write fails as on a read-only database (`SQLITE_READONLY`).
+    ReadOnly,
+    /// The database cannot grow (`SQLITE_FULL`), as on a full disk.
+    Full,
+}
+
+type Done = Result<usize, StoreError>;
+
+enum Waiter {
+    Async(oneshot::Sender<Done>),
+    Sync(mpsc::SyncSender<Done>),
+}
+
+impl Waiter {
+    fn send(self, r: Done) {
+        // A waiter that went away (request cancelled) needs no answer.
+        match self {
+            Waiter::Async(t) => {
+                let _ = t.send(r);
+            }
+            Waiter::Sync(t) => {
+                let _ = t.send(r);
+            }
+        }
+    }
+}
+
+enum Op {
+    Insert {
+        v: Verification,
+        idem: Option<(String, Idempotent)>,
+    },
+    Update {
+        v: Verification,
+        before: Status,
+        call_changed: bool,
+        at_ms: i64,
+    },
+    Check {
+        id: String,
+        at_ms: i64,
+        result: &'static str,
+    },
+    Delivery {
+        id: String,
+        attempt: DeliveryAttempt,
+    },
+    Prune {
+        before_ms: i64,
+        limit: usize,
+    },
+    Flush,
+    Fault(Fault),
+}
+
+struct Job {
+    op: Op,
+    waiter: Option<Waiter>,
+}
+
+/// Eviction entry: (evict_at_ms, id, its idempotency key).
+type EvictAt = Reverse<(i64, String, Option<(String, String)>)>;
+
+/// What the API threads, the SIP driver and the writer share.
+struct Inner {
+    cache: DashMap<String, Verification>,
+    idem: DashMap<(String, String), Idempotent>,
+    /// (expires_at_ms, id): the expiry sweep touches only what is due.
+    expiries: Mutex<BinaryHeap<Reverse<(i64, String)>>>,
+    evictions: Mutex<BinaryHeap<EvictAt>>,
+}
+
+impl Inner {
+    fn admit(&self, v: Verification, idem_key: Option<(String, String)>) {
+        if let Ok(mut h) = self.expiries.lock() {
+            h.push(Reverse((v.expires_at_ms, v.id.clone())));
+        }
+        if let Ok(mut h) = self.evictions.lock() {
+            h.push(Reverse((
+                v.expires_at_ms.saturating_add(EVICT_AFTER_MS),
+                v.id.clone(),
+                idem_key,
+            )));
+        }
+        self.cache.insert(v.id.clone(), v);
+    }
+}
+
+pub struct SqliteStore {
+    /// Rung when a commit wrote webhook events (see [`Hooks`]).
+    wake: Arc<Notify>,
+    inner: Arc<Inner>,
+    tx: Option<mpsc::Sender<Job>>,
+    writer: Option<JoinHandle<()>>,
+    /// For reads the cache cannot answer (evicted records, the outbox).
+    /// WAL readers never block the writer.
+    reader: Mutex<Connection>,
+    /// Serialises read-modify-write of records not in the cache.
+    miss: Mutex<()>,
+    path: PathBuf,
+    /// Dropped to stop the checkpointer.
+    stop_checkpoints: Option<mpsc::Sender<()>>,
+    checkpointer: Option<JoinHandle<()>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Unavailable("a lock was poisoned by a panic".into())
+}
+
+fn stopped() -> StoreError {
+    StoreError::Unavailable("the store writer has stopped".into())
+}
+
+fn now_ms() -> i64 {
+    crate::engine::now_ms()
+}
+
+/// Opens a connection with the settings every connection needs.
+fn connect(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(path, flags)?;
+    // Readers may meet a checkpoint in progress: wait instead of failing.
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// Refuses a file that is not a SQLite database before SQLite sees it:
+/// SQLite would otherwise report "file is not a database" only at the
+/// first query, or (for an empty file) silently make it one.
+fn check_header(path: &Path) -> Result<(), OpenError> {
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => {
+            return Err(OpenError::Read {
+                path: path.into(),
+                err,
+            })
+        }
+    };
+    let mut head = Vec::with_capacity(16);
+    f.by_ref()
+        .take(16)
+        .read_to_end(&mut head)
+        .map_err(|err| OpenError::Read {
+            path: path.into(),
+            err,
+        })?;
+    if head.is_empty() || head == b"SQLite format 3\0" {
+        return Ok(());
+    }
+    Err(OpenError::NotSqlite { path: path.into() })
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OpenError> {
+    let sql = |err| OpenError::Sqlite {
+        path: path.into(),
+        err,
+    };
+    let found: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql)?;
+    if found > SCHEMA_VERSION {
+        return Err(OpenError::NewerSchema {
+            path: path.into(),
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    if found == SCHEMA_VERSION {
+        return Ok(());
+    }
+    if found < 0 {
+        return Err(OpenError::Corrupt {
+            path: path.into(),
+            detail: format!("negative schema version {found}"),
+        });
+    }
+    // Every pending step and the new version in one transaction: a crash
+    // mid-migration leaves the old schema, never half of the new one.
+    let tx = conn.transaction().map_err(sql)?;
+    for step in &MIGRATIONS[usize::try_from(found).unwrap_or(0)..] {
+        tx.execute_batch(step).map_err(sql)?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(sql)?;
+    tx.commit().map_err(sql)?;
+    tracing::info!(path = %path.display(), from = found, to = SCHEMA_VERSION, "store schema migrated");
+    Ok(())
+}
+
+fn bad_column(i: usize, what: &str, value: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        i,
+        Type::Text,
+        Box::new(StoreError::Unavailable(format!("unknown {what} {value:?}"))),
+    )
+}
+
+fn row_to_v(r: &Row<'_>) -> rusqlite::Result<Verification> {
+    let status: String = r.get(11)?;
+    let outcome: Option<String> = r.get(13)?;
+    let outcome = match outcome {
+        None => None,
+        Some(o) => Some(Outcome::parse(&o).ok_or_else(|| bad_column(13, "outcome", &o))?),
+    };
+    Ok(Verification {
+        id: r.get(0)?,
+        project: r.get(1)?,
+        phone: r.get(2)?,
+        sender: r.get(3)?,
+        code: r.get(4)?,
+        client_code: r.get(5)?,
+        caller: r.get(6)?,
+        reference: r.get(7)?,
+        created_at_ms: r.get(8)?,
+        expires_at_ms: r.get(9)?,
+        attempts_left: r.get(10)?,
+        status: Status::parse(&status).ok_or_else(|| bad_column(11, "status", &status))?,
+        call: CallRecord {
+            trunk: r.get(12)?,
+            outcome,
+            sip_code: r.get(14)?,
+            invited_at_ms: r.get(15)?,
+            ringing_at_ms: r.get(16)?,
+            cancel_at_ms: r.get(17)?,
+            ended_at_ms: r.get(18)?,
+        },
+    })
+}
+
+fn load_one(conn: &Connection, id: &str) -> rusqlite::Result<Option<Verification>> {
+    conn.prepare_cached(&format!("SELECT {V_COLS} FROM verifications WHERE id = ?1"))?
+        .query_row([id], row_to_v)
+        .optional()
+}
+
+fn event_id() -> String {
+    let mut b = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut b);
+    format!("msg_{}", hex::encode(b))
+}
+
+/// The writer's view of which projects get webhook events, and the
+/// delivery worker's wake-up (rung after a commit that wrote events, so a
+/// new event goes out without waiting for the worker's poll).
+struct Hooks {
+    projects: HashSet<String>,
+    wake: Arc<Notify>,
+    /// An event was written in the batch being committed.
+    wrote: std::cell::Cell<bool>,
+}
+
+impl Hooks {
+    /// An outbox row for `v`'s current status, when its project has a
+    /// webhook: in the caller's transaction, beside the change itself.
+    fn event(&self, tx: &Transaction<'_>, v: &Verification, at_ms: i64) -> rusqlite::Result<()> {
+        if !self.projects.contains(&v.project) {
+            return Ok(());
+        }
+        self.wrote.set(true);
+        tx.prepare_cached(
+            "INSERT INTO webhook_outbox (id, project, verification_id, payload, created_at_ms, \
+             attempts, next_attempt_ms, done) VALUES (?1, ?2, ?3, ?4, ?5, 0, ?5, 0)",
+        )?
+        .execute(params![
+            event_id(),
+            v.project,
+            v.id,
+            event_payload(v, at_ms),
+            at_ms
+        ])?;
+        Ok(())
+    }
+}
+
+fn write_call(tx: &Transaction<'_>, v: &Verification) -> rusqlite::Result<()> {
+    let c = &v.call;
+    if c.invited_at_ms.is_none() {
+        // No INVITE went out: no call attempt to record.
+        return Ok(());
+    }
+    tx.prepare_cached(
+        "INSERT INTO call_attempts (verification_id, trunk, caller, destination, invited_at_ms, \
+         ringing_at_ms, cancel_at_ms, final_at_ms, sip_code, outcome) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+         ON CONFLICT (verification_id) DO UPDATE SET trunk = excluded.trunk, \
+         invited_at_ms = excluded.invited_at_ms, ringing_at_ms = excluded.ringing_at_ms, \
+         cancel_at_ms = excluded.cancel_at_ms, final_at_ms = excluded.final_at_ms, \
+         sip_code = excluded.sip_code, outcome = excluded.outcome",
+    )?
+    .execute(params![
+        v.id,
+        c.trunk,
+        v.caller,
+        v.phone,
+        c.invited_at_ms,
+        c.ringing_at_ms,
+        c.cancel_at_ms,
+        c.ended_at_ms,
+        c.sip_code,
+        c.outcome.map(Outcome::as_str),
+    ])?;
+    Ok(())
+}
+
+fn write_update(
+    tx: &Transaction<'_>,
+    hooks: &Hooks,
+    v: &Verification,
+    before: Status,
+    call_changed: bool,
+    at_ms: i64,
+) -> rusqlite::Result<usize> {
+    let c = &v.call;
+    let n = tx
+        .prepare_cached(
+            "UPDATE verifications SET status = ?2, attempts_left = ?3, call_trunk = ?4, \
+             call_outcome = ?5, call_sip_code = ?6, call_invited_at_ms = ?7, \
+             call_ringing_at_ms = ?8, call_cancel_at_ms = ?9, call_ended_at_ms = ?10 \
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            v.id,
+            v.status.as_str(),
+            v.attempts_left,
+            c.trunk,
+            c.outcome.map(Outcome::as_str),
+            c.sip_code,
+            c.invited_at_ms,
+            c.ringing_at_ms,
+            c.cancel_at_ms,
+            c.ended_at_ms,
+        ])?;
+    // n == 0: the insert failed or was pruned; nothing to hang rows on.
+    if n > 0 {
+        if call_changed {
+            write_call(tx, v)?;
+        }
+        if before != v.status {
+            hooks.event(tx, v, at_ms)?;
+        }
+    }
+    Ok(n)
+}
+
+fn write_insert(
+    tx: &Transaction<'_>,
+    hooks: &Hooks,
+    v: &Verification,
+    idem: Option<&(String, Idempotent)>,
+) -> rusqlite::Result<Done> {
+    let c = &v.call;
+    // OR IGNORE: a duplicate id fails that one request, not the whole
+    // group commit it shares a transaction with.
+    let n = tx
+        .prepare_cached(&format!(
+            "INSERT OR IGNORE INTO verifications ({V_COLS}) VALUES \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+        ))?
+        .execute(params![
+            v.id,
+            v.project,
+            v.phone,
+            v.sender,
+            v.code,
+            v.client_code,
+            v.caller,
+            v.reference,
+            v.created_at_ms,
+            v.expires_at_ms,
+            v.attempts_left,
+            v.status.as_str(),
+            c.trunk,
+            c.outcome.map(Outcome::as_str),
+            c.sip_code,
+            c.invited_at_ms,
+            c.ringing_at_ms,
+            c.cancel_at_ms,
+            c.ended_at_ms,
+        ])?;
+    if n == 0 {
+        return Ok(Err(StoreError::Duplicate(v.id.clone())));
+    }
+    if let Some((key, rec)) = idem {
+        let n = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO idempotency (project, key, body_sha256, verification_id, \
+                 response) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                v.project,
+                key,
+                &rec.body_sha256[..],
+                rec.verification_id,
+                rec.response
+            ])?;
+        if n == 0 {
+            // The HTTP layer's in-flight guard makes this unreachable; if
+            // it happens, undo this verification only.
+            tx.execute("DELETE FROM verifications WHERE id = ?1", [&v.id])?;
+            return Ok(Err(StoreError::Duplicate(format!("{}/{key}", v.project))));
+        }
+    }
+    write_call(tx, v)?;
+    hooks.event(tx, v, v.created_at_ms)?;
+    Ok(Ok(1))
+}
+
+fn write_delivery(tx: &Transaction<'_>, id: &str, a: &DeliveryAttempt) -> rusqlite::Result<usize> {
+    tx.prepare_cached(
+        "INSERT INTO webhook_deliveries (event_id, at_ms, status, error) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![id, a.at_ms, a.status, a.error])?;
+    let n = tx
+        .prepare_cached(
+            "UPDATE webhook_outbox SET attempts = attempts + 1, \
+             next_attempt_ms = COALESCE(?2, next_attempt_ms), done = ?3 WHERE id = ?1",
+        )?
+        .execute(params![id, a.next_attempt_ms, a.next_attempt_ms.is_none()])?;
+    Ok(n)
+}
+
+fn write_prune(tx: &Transaction<'_>, before_ms: i64, limit: usize) -> rusqlite::Result<usize> {
+    // The same ids for every table: one temp table, filled once.
+    tx.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS prune_ids (id TEXT PRIMARY KEY); DELETE FROM prune_ids;",
+    )?;
+    tx.execute(
+        "INSERT INTO prune_ids SELECT id FROM verifications WHERE created_at_ms < ?1 \
+         ORDER BY created_at_ms LIMIT ?2",
+        params![before_ms, i64::try_from(limit).unwrap_or(i64::MAX)],
+    )?;
+    tx.execute_batch(
+        "DELETE FROM call_attempts WHERE verification_id IN (SELECT id FROM prune_ids);
+         DELETE FROM checks WHERE verification_id IN (SELECT id FROM prune_ids);
+         DELETE FROM idempotency WHERE verification_id IN (SELECT id FROM prune_ids);
+         DELETE FROM webhook_deliveries WHERE event_id IN (SELECT id FROM webhook_outbox
+             WHERE done = 1 AND verification_id IN (SELECT id FROM prune_ids));
+         DELETE FROM webhook_outbox WHERE done = 1 AND verification_id IN (SELECT id FROM prune_ids);",
+    )?;
+    let n = tx.execute(
+        "DELETE FROM verifications WHERE id IN (SELECT id FROM prune_ids)",
+        [],
+    )?;
+    tx.execute_batch("DELETE FROM prune_ids;")?;
+    Ok(n)
+}
+
+/// One group commit: every job of the batch in one transaction. Returns
+/// each job's own result; an `Err` means nothing of the batch was stored.
+fn commit(conn: &mut Connection, hooks: &Hooks, batch: &[Job]) -> rusqlite::Result<Vec<Done>> {
+    let tx = conn.transaction()?;
+    let mut out = Vec::with_capacity(batch.len());
+    for job in batch {
+        out.push(match &job.op {
+            Op::Insert { v, idem } => write_insert(&tx, hooks, v, idem.as_ref())?,
+            Op::Update {
+                v,
+                before,
+                call_changed,
+                at_ms,
+            } => Ok(write_update(&tx, hooks, v, *before, *call_changed, *at_ms)?),
+            Op::Check { id, at_ms, result } => Ok(tx
+                .prepare_cached(
+                    "INSERT INTO checks (verification_id, at_ms, result) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![id, at_ms, result])?),
+            Op::Delivery { id, attempt } => Ok(write_delivery(&tx, id, attempt)?),
+            Op::Prune { before_ms, limit } => Ok(write_prune(&tx, *before_ms, *limit)?),
+            Op::Flush | Op::Fault(_) => Ok(0),
+        });
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+fn apply_fault(conn: &Connection, f: Fault) -> rusqlite::Result<()> {
+    match f {
+        Fault::ReadOnly => conn.pragma_update(None, "query_only", true),
+        Fault::Full => {
+            let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            conn.pragma_update(None, "max_page_count", pages)
+        }
+    }
+}
+
+/// The writer thread: take everything queued, commit it in one
+/// transaction, wake the waiters; repeat until every sender is gone.
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Job>, inner: Arc<Inner>, hooks: Hooks) {
+    let mut retry: Vec<Job> = Vec::new();
+    let mut closed = false;
+    let mut failing_since: Option<Instant> = None;
+    let mut last_log: Option<Instant> = None;
+    loop {
+        let mut batch = std::mem::take(&mut retry);
+        if batch.is_empty() {
+            if closed {
+                break;
+            }
+            match rx.recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        } else if !closed {
+            // Updates failed last time: wait a little so a lasting failure
+            // (full disk) does not spin, but take new work at once.
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(j) => batch.push(j),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => closed = true,
+            }
+        }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        for job in &batch {
+            if let Op::Fault(f) = job.op {
+                if let Err(e) = apply_fault(&conn, f) {
+                    tracing::error!(error = %e, "store: fault injection failed");
+                }
+            }
+        }
+        hooks.wrote.set(false);
+        match commit(&mut conn, &hooks, &batch) {
+            Ok(results) => {
+                if hooks.wrote.get() {
+                    hooks.wake.notify_one();
+                }
+                if failing_since.take().is_some() {
+                    tracing::info!("store: commits succeed again");
+                }
+                for (job, r) in batch.into_iter().zip(results) {
+                    if let (Op::Insert { v, idem }, Ok(_)) = (job.op, &r) {
+                        let key = idem.map(|(k, rec)| {
+                            let key = (v.project.clone(), k);
+                            inner.idem.insert(key.clone(), rec);
+                            key
+                        });
+                        // Into the cache before the waiter hears "stored":
+                        // the 201 lets the SIP driver update it next.
+                        inner.admit(v, key);
+                    }
+                    if let Some(w) = job.waiter {
+                        w.send(r);
+                    }
+                }
+            }
+            Err(e) => {
+                let n = batch.len();
+                failing_since.get_or_insert_with(Instant::now);
+                // One clear line per failure streak, then one every 10 s.
+                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    tracing::error!(
+                        error = %e,
+                        jobs = n,
+                        "store: commit failed; creates answer 503 until writes succeed \
+                         (disk full? database read-only?)"
+                    );
+                    last_log = Some(Instant::now());
+                }
+                let err = StoreError::Unavailable(format!("commit failed: {e}"));
+                let mut dropped = 0usize;
+                for job in batch {
+                    match job.waiter {
+                        Some(w) => w.send(Err(StoreError::Unavailable(err.to_string()))),
+                        // Updates and checks nobody waits for: the cache
+                        // already holds them; keep them for the next try.
+                        None if matches!(job.op, Op::Update { .. } | Op::Check { .. })
+                            && retry.len() < MAX_RETRY
+                            && !closed =>
+                        {
+                            retry.push(job)
+                        }
+                        None => dropped += 1,
+                    }
+                }
+                if dropped > 0 {
+                    tracing::error!(dropped, "store: writes lost after failed commits");
+                }
+            }
+        }
+    }
+    if let Err((_, e)) = conn.close() {
+        tracing::warn!(error = %e, "store: close failed");
+    }
+}
+
+impl SqliteStore {
+    /// What the webhook delivery worker waits on besides its poll timer.
+    pub fn outbox_wake(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Opens (creating if needed) the database at `path`: refuses a file
+    /// that is not SQLite, fails its quick check, or has a newer schema;
+    /// migrates; closes the verifications a crash left pending or calling
+    /// (status `failed`, call outcome `interrupted`, with their webhook
+    /// events); loads the live records into the cache; starts the writer.
+    /// `webhook_projects`: the project logins with a webhook configured.
+    pub fn open(path: &Path, webhook_projects: HashSet<String>) -> Result<SqliteStore, OpenError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|err| OpenError::Dir {
+                path: path.into(),
+                err,
+            })?;
+        }
+        check_header(path)?;
+        let sql = |err| OpenError::Sqlite {
+            path: path.into(),
+            err,
+        };
+        let mut conn = connect(path, OpenFlags::default()).map_err(|err| match err {
+            rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::NotADatabase => {
+                OpenError::NotSqlite { path: path.into() }
+            }
+            err => sql(err),
+        })?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|err| match err {
+                rusqlite::Error::SqliteFailure(e, _)
+                    if e.code == rusqlite::ErrorCode::NotADatabase =>
+                {
+                    OpenError::NotSqlite { path: path.into() }
+                }
+                err => OpenError::Corrupt {
+                    path: path.into(),
+                    detail: err.to_string(),
+                },
+            })?;
+        if check != "ok" {
+            return Err(OpenError::Corrupt {
+                path: path.into(),
+                detail: check,
+            });
+        }
+        // WAL: readers never block the writer and a commit is one append.
+        // synchronous=NORMAL in WAL mode does not fsync at each commit, only
+        // at checkpoints: a committed transaction is in the WAL file (the OS
+        // page cache) when COMMIT returns, so it survives the PROCESS dying
+        // (kill -9, panic, OOM kill), which is what issue 4 requires of an
+        // acknowledged create; it may lose the last commits on power loss or
+        // a kernel crash, never consistency. FULL would fsync every group
+        // commit and cost milliseconds per batch.
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(sql)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %path.display(), mode, "store: WAL mode not available");
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        // No checkpoint inside the writer's COMMIT: it would copy pages and
+        // fsync the database while every create of the batch waits (the
+        // p99). The checkpointer thread does it beside the writer instead.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(sql)?;
+        // 32 MiB of page cache for the writer (default 2 MiB): random ids
+        // land all over the primary-key b-trees; keeping their pages hot
+        // is most of the writer's speed.
+        conn.pragma_update(None, "cache_size", -32_768)
+            .map_err(sql)?;
+        migrate(&mut conn, path)?;
+
+        let wake = Arc::new(Notify::new());
+        let hooks = Hooks {
+            projects: webhook_projects,
+            wake: wake.clone(),
+            wrote: std::cell::Cell::new(false),
+        };
+        let now = now_ms();
+        let interrupted = close_interrupted(&mut conn, &hooks, now).map_err(sql)?;
+        if interrupted > 0 {
+            tracing::warn!(
+                count = interrupted,
+                "store: verifications left pending or calling by the last run were closed \
+                 as failed (call outcome interrupted)"
+            );
+        }
+
+        let inner = Arc::new(Inner {
+            cache: DashMap::new(),
+            idem: DashMap::new(),
+            expiries: Mutex::new(BinaryHeap::new()),
+            evictions: Mutex::new(BinaryHeap::new()),
+        });
+        {
+            // Live: within TTL (plus the eviction margin), or not final yet
+            // (so the expiry sweep closes it).
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT {V_COLS} FROM verifications WHERE expires_at_ms > ?1 \
+                     OR status IN ('pending', 'calling', 'delivered', 'failed')"
+                ))
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map([now.saturating_sub(EVICT_AFTER_MS)], row_to_v)
+                .map_err(sql)?;
+            for v in rows {
+                inner.admit(v.map_err(sql)?, None);
+            }
+        }
+        tracing::info!(path = %path.display(), live = inner.cache.len(), "store opened");
+
+        let reader = connect(path, OpenFlags::default()).map_err(sql)?;
+        reader
+            .pragma_update(None, "query_only", true)
+            .map_err(sql)?;
+        let checkpoint_conn = connect(path, OpenFlags::default()).map_err(sql)?;
+        let (stop_checkpoints, checkpoint_rx) = mpsc::channel::<()>();
+        let checkpointer = std::thread::Builder::new()
+            .name("flashcall-checkpoint".into())
+            .spawn(move || checkpointer(checkpoint_conn, checkpoint_rx))
+            .map_err(|err| OpenError::Thread {
+                path: path.into(),
+                err,
+            })?;
+        let (tx, rx) = mpsc::channel();
+        let writer = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("flashcall-store".into())
+                .spawn(move || writer(conn, rx, inner, hooks))
+                .map_err(|err| OpenError::Thread {
+                    path: path.into(),
+                    err,
+                })?
+        };
+        Ok(SqliteStore {
+            wake,
+            inner,
+            tx: Some(tx),
+            writer: Some(writer),
+            reader: Mutex::new(reader),
+            miss: Mutex::new(()),
+            path: path.into(),
+            stop_checkpoints: Some(stop_checkpoints),
+            checkpointer: Some(checkpointer),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn send(&self, op: Op, waiter: Option<Waiter>) -> Result<(), StoreError> {
+        self.tx
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(Job { op, waiter })
+            .map_err(|_| stopped())
+    }
+
+    /// Queues `op` and waits (blocking this thread) for its commit.
+    fn send_wait(&self, op: Op) -> Done {
+        let (t, r) = mpsc::sync_channel(1);
+        self.send(op, Some(Waiter::Sync(t)))?;
+        r.recv().map_err(|_| stopped())?
+    }
+
+    /// Queues `op` and resolves when its batch is committed.
+    fn send_async(&self, op: Op) -> StoreFuture<'_, usize> {
+        let (t, r) = oneshot::channel();
+        let sent = self.send(op, Some(Waiter::Async(t)));
+        Box::pin(async move {
+            sent?;
+            r.await.map_err(|_| stopped())?
+        })
+    }
+
+    /// Makes every later commit fail as `f` does (tests of the 503 path).
+    #[doc(hidden)]
+    pub fn inject_fault(&self, f: Fault) -> Result<(), StoreError> {
+        self.send_wait(Op::Fault(f)).map(|_| ())
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let conn = self.reader.lock().map_err(|_| poisoned())?;
+        f(&conn).map_err(unavailable)
+    }
+
+    /// Applies `f` to `v`, queues the write if anything changed.
+    fn change(
+        &self,
+        v: &mut Verification,
+        f: &mut dyn FnMut(&mut Verification),
+    ) -> Result<(), StoreError> {
+        let before = v.clone();
+        f(v);
+        if *v != before {
+            self.send(
+                Op::Update {
+                    v: v.clone(),
+                    before: before.status,
+                    call_changed: v.call != before.call,
+                    at_ms: now_ms(),
+                },
+                None,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Closes what a crash left open: `pending` and `calling` become `failed`
+/// with call outcome `interrupted`, each with its webhook event, in one
+/// transaction.
+fn close_interrupted(conn: &mut Connection, hooks: &Hooks, now: i64) -> rusqlite::Result<usize> {
+    let tx = conn.transaction()?;
+    let stuck: Vec<Verification> = {
+        let mut stmt = tx.prepare(&format!(
+            "SELECT {V_COLS} FROM verifications WHERE status IN ('pending', 'calling')"
+        ))?;
+        let rows = stmt.query_map([], row_to_v)?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    for mut v in stuck.iter().cloned() {
+        let before = v.status;
+        v.status = Status::Failed;
+        v.call.outcome = Some(Outcome::Interrupted);
+        if v.call.invited_at_ms.is_some() {
+            v.call.ended_at_ms.get_or_insert(now);
+        }
+        write_update(&tx, hooks, &v, before, true, now)?;
+    }
+    tx.commit()?;
+    Ok(stuck.len())
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer commit what is left and stop.
+        self.tx.take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        self.stop_checkpoints.take();
+        if let Some(c) = self.checkpointer.take() {
+            let _ = c.join();
+        }
+    }
+}
+
+/// Copies the WAL back into the database every 500 ms, beside the writer
+/// (PASSIVE: never waits for, nor blocks, the writer or readers), so the
+/// WAL stays small without a checkpoint ever running inside a commit.
+fn checkpointer(conn: Connection, stop: mpsc::Receiver<()>) {
+    let mut failing = false;
+    // Anything but a timeout (the store dropped its sender) ends it.
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(Duration::from_millis(500)) {
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
+            Ok(_) => failing = false,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "store: WAL checkpoint failed; will retry");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    fn insert(&self, v: Verification, idem: Option<(String, Idempotent)>) -> StoreFuture<'_, ()> {
+        if self.inner.cache.contains_key(&v.id) {
+            return Box::pin(std::future::ready(Err(StoreError::Duplicate(v.id))));
+        }
+        let f = self.send_async(Op::Insert { v, idem });
+        Box::pin(async move { f.await.map(|_| ()) })
+    }
+
+    fn get(&self, id: &str) -> Result<Option<Verification>, StoreError> {
+        if let Some(v) = self.inner.cache.get(id) {
+            return Ok(Some(v.clone()));
+        }
+        self.read(|c| load_one(c, id))
+    }
+
+    fn update(
+        &self,
+        id: &str,
+        f: &mut dyn FnMut(&mut Verification),
+    ) -> Result<Option<Verification>, StoreError> {
+        if let Some(mut v) = self.inner.cache.get_mut(id) {
+            // Queued while the entry is locked: the writer sees the
+            // changes of one id in the order they were made.
+            self.change(&mut v, f)?;
+            return Ok(Some(v.clone()));
+        }
+        // Not cached: evicted after its TTL (or unknown).
+        let _g = self.miss.lock().map_err(|_| poisoned())?;
+        let Some(mut v) = self.read(|c| load_one(c, id))? else {
+            return Ok(None);
+        };
+        self.change(&mut v, f)?;
+        Ok(Some(v))
+    }
+
+    fn idempotent(&self, project: &str, key: &str) -> Result<Option<Idempotent>, StoreError> {
+        let k = (project.to_string(), key.to_string());
+        if let Some(r) = self.inner.idem.get(&k) {
+            return Ok(Some(r.clone()));
+        }
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT body_sha256, verification_id, response FROM idempotency \
+                 WHERE project = ?1 AND key = ?2",
+            )?
+            .query_row(params![project, key], |r| {
+                let sha: Vec<u8> = r.get(0)?;
+                let mut body_sha256 = [0u8; 32];
+                if sha.len() == 32 {
+                    body_sha256.copy_from_slice(&sha);
+                }
+                Ok(Idempotent {
+                    body_sha256,
+                    verification_id: r.get(1)?,
+                    response: r.get(2)?,
+                })
+            })
+            .optional()
+        })
+    }
+
+    fn expire_due(&self, now_ms: i64) -> Result<Vec<Verification>, StoreError> {
+        let mut due = Vec::new();
+        {
+            let mut heap = self.inner.expiries.lock().map_err(|_| poisoned())?;
+            while let Some(Reverse((at, _))) = heap.peek() {
+                if *at > now_ms {
+                    break;
+                }
+                if let Some(Reverse((_, id))) = heap.pop() {
+                    due.push(id);
+                }
+            }
+        }
+        let mut expired = Vec::new();
+        for id in due {
+            if let Some(mut v) = self.inner.cache.get_mut(&id) {
+                let mut changed = false;
+                self.change(&mut v, &mut |v| changed = v.expire_if_due(now_ms))?;
+                if changed {
+                    expired.push(v.clone());
+                }
+            }
+        }
+        // Evict what is well past its TTL: reads of it go to the database.
+        let mut heap = self.inner.evictions.lock().map_err(|_| poisoned())?;
+        while let Some(Reverse((at, _, _))) = heap.peek() {
+            if *at > now_ms {
+                break;
+            }
+            if let Some(Reverse((_, id, key))) = heap.pop() {
+                self.inner.cache.remove(&id);
+                if let Some(k) = key {
+                    self.inner.idem.remove(&k);
+                }
+            }
+        }
+        Ok(expired)
+    }
+
+    fn scan(
+        &self,
+        project: &str,
+        from_ms: i64,
+        to_ms: i64,
+        sink: &mut dyn FnMut(&Verification) -> bool,
+    ) -> Result<(), StoreError> {
+        // Its own connection: a long export must not hold the reader that
+        // `get` falls back on. Rows stream; only the cursor is held.
+        let conn = connect(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(unavailable)?;
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {V_COLS} FROM verifications WHERE project = ?1 \
+                 AND created_at_ms >= ?2 AND created_at_ms < ?3 ORDER BY created_at_ms, id"
+            ))
+            .map_err(unavailable)?;
+        let mut rows = stmt
+            .query(params![project, from_ms, to_ms])
+            .map_err(unavailable)?;
+        while let Some(r) = rows.next().map_err(unavailable)? {
+            let v = row_to_v(r).map_err(unavailable)?;
+            // The cache may be a few milliseconds ahead of the database.
+            let v = match self.inner.cache.get(&v.id) {
+                Some(c) => c.clone(),
+                None => v,
+            };
+            if !sink(&v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn outbox_due(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, project, payload, created_at_ms, attempts, next_attempt_ms \
+                 FROM webhook_outbox WHERE done = 0 AND next_attempt_ms <= ?1 \
+                 ORDER BY next_attempt_ms LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(
+                params![now_ms, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| {
+                    Ok(OutboxEvent {
+                        id: r.get(0)?,
+                        project: r.get(1)?,
+                        payload: r.get(2)?,
+                        created_at_ms: r.get(3)?,
+                        attempts: r.get(4)?,
+                        next_attempt_ms: r.get(5)?,
+                    })
+                },
+            )?;
+            rows.collect()
+        })
+    }
+
+    /// Blocks until the attempt is committed (a few milliseconds), so the
+    /// next `outbox_due` never offers the event again too early.
+    fn outbox_record(&self, id: &str, attempt: DeliveryAttempt) -> Result<(), StoreError> {
+        self.send_wait(Op::Delivery {
+            id: id.to_string(),
+            attempt,
+        })
+        .map(|_| ())
+    }
+
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        let f = self.send_async(Op::Flush);
+        Box::pin(async move { f.await.map(|_| ()) })
+    }
+
+    fn record_check(&self, id: &str, at_ms: i64, result: CheckResult) {
+        if let Err(e) = self.send(
+            Op::Check {
+                id: id.to_string(),
+                at_ms,
+                result: result.as_str(),
+            },
+            None,
+        ) {
+            tracing::error!(error = %e, "store: check not recorded");
+        }
+    }
+
+    /// Blocks until the batch is deleted: call it off the async workers.
+    fn prune(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
+        self.send_wait(Op::Prune { before_ms, limit })
+    }
+
+    fn len(&self) -> usize {
+        self.inner.cache.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,446 @@
+//! The durable store on real files in a temp directory.
+
+use super::*;
+
+/// A fresh directory per test (tests run in parallel).
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "flashcall-sqlite-{name}-{}-{}",
+        std::process::id(),
+        rand::thread_rng().next_u32()
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+fn v(id: &str, created: i64, expires: i64) -> Verification {
+    Verification {
+        id: id.into(),
+        project: "p".into(),
+        phone: "+447911123456".into(),
+        sender: "S".into(),
+        code: "1234".into(),
+        client_code: true,
+        caller: "+447700901234".into(),
+        reference: Some("ref \"quoted\"".into()),
+        created_at_ms: created,
+        expires_at_ms: expires,
+        attempts_left: 3,
+        status: Status::Pending,
+        call: CallRecord::default(),
+    }
+}
+
+fn block<T>(f: StoreFuture<'_, T>) -> Result<T, StoreError> {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+fn open(path: &Path) -> SqliteStore {
+    SqliteStore::open(path, HashSet::from(["p".to_string()])).expect("open")
+}
+
+fn count(path: &Path, sql: &str) -> i64 {
+    let c = Connection::open(path).expect("open raw");
+    c.query_row(sql, [], |r| r.get(0)).expect(sql)
+}
+
+const FAR: i64 = i64::MAX / 4;
+
+#[test]
+fn insert_is_durable_and_reads_back_after_reopen() {
+    let d = dir("durable");
+    let path = d.join("sub/dir/f.db");
+    let now = now_ms();
+    {
+        let s = open(&path);
+        block(s.insert(v("a", now, now + 600_000), None)).unwrap();
+        assert!(matches!(
+            block(s.insert(v("a", now, now + 600_000), None)),
+            Err(StoreError::Duplicate(_))
+        ));
+        // Kill-like: the store is leaked, nothing is flushed on drop.
+        std::mem::forget(s);
+    }
+    let s = open(&path);
+    let got = s.get("a").unwrap().expect("a survived");
+    // It was pending: closed at startup as interrupted.
+    assert_eq!(got.status, Status::Failed);
+    assert_eq!(got.call.outcome, Some(Outcome::Interrupted));
+    assert_eq!(got.reference.as_deref(), Some("ref \"quoted\""));
+    assert_eq!(got.code, "1234");
+    assert_eq!(s.len(), 1);
+    // Still checkable.
+    let r = s
+        .update("a", &mut |v| {
+            v.check(now, crate::verification::Guess::Code("1234"));
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, Status::Verified);
+    block(s.flush()).unwrap();
+    drop(s);
+    assert_eq!(
+        open(&path).get("a").unwrap().unwrap().status,
+        Status::Verified
+    );
+}
+
+#[test]
+fn updates_expiry_idempotency_and_checks_persist() {
+    let d = dir("updates");
+    let path = d.join("f.db");
+    let now = now_ms();
+    let idem = Idempotent {
+        body_sha256: [7; 32],
+        verification_id: "a".into(),
+        response: "{\"id\":\"a\"}".into(),
+    };
+    {
+        let s = open(&path);
+        block(s.insert(
+            v("a", now, now + 600_000),
+            Some(("k1".into(), idem.clone())),
+        ))
+        .unwrap();
+        block(s.insert(v("b", now, now + 1_000), None)).unwrap();
+        s.update("a", &mut |v| v.call_started("main", now + 5))
+            .unwrap();
+        let mut rec = CallRecord {
+            trunk: "main".into(),
+            sip_code: Some(487),
+            invited_at_ms: Some(now + 5),
+            ringing_at_ms: Some(now + 50),
+            cancel_at_ms: Some(now + 60),
+            ended_at_ms: Some(now + 70),
+            outcome: None,
+        };
+        rec.outcome = None;
+        s.update("a", &mut |v| v.call_ended(Outcome::Delivered, rec.clone()))
+            .unwrap();
+        s.record_check("a", now + 80, CheckResult::WrongCode);
+        let expired = s.expire_due(now + 2_000).unwrap();
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].id, "b");
+        block(s.flush()).unwrap();
+        assert_eq!(s.idempotent("p", "k1").unwrap(), Some(idem.clone()));
+    }
+    let s = open(&path);
+    let a = s.get("a").unwrap().unwrap();
+    assert_eq!(a.status, Status::Delivered);
+    assert_eq!(a.call.outcome, Some(Outcome::Delivered));
+    assert_eq!(a.call.ringing_at_ms, Some(now + 50));
+    assert_eq!(a.call.sip_code, Some(487));
+    assert_eq!(s.get("b").unwrap().unwrap().status, Status::Expired);
+    // From the database (the cache of idempotency keys starts empty).
+    assert_eq!(s.idempotent("p", "k1").unwrap(), Some(idem));
+    assert_eq!(s.idempotent("other", "k1").unwrap(), None);
+    drop(s);
+    assert_eq!(
+        count(
+            &path,
+            "SELECT count(*) FROM checks WHERE result = 'wrong_code'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &path,
+            "SELECT count(*) FROM call_attempts WHERE outcome = 'delivered' AND ringing_at_ms IS NOT NULL"
+        ),
+        1
+    );
+}
+
+#[test]
+fn outbox_rows_follow_status_changes_in_the_same_transaction() {
+    let d = dir("outbox");
+    let path = d.join("f.db");
+    let now = now_ms();
+    let s = open(&path);
+    block(s.insert(v("a", now, now + 600_000), None)).unwrap();
+    let mut other = v("o", now, now + 600_000);
+    other.project = "nohook".into();
+    block(s.insert(other, None)).unwrap();
+    // Status changes: calling, then failed. A change of attempts only: no event.
+    s.update("a", &mut |v| v.call_started("t", now)).unwrap();
+    s.update("a", &mut |v| v.attempts_left = 2).unwrap();
+    s.update("a", &mut |v| v.call_ended(Outcome::Busy, v.call.clone()))
+        .unwrap();
+    s.update("o", &mut |v| v.call_started("t", now)).unwrap();
+    block(s.flush()).unwrap();
+    // Events are due from the moment of their change.
+    let now = now_ms();
+    let due = s.outbox_due(now, 100).unwrap();
+    let types: Vec<String> = due
+        .iter()
+        .map(|e| {
+            let j: serde_json::Value = serde_json::from_str(&e.payload).unwrap();
+            j["type"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(due.len(), 3, "{types:?}");
+    for t in [
+        "verification.pending",
+        "verification.calling",
+        "verification.failed",
+    ] {
+        assert!(types.iter().any(|x| x == t), "{t} in {types:?}");
+    }
+    assert!(due
+        .iter()
+        .all(|e| e.project == "p" && e.id.len() == 36 && e.id.starts_with("msg_")));
+    // Every outbox row has its status change committed with it.
+    assert_eq!(
+        count(
+            &path,
+            "SELECT count(*) FROM webhook_outbox o JOIN verifications v ON v.id = o.verification_id"
+        ),
+        3
+    );
+    // A failed attempt reschedules; a delivered one ends the event.
+    let e = &due[0];
+    s.outbox_record(
+        &e.id,
+        DeliveryAttempt {
+            at_ms: now,
+            status: Some(500),
+            error: None,
+            next_attempt_ms: Some(now + 10_000_000),
+            delivered: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(s.outbox_due(now, 100).unwrap().len(), 2);
+    let later = s.outbox_due(now + 10_000_000, 100).unwrap();
+    let again = later.iter().find(|x| x.id == e.id).expect("rescheduled");
+    assert_eq!(again.attempts, 1);
+    s.outbox_record(
+        &e.id,
+        DeliveryAttempt {
+            at_ms: now + 10_000,
+            status: Some(204),
+            error: None,
+            next_attempt_ms: None,
+            delivered: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(s.outbox_due(FAR, 100).unwrap().len(), 2);
+    drop(s);
+    assert_eq!(count(&path, "SELECT count(*) FROM webhook_deliveries"), 2);
+    // Events survive a restart (`a` is failed already: nothing new).
+    let s = open(&path);
+    assert_eq!(s.outbox_due(FAR, 100).unwrap().len(), 2);
+}
+
+#[test]
+fn interrupted_calls_are_closed_on_reopen_with_their_event() {
+    let d = dir("interrupted");
+    let path = d.join("f.db");
+    let now = now_ms();
+    {
+        let s = open(&path);
+        block(s.insert(v("calling", now, now + 600_000), None)).unwrap();
+        block(s.insert(v("pending", now, now + 600_000), None)).unwrap();
+        block(s.insert(v("done", now, now + 600_000), None)).unwrap();
+        s.update("calling", &mut |v| v.call_started("t", now))
+            .unwrap();
+        s.update("done", &mut |v| {
+            v.check(now, crate::verification::Guess::Code("1234"));
+        })
+        .unwrap();
+        block(s.flush()).unwrap();
+        std::mem::forget(s);
+    }
+    let s = open(&path);
+    let c = s.get("calling").unwrap().unwrap();
+    assert_eq!(c.status, Status::Failed);
+    assert_eq!(c.call.outcome, Some(Outcome::Interrupted));
+    assert!(c.call.ended_at_ms.is_some());
+    let p = s.get("pending").unwrap().unwrap();
+    assert_eq!(p.status, Status::Failed);
+    assert_eq!(s.get("done").unwrap().unwrap().status, Status::Verified);
+    let failed_events = s
+        .outbox_due(FAR, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.payload.contains("verification.failed"))
+        .count();
+    assert_eq!(failed_events, 2);
+    drop(s);
+    assert_eq!(
+        count(
+            &path,
+            "SELECT count(*) FROM call_attempts WHERE outcome = 'interrupted'"
+        ),
+        1
+    );
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let d = dir("newer");
+    let path = d.join("f.db");
+    drop(open(&path));
+    let c = Connection::open(&path).unwrap();
+    c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+        .unwrap();
+    drop(c);
+    let e = SqliteStore::open(&path, HashSet::new())
+        .err()
+        .expect("refused");
+    assert!(matches!(e, OpenError::NewerSchema { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("f.db") && msg.contains("newer"), "{msg}");
+}
+
+#[test]
+fn garbage_and_corrupt_files_are_refused() {
+    let d = dir("garbage");
+    let path = d.join("f.db");
+    std::fs::write(
+        &path,
+        "this is not a database, just some text\n".repeat(200),
+    )
+    .unwrap();
+    let e = SqliteStore::open(&path, HashSet::new())
+        .err()
+        .expect("refused");
+    assert!(matches!(e, OpenError::NotSqlite { .. }), "{e}");
+    assert!(e.to_string().contains("f.db"), "{e}");
+
+    // A real header over garbage pages.
+    let path = d.join("g.db");
+    drop(open(&path));
+    let mut bytes = std::fs::read(&path).unwrap();
+    for b in bytes.iter_mut().skip(100) {
+        *b = 0xA5;
+    }
+    std::fs::write(&path, bytes).unwrap();
+    let _ = std::fs::remove_file(d.join("g.db-wal"));
+    let _ = std::fs::remove_file(d.join("g.db-shm"));
+    let e = SqliteStore::open(&path, HashSet::new())
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(e, OpenError::Corrupt { .. } | OpenError::NotSqlite { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("g.db"), "{e}");
+}
+
+#[test]
+fn read_only_or_full_database_fails_inserts_without_panic() {
+    let d = dir("readonly");
+    let path = d.join("f.db");
+    let now = now_ms();
+    let s = open(&path);
+    block(s.insert(v("ok", now, now + 600_000), None)).unwrap();
+    s.inject_fault(Fault::ReadOnly).unwrap();
+    let e = block(s.insert(v("no", now, now + 600_000), None)).unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+    assert!(
+        s.get("no").unwrap().is_none(),
+        "not visible when not stored"
+    );
+    // A queued update fails too, and the flush after it says so.
+    s.update("ok", &mut |v| v.attempts_left = 1).unwrap();
+    assert!(block(s.flush()).is_err());
+    drop(s);
+    let s = open(&path);
+    assert!(s.get("ok").unwrap().is_some());
+    assert!(s.get("no").unwrap().is_none());
+
+    // Full: the database may not grow; some insert must fail, cleanly.
+    s.inject_fault(Fault::Full).unwrap();
+    let mut failed = None;
+    for i in 0..20_000 {
+        let id = format!("f{i}");
+        if block(s.insert(v(&id, now, now + 600_000), None)).is_err() {
+            failed = Some(id);
+            break;
+        }
+    }
+    let id = failed.expect("an insert fails once the database is full");
+    assert!(s.get(&id).unwrap().is_none());
+}
+
+#[test]
+fn prune_deletes_old_records_and_what_hangs_off_them() {
+    let d = dir("prune");
+    let path = d.join("f.db");
+    let now = now_ms();
+    let s = open(&path);
+    let idem = |id: &str| Idempotent {
+        body_sha256: [1; 32],
+        verification_id: id.into(),
+        response: "{}".into(),
+    };
+    for i in 0..25 {
+        let id = format!("old{i}");
+        block(s.insert(v(&id, 1_000 + i, 2_000), Some((id.clone(), idem(&id))))).unwrap();
+        s.record_check(&id, 1_500, CheckResult::WrongCode);
+    }
+    block(s.insert(v("new", now, now + 600_000), None)).unwrap();
+    block(s.flush()).unwrap();
+    // Batches of 10: 10, 10, 5.
+    assert_eq!(s.prune(now - 1_000, 10).unwrap(), 10);
+    assert_eq!(s.prune(now - 1_000, 10).unwrap(), 10);
+    assert_eq!(s.prune(now - 1_000, 10).unwrap(), 5);
+    assert_eq!(s.prune(now - 1_000, 10).unwrap(), 0);
+    assert!(s.get("new").unwrap().is_some());
+    drop(s);
+    assert_eq!(count(&path, "SELECT count(*) FROM verifications"), 1);
+    assert_eq!(count(&path, "SELECT count(*) FROM checks"), 0);
+    assert_eq!(count(&path, "SELECT count(*) FROM idempotency"), 0);
+    // Undelivered events are kept for the delivery worker.
+    assert!(count(&path, "SELECT count(*) FROM webhook_outbox") >= 25);
+}
+
+#[test]
+fn scan_streams_in_order_and_stops() {
+    let d = dir("scan");
+    let path = d.join("f.db");
+    let s = open(&path);
+    for i in 0..10 {
+        block(s.insert(v(&format!("v{i}"), 100 - i, FAR), None)).unwrap();
+    }
+    let mut seen = Vec::new();
+    s.scan("p", 92, 100, &mut |v| {
+        seen.push(v.created_at_ms);
+        seen.len() < 5
+    })
+    .unwrap();
+    assert_eq!(seen, vec![92, 93, 94, 95, 96]);
+}
+
+#[test]
+fn many_concurrent_inserts_group_commit() {
+    let d = dir("group");
+    let path = d.join("f.db");
+    let s = Arc::new(open(&path));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let now = now_ms();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..2_000 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.insert(v(&format!("g{i}"), now, now + 600_000), None)
+                    .await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    });
+    drop(s);
+    assert_eq!(count(&path, "SELECT count(*) FROM verifications"), 2_000);
+}

@@ -1,0 +1,118 @@
+//! The API on a SQLite store that cannot write (read-only or full disk):
+//! creates and checks answer 503 problem+json, never 201 or 200 for
+//! something not stored. In-process (router + tower), no socket.
+
+use axum::body::Body;
+use axum::http::Request;
+use flashcall::config::Config;
+use flashcall::engine::{EngineShared, Trunk};
+use flashcall::http::{router, AppState};
+use flashcall::pool::Pool;
+use flashcall::store::sqlite::{Fault, SqliteStore};
+use flashcall::store::Store;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use tower::ServiceExt;
+
+const CONFIG: &str = r#"
+[sandbox]
+enabled = true
+[[projects]]
+login = "t"
+secret = "s"
+senders = [{ code = "T", status = "active" }]
+"#;
+// base64("t:s")
+const AUTH: &str = "Basic dDpz";
+
+async fn call(app: &axum::Router, method: &str, path: &str, body: &str) -> (u16, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .header("authorization", AUTH)
+        .body(Body::from(body.to_string()))
+        .expect("request");
+    let resp = app.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status().as_u16();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+#[tokio::test]
+async fn unwritable_store_answers_503_never_201() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("store-http-503");
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = Config::parse(CONFIG, Path::new("t.toml"), |_| None).expect("config");
+    let engine = Arc::new(EngineShared::new(vec![Trunk {
+        name: "t".into(),
+        addr: "127.0.0.1:5070".parse().expect("literal"),
+        host: "127.0.0.1:5070".into(),
+        cps: 1_000,
+        queue_cap: 1_000,
+        weight: 1,
+        credentials: None,
+        caller_id: Default::default(),
+    }]));
+    let sqlite = Arc::new(SqliteStore::open(&dir.join("t.db"), HashSet::new()).expect("open"));
+    let store: Arc<dyn Store> = sqlite.clone();
+    let pool = Pool::parse("+44770090XXXX\n", 4, "t", &mut StdRng::seed_from_u64(1)).expect("pool");
+    let app = router(Arc::new(AppState::new(&cfg, pool, store, engine)));
+
+    let (s, body) = call(
+        &app,
+        "POST",
+        "/v1/verifications",
+        r#"{"phone":"+447911123456","sender":"T","code":"1234"}"#,
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    for fault in [Fault::ReadOnly, Fault::Full] {
+        sqlite.inject_fault(fault).expect("fault");
+        let before = sqlite.len();
+        // Full needs the free pages used up first: a few creates may still
+        // fit. Every answer is a 201 that is readable, or a 503.
+        let mut saw_503 = false;
+        for i in 0..2_000 {
+            let body = format!(r#"{{"phone":"+44791112{i:04}","sender":"T"}}"#);
+            let (s, resp) = call(&app, "POST", "/v1/verifications", &body).await;
+            match s {
+                201 => {
+                    let id = serde_json::from_str::<serde_json::Value>(&resp).unwrap()["id"]
+                        .as_str()
+                        .unwrap()
+                        .to_string();
+                    assert!(sqlite.get(&id).unwrap().is_some());
+                }
+                503 => {
+                    let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+                    assert_eq!(v["type"], "overloaded", "{resp}");
+                    saw_503 = true;
+                    break;
+                }
+                _ => panic!("{s} {resp}"),
+            }
+        }
+        assert!(saw_503, "{fault:?}: a create must fail");
+        assert!(sqlite.len() >= before);
+    }
+    // A check cannot be made durable either: 503, not a `verified`.
+    let (s, resp) = call(
+        &app,
+        "POST",
+        &format!("/v1/verifications/{id}/check"),
+        r#"{"code":"1234"}"#,
+    )
+    .await;
+    assert_eq!(s, 503, "{resp}");
+}
