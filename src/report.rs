@@ -556,7 +556,9 @@ mod tests {
         assert_eq!(t["by_outcome"]["delivered"], 2);
         assert_eq!(t["by_outcome"]["busy"], 1);
         assert_eq!(t["by_outcome"]["no_ringing"], 0);
-        assert_eq!(t["by_outcome"].as_object().unwrap().len(), 10);
+        // Every outcome, interrupted (a restart closed the call) included.
+        assert_eq!(t["by_outcome"].as_object().unwrap().len(), 11);
+        assert_eq!(t["by_outcome"]["interrupted"], 0);
         assert_eq!(t["delivery_rate"], json!(2.0 / 3.0));
         assert_eq!(t["verification_rate"], json!(0.25));
         // Delays 100, 100, 1500: the median is 100.
