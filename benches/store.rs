@@ -42,6 +42,7 @@ secret = "bench-secret"
 rate = 1000000000
 burst = 1000000000
 webhook_url = "http://127.0.0.1:9/hook"
+webhook_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 senders = [{ code = "BENCH", status = "active" }]
 "#;
 
