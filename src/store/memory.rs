@@ -192,18 +192,7 @@ impl Store for MemoryStore {
     }
 
     fn expire_due(&self, now_ms: i64) -> Result<Vec<Verification>, StoreError> {
-        let mut due = Vec::new();
-        {
-            let mut heap = self.expiries.lock().map_err(|_| poisoned())?;
-            while let Some(Reverse((at, _))) = heap.peek() {
-                if *at > now_ms {
-                    break;
-                }
-                if let Some(Reverse((_, id))) = heap.pop() {
-                    due.push(id);
-                }
-            }
-        }
+        let due = super::pop_due(&self.expiries, now_ms)?;
         let mut expired = Vec::new();
         for id in due {
             if let Some(mut v) = self.by_id.get_mut(&id) {

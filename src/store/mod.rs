@@ -117,3 +117,25 @@ pub trait Store: Send + Sync + 'static {
         self.len() == 0
     }
 }
+
+/// Expiry deadlines, soonest first: `(expires_at_ms, id)`.
+pub type ExpiryHeap =
+    std::sync::Mutex<std::collections::BinaryHeap<std::cmp::Reverse<(i64, String)>>>;
+
+/// Takes the ids whose deadline is at or before `now_ms` off `heap`; both
+/// stores expire through it so the sweep touches only what is due.
+pub fn pop_due(heap: &ExpiryHeap, now_ms: i64) -> Result<Vec<String>, StoreError> {
+    let mut heap = heap
+        .lock()
+        .map_err(|_| StoreError::Unavailable("a lock was poisoned by a panic".into()))?;
+    let mut due = Vec::new();
+    while heap
+        .peek()
+        .is_some_and(|std::cmp::Reverse((at, _))| *at <= now_ms)
+    {
+        if let Some(std::cmp::Reverse((_, id))) = heap.pop() {
+            due.push(id);
+        }
+    }
+    Ok(due)
+}

@@ -1106,18 +1106,7 @@ impl Store for SqliteStore {
     }
 
     fn expire_due(&self, now_ms: i64) -> Result<Vec<Verification>, StoreError> {
-        let mut due = Vec::new();
-        {
-            let mut heap = self.inner.expiries.lock().map_err(|_| poisoned())?;
-            while let Some(Reverse((at, _))) = heap.peek() {
-                if *at > now_ms {
-                    break;
-                }
-                if let Some(Reverse((_, id))) = heap.pop() {
-                    due.push(id);
-                }
-            }
-        }
+        let due = super::pop_due(&self.inner.expiries, now_ms)?;
         let mut expired = Vec::new();
         for id in due {
             if let Some(mut v) = self.inner.cache.get_mut(&id) {
