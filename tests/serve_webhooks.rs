@@ -6,9 +6,9 @@
 //! Without python3 + standardwebhooks the test fails under `CI=true` (CI
 //! installs them, see .ci/run) and is skipped loudly elsewhere.
 //!
-//! Not covered here: events surviving a restart. That needs the durable
-//! SQLite store (another branch); the memory store loses its outbox with
-//! the process by design.
+//! Events survive a restart: the harness's engines run on the SQLite store,
+//! whose outbox rows are written with the status change; an engine killed
+//! with undelivered events sends them after it is started again.
 //!
 //! Every wait is a bounded poll of a file or of /metrics, never a sleep
 //! that orders events.
@@ -351,4 +351,115 @@ timeout_ms = 3000
         "the 410 receiver got more: {:?}",
         gone.requests()
     );
+}
+
+/// Events the receiver refused are still sent after a kill -9 and a
+/// restart on the same database, under the same webhook-ids.
+#[test]
+fn undelivered_events_survive_kill_9_and_restart() {
+    if !python_ready() {
+        return;
+    }
+    let dir = test_dir("webhooks-restart");
+    std::fs::create_dir_all(&dir).expect("test dir");
+    let hooked = |url: &str| {
+        format!(
+            r#"[[projects]]
+login = "{hl}"
+secret = "{hs}"
+rate = 1000
+burst = 1000
+senders = [{{ code = "HOOK", status = "active" }}]
+webhook_url = "{url}"
+webhook_secret = "{WH_SECRET}"
+[webhooks]
+retry_base_ms = 100
+timeout_ms = 3000
+"#,
+            hl = HOOKED.0,
+            hs = HOOKED.1,
+        )
+    };
+    // Phase 1: a receiver that answers 500 to everything.
+    let down = Receiver::start(&dir, "down", u32::MAX, 204);
+    let e = Engine::start(&config(&dir, POOL, SANDBOX, &hooked(&down.url())));
+    let ids: Vec<String> = ["301", "302"]
+        .iter()
+        .map(|n| {
+            create_as(
+                &e,
+                HOOKED,
+                "HOOK",
+                &format!("+447700900{n}"),
+                &format!("1{n}"),
+            )
+        })
+        .collect();
+    for id in &ids {
+        wait_for(Duration::from_secs(10), "the call to end", || {
+            status_as(&e, HOOKED, id) == "delivered"
+        });
+    }
+    let r = e.post_as(
+        HOOKED,
+        &format!("/v1/verifications/{}/check", ids[0]),
+        &json!({ "code": "1301" }),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // 2 × (pending, calling, delivered) + verified.
+    let total = 7;
+    let tried = |reqs: &[Value]| -> HashMap<String, (String, String)> {
+        reqs.iter()
+            .filter(|r| r["verified"] == true)
+            .map(|r| {
+                let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+                (s("id"), (s("data_id"), s("status")))
+            })
+            .collect()
+    };
+    wait_for(
+        Duration::from_secs(20),
+        "every event tried at the refusing receiver",
+        || tried(&down.requests()).len() >= total,
+    );
+    let refused = tried(&down.requests());
+    assert_eq!(refused.len(), total, "{:?}", down.requests());
+    assert!(down.requests().iter().all(|r| r["answer"] == 500));
+    drop(e); // SIGKILL: no chance to flush or say goodbye
+    drop(down);
+
+    // Phase 2: the same database, the endpoint now answering 204.
+    let up = Receiver::start(&dir, "up", 0, 204);
+    let e = Engine::start(&config(&dir, POOL, SANDBOX, &hooked(&up.url())));
+    wait_for(
+        Duration::from_secs(20),
+        "every refused event after the restart",
+        || tried(&up.requests()).len() >= total,
+    );
+    let reqs = up.requests();
+    assert!(
+        reqs.iter()
+            .all(|r| r["verified"] == true && r["answer"] == 204),
+        "{reqs:?}"
+    );
+    // The same events under the same webhook-ids, so a receiver that saw
+    // an attempt before the crash can de-duplicate.
+    assert_eq!(tried(&reqs), refused, "events after the restart");
+    let mut statuses: Vec<(String, String)> = refused.into_values().collect();
+    statuses.sort();
+    let mut want: Vec<(String, String)> = ids
+        .iter()
+        .flat_map(|id| {
+            ["pending", "calling", "delivered"]
+                .iter()
+                .map(move |s| (id.clone(), s.to_string()))
+        })
+        .chain(std::iter::once((ids[0].clone(), "verified".to_string())))
+        .collect();
+    want.sort();
+    assert_eq!(statuses, want);
+    // Each delivered once; the restarted engine still serves the records.
+    assert_eq!(reqs.len(), total, "a duplicate delivery: {reqs:?}");
+    assert_eq!(status_as(&e, HOOKED, &ids[0]), "verified");
 }
