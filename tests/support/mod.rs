@@ -328,6 +328,11 @@ impl Engine {
         }
     }
 
+    /// The engine's process id (for /proc figures in the load benchmark).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().clone()
     }
