@@ -6,7 +6,8 @@
 //!    (../shared/sipp/uas_ring_cancel.xml) on 127.0.0.1, a pool of
 //!    1,000,000 caller numbers;
 //! 2. HTTP creates driven open-loop at fixed rates (default 1,000 and 2,000
-//!    per second for 20 s, then 4,000 per second for 60 s). Each request has
+//!    per second for 20 s, then 4,000 per second for 60 s) over 64
+//!    keep-alive HTTP/1.1 connections (hyper). Each request has
 //!    an intended send time on a fixed schedule and its latency is measured
 //!    from that time, not from when it was actually sent, so a stalled
 //!    engine shows up in the figures instead of slowing the generator down
@@ -29,7 +30,7 @@
 //! `cargo bench --bench load`. Environment: LOAD_RATES (default
 //! "1000,2000,4000"), LOAD_SECS (20, each rate but the last),
 //! LOAD_SUSTAIN_SECS (60, the last rate), LOAD_POOL (1000000 numbers),
-//! LOAD_SIPP_SECS (10: calls per caller run = rate × this).
+//! LOAD_SIPP_SECS (10: calls per caller run = rate × this), LOAD_CONNS (64).
 //! Under `cargo test --all-targets` (no `--bench`) it runs once at 100/s
 //! for 2 s with a 10,000-number pool and fails unless every create got a
 //! 201 and every call and every SIPp / dial call completed: it proves the
@@ -39,12 +40,19 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use bytes::Bytes;
 use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 use support::Engine;
 
@@ -69,6 +77,7 @@ struct Opts {
     sustain_secs: u64,
     pool: u64,
     sipp_secs: u64,
+    conns: usize,
 }
 
 impl Opts {
@@ -99,6 +108,7 @@ impl Opts {
             sustain_secs: num("LOAD_SUSTAIN_SECS", 60, 2),
             pool: num("LOAD_POOL", 1_000_000, 10_000).max(10_000),
             sipp_secs: num("LOAD_SIPP_SECS", 10, 1),
+            conns: num("LOAD_CONNS", 64, 8).max(1) as usize,
         }
     }
 }
@@ -272,76 +282,141 @@ struct Sent {
     cpu: f64,
 }
 
-/// Sends `rate × secs` creates open-loop; phones are `+44740` + 7 digits
-/// from `phone0`, each used once (UK mobile numbers, valid per libphonenumber,
-/// so the engine's validity check runs on every one).
-async fn drive(client: &reqwest::Client, url: &str, rate: u64, secs: u64, phone0: u64) -> Sent {
+impl Sent {
+    fn new() -> Sent {
+        Sent {
+            statuses: BTreeMap::new(),
+            errors: 0,
+            first_error: None,
+            latency_us: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
+            wall: Duration::ZERO,
+            cpu: 0.0,
+        }
+    }
+
+    fn merge(&mut self, other: Sent) {
+        for (k, v) in other.statuses {
+            *self.statuses.entry(k).or_default() += v;
+        }
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        let _ = self.latency_us.add(&other.latency_us);
+    }
+
+    fn error(&mut self, e: impl ToString) {
+        self.errors += 1;
+        self.first_error.get_or_insert_with(|| e.to_string());
+    }
+}
+
+/// A request on the schedule: when it was due, and its body.
+type Job = (tokio::time::Instant, Bytes);
+type Queue = Rc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Job>>>;
+
+/// One keep-alive HTTP/1.1 connection taking the next due request from
+/// the shared queue until it is closed. Latency runs from the request's
+/// due time (see the module docs), so time spent queued behind a slow
+/// answer counts.
+async fn connection(addr: std::net::SocketAddr, auth: Rc<str>, queue: Queue) -> Sent {
+    let mut sent = Sent::new();
+    let mut conn: Option<http1::SendRequest<Full<Bytes>>> = None;
+    loop {
+        let Some((due, body)) = queue.lock().await.recv().await else {
+            return sent;
+        };
+        if conn.as_ref().is_none_or(|c| c.is_closed()) {
+            conn = match tokio::net::TcpStream::connect(addr).await {
+                Ok(tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    match http1::handshake(TokioIo::new(tcp)).await {
+                        Ok((send, driver)) => {
+                            tokio::task::spawn_local(driver);
+                            Some(send)
+                        }
+                        Err(e) => {
+                            sent.error(e);
+                            None
+                        }
+                    }
+                }
+                Err(e) => {
+                    sent.error(e);
+                    None
+                }
+            };
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let req = hyper::Request::post("/v1/verifications")
+            .header("host", addr.to_string())
+            .header("content-type", "application/json")
+            .header("authorization", &*auth)
+            .body(Full::new(body))
+            .expect("a valid request");
+        let r = match c.ready().await {
+            Ok(()) => c.send_request(req).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                // Read the body so the connection can be reused.
+                match resp.into_body().collect().await {
+                    Ok(_) => {
+                        *sent.statuses.entry(status).or_default() += 1;
+                        let us = (due.elapsed().as_micros() as u64).clamp(1, 120_000_000);
+                        let _ = sent.latency_us.record(us);
+                    }
+                    Err(e) => sent.error(e),
+                }
+            }
+            Err(e) => {
+                sent.error(e);
+                conn = None;
+            }
+        }
+    }
+}
+
+/// Sends `rate × secs` creates open-loop over `conns` connections; phones
+/// are `+44740` + 7 digits from `phone0`, each used once (UK mobile
+/// numbers, valid per libphonenumber, so the engine's validity check runs
+/// on every one).
+async fn drive(
+    addr: std::net::SocketAddr,
+    conns: usize,
+    rate: u64,
+    secs: u64,
+    phone0: u64,
+) -> Sent {
     let n = rate * secs;
     let cpu0 = rusage(libc::RUSAGE_THREAD);
-    let mut sent = Sent {
-        statuses: BTreeMap::new(),
-        errors: 0,
-        first_error: None,
-        latency_us: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
-        wall: Duration::ZERO,
-        cpu: 0.0,
-    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+    let queue: Queue = Rc::new(tokio::sync::Mutex::new(rx));
+    let auth: Rc<str> = format!("Basic {}", B64.encode("load:load-secret")).into();
+    let workers: Vec<_> = (0..conns)
+        .map(|_| tokio::task::spawn_local(connection(addr, auth.clone(), queue.clone())))
+        .collect();
     let start = tokio::time::Instant::now() + Duration::from_millis(20);
-    let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
         let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
         tokio::time::sleep_until(due).await;
-        let req = client
-            .post(url)
-            .basic_auth("load", Some("load-secret"))
-            .header("content-type", "application/json")
-            .body(
-                json!({"phone": format!("+44740{:07}", phone0 + i), "sender": "LOAD"}).to_string(),
-            );
-        tasks.spawn(async move {
-            let r = match req.send().await {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    // Read the body so the connection can be reused.
-                    match resp.bytes().await {
-                        Ok(_) => Ok(status),
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
-                Err(e) => Err(e.to_string()),
-            };
-            // From the intended send time: see the module docs.
-            (r, due.elapsed())
-        });
-        // Record what is done as we go, so finished tasks do not pile up.
-        while let Some(done) = tasks.try_join_next() {
-            record(&mut sent, done);
-        }
+        let body = format!(r#"{{"phone":"+44740{:07}","sender":"LOAD"}}"#, phone0 + i);
+        // Unbounded: the schedule never waits for the engine (open loop).
+        let _ = tx.send((due, Bytes::from(body)));
     }
-    while let Some(done) = tasks.join_next().await {
-        record(&mut sent, done);
+    drop(tx);
+    let mut sent = Sent::new();
+    for w in workers {
+        match w.await {
+            Ok(s) => sent.merge(s),
+            Err(e) => sent.error(e),
+        }
     }
     sent.wall = start.elapsed();
     sent.cpu = rusage(libc::RUSAGE_THREAD) - cpu0;
     sent
-}
-
-fn record(sent: &mut Sent, done: Result<(Result<u16, String>, Duration), tokio::task::JoinError>) {
-    match done {
-        Ok((Ok(status), lat)) => {
-            *sent.statuses.entry(status).or_default() += 1;
-            let us = (lat.as_micros() as u64).clamp(1, 120_000_000);
-            let _ = sent.latency_us.record(us);
-        }
-        Ok((Err(e), _)) => {
-            sent.errors += 1;
-            sent.first_error.get_or_insert(e);
-        }
-        Err(e) => {
-            sent.errors += 1;
-            sent.first_error.get_or_insert(e.to_string());
-        }
-    }
 }
 
 /// One row of the table.
@@ -500,21 +575,18 @@ senders = [{{ code = "LOAD", status = "active" }}]
     let engine = Engine::start(&config);
     let pid = engine.pid();
     let callee_pid = _callee.0.id();
-    let url = format!("http://{}/v1/verifications", engine.http);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(4096)
-        .build()
-        .expect("client");
     let mut phone0 = 0;
     for row in rows.iter_mut() {
         let before = Scrape::parse(&engine.metrics_text());
         let (cpu0, callee0) = (proc_cpu(pid), proc_cpu(callee_pid));
-        let sent = rt.block_on(drive(&client, &url, row.rate, row.secs, phone0));
+        let sent = tokio::task::LocalSet::new().block_on(
+            &rt,
+            drive(engine.http, opts.conns, row.rate, row.secs, phone0),
+        );
         phone0 += row.rate * row.secs;
         let created = sent.statuses.get(&201).copied().unwrap_or(0);
         // Every accepted verification ends in exactly one call outcome;
