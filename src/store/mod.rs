@@ -111,7 +111,8 @@ pub trait Store: Send + Sync + 'static {
     fn prune(&self, _before_ms: i64, _limit: usize) -> Result<usize, StoreError> {
         Ok(0)
     }
-    /// How many verifications are held.
+    /// How many verifications are held in memory (the durable store keeps
+    /// only those whose call is in progress or whose writes are queued).
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0

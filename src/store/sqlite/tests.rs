@@ -72,7 +72,8 @@ fn insert_is_durable_and_reads_back_after_reopen() {
     assert_eq!(got.call.outcome, Some(Outcome::Interrupted));
     assert_eq!(got.reference.as_deref(), Some("ref \"quoted\""));
     assert_eq!(got.code, "1234");
-    assert_eq!(s.len(), 1);
+    // Its call is over: read from the database, not held in memory.
+    assert_eq!(s.len(), 0);
     // Still checkable.
     let r = s
         .update("a", &mut |v| {
@@ -443,4 +444,82 @@ fn many_concurrent_inserts_group_commit() {
     });
     drop(s);
     assert_eq!(count(&path, "SELECT count(*) FROM verifications"), 2_000);
+}
+
+/// A record leaves memory once its call is over and its writes are
+/// committed; checks and the expiry sweep still work on it, serially.
+#[test]
+fn finished_calls_leave_memory_and_stay_checkable() {
+    let d = dir("evict");
+    let path = d.join("f.db");
+    let now = now_ms();
+    let s = open(&path);
+    block(s.insert(v("a", now, now + 600_000), None)).unwrap();
+    block(s.insert(v("b", now, now + 1_000), None)).unwrap();
+    assert_eq!(s.len(), 2, "pending calls are held");
+    let rec = CallRecord {
+        trunk: "main".into(),
+        sip_code: Some(487),
+        invited_at_ms: Some(now + 5),
+        ringing_at_ms: Some(now + 50),
+        cancel_at_ms: Some(now + 60),
+        ended_at_ms: Some(now + 70),
+        outcome: None,
+    };
+    for id in ["a", "b"] {
+        s.update(id, &mut |v| v.call_started("main", now + 5))
+            .unwrap();
+        s.update(id, &mut |v| v.call_ended(Outcome::Delivered, rec.clone()))
+            .unwrap();
+    }
+    block(s.flush()).unwrap();
+    assert_eq!(s.len(), 0, "delivered and committed: not held");
+    assert_eq!(s.get("a").unwrap().unwrap().status, Status::Delivered);
+
+    // Concurrent read-modify-writes of an evicted record: none is lost.
+    let s = Arc::new(s);
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for _ in 0..25 {
+                    s.update("a", &mut |v| v.attempts_left += 1).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(s.get("a").unwrap().unwrap().attempts_left, 3 + 200);
+    block(s.flush()).unwrap();
+    assert_eq!(s.len(), 0, "evicted again once committed");
+    assert_eq!(
+        count(
+            &path,
+            "SELECT attempts_left FROM verifications WHERE id = 'a'"
+        ),
+        203
+    );
+    // A check on the evicted record: right code, verified, durable.
+    let r = s
+        .update("a", &mut |v| {
+            v.check(now + 100, crate::verification::Guess::Code("1234"));
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, Status::Verified);
+    // The sweep reaches the evicted, due record "b" and closes it.
+    let expired = s.expire_due(now + 2_000).unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].id, "b");
+    assert_eq!(expired[0].status, Status::Expired);
+    // Unchanged records are not brought back into memory by a no-op.
+    s.update("a", &mut |_| {}).unwrap();
+    block(s.flush()).unwrap();
+    assert_eq!(s.len(), 0);
+    drop(s);
+    let s = open(&path);
+    assert_eq!(s.get("a").unwrap().unwrap().status, Status::Verified);
+    assert_eq!(s.get("b").unwrap().unwrap().status, Status::Expired);
 }
