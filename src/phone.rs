@@ -277,6 +277,14 @@ struct Candidate {
     pick: Option<usize>,
 }
 
+/// The region `source_for` settled on.
+struct Source<'a> {
+    rules: &'a Rules,
+    /// It was picked because its patterns give this very number a known
+    /// type: `number_type` on the same number needs no second run.
+    type_known: bool,
+}
+
 /// One country calling code.
 enum Code {
     /// One region: `source_for` picks it without testing the number
@@ -348,27 +356,33 @@ impl Table {
     }
 
     /// `validator::source_for`, then the metadata lookup its callers do.
-    fn source_for(&self, code: &Code, national: &[u8]) -> Result<Option<&Rules>, Fallback> {
-        let idx = match code {
-            Code::Single(idx) => *idx,
-            Code::Unsupported => return Err(Fallback),
+    fn source_for(&self, code: &Code, national: &[u8]) -> Result<Option<Source<'_>>, Fallback> {
+        match code {
+            Code::Single(idx) => Ok(idx.map(|i| Source {
+                rules: &self.rules[i],
+                type_known: false,
+            })),
+            Code::Unsupported => Err(Fallback),
             Code::Shared(candidates) => {
-                let mut found = None;
                 for c in candidates {
                     let r = &self.rules[c.test];
-                    let hit = match &r.leading_digits {
-                        Some(ld) => ld.matches_at_start(national)?,
-                        None => r.type_known(national)?,
+                    let (hit, type_known) = match &r.leading_digits {
+                        Some(ld) => (ld.matches_at_start(national)?, false),
+                        None => {
+                            let known = r.type_known(national)?;
+                            (known, known)
+                        }
                     };
                     if hit {
-                        found = Some(c.pick);
-                        break;
+                        return Ok(c.pick.map(|i| Source {
+                            rules: &self.rules[i],
+                            type_known: type_known && i == c.test,
+                        }));
                     }
                 }
-                found.flatten()
+                Ok(None)
             }
-        };
-        Ok(idx.map(|i| &self.rules[i]))
+        }
     }
 
     /// The crate's answer for `+` followed by `digits` (7 to 15 ASCII
@@ -394,8 +408,10 @@ impl Table {
         // leading zeros; its national prefix is stripped (twice, as there)
         // unless that leaves a number too short for the region.
         let zeros = rest.iter().take_while(|&&b| b == b'0').count();
+        let region_input = &rest[zeros..];
+        let first = self.source_for(code, region_input)?;
         let mut national = Cow::Borrowed(rest);
-        if let Some(rules) = self.source_for(code, &rest[zeros..])? {
+        if let Some(Source { rules, .. }) = first {
             let mut potential = rules.national_number(rest)?;
             if let Some(p) = rules.national_prefix {
                 if potential.starts_with(p.as_bytes()) {
@@ -434,9 +450,19 @@ impl Table {
         }
 
         // validator::is_valid_with: the region again, this time on the
-        // number with its leading zeros, then its type.
-        match self.source_for(code, &national)? {
-            Some(rules) => rules.type_known(&national),
+        // number with its leading zeros, then its type. Both are pure
+        // functions of the digits, so when nothing was stripped and there
+        // were no leading zeros (most numbers) the first answer stands.
+        let last = if *national == *region_input {
+            first
+        } else {
+            self.source_for(code, &national)?
+        };
+        match last {
+            Some(Source {
+                type_known: true, ..
+            }) => Ok(true),
+            Some(Source { rules, .. }) => rules.type_known(&national),
             None => Ok(false),
         }
     }
