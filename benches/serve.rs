@@ -1,4 +1,5 @@
-//! Micro-benchmarks of the create path of `serve`: the limiter checks and
+//! Micro-benchmarks of the create path of `serve`: the phone check (ours
+//! and, for comparison, the `phonenumber` crate's), the limiter checks and
 //! the whole `POST /v1/verifications` handler in-process (auth, JSON,
 //! phone validation, limits, a pick from a 1,000,000-number pool, the
 //! in-memory store, queueing the call), driven through the router with
@@ -38,7 +39,58 @@ fn pool() -> Pool {
     Pool::parse(&text, 4, "bench", &mut StdRng::seed_from_u64(1)).expect("pool")
 }
 
+/// Numbers the phone benches cycle through: the UK mobiles of the handler
+/// bench, then a mix — +1 US and Canada (found after the US patterns
+/// fail), +7 Russia and Kazakhstan, Italy's leading zero, Argentina's
+/// transform rule, a non-geographic code, and refusals (drama range, too
+/// short, no such calling code).
+const MIXED: &[&str] = &[
+    "+447911123456",
+    "+16502530000",
+    "+14163492000",
+    "+74957397000",
+    "+77012345678",
+    "+390236618300",
+    "+5491123456789",
+    "+4930123456",
+    "+919876543210",
+    "+80012345678",
+    "+447700900123",
+    "+4412345",
+    "+9991234567",
+];
+
+fn phone_benches(c: &mut Criterion) {
+    let uk: Vec<String> = (0..1000).map(|n| format!("+4479111{n:05}")).collect();
+    for (name, check) in [
+        (
+            "phone_check_fast",
+            flashcall::phone::is_valid as fn(&str) -> bool,
+        ),
+        ("phone_check_crate", flashcall::phone::crate_is_valid),
+    ] {
+        // Both sides warm: patterns compiled, the crate's LRU filled.
+        for p in uk.iter().map(String::as_str).chain(MIXED.iter().copied()) {
+            check(p);
+        }
+        let mut i = 0;
+        c.bench_function(&format!("{name}_uk_mobile"), |b| {
+            b.iter(|| {
+                i = (i + 1) % uk.len();
+                check(black_box(&uk[i]))
+            })
+        });
+        c.bench_function(&format!("{name}_mixed"), |b| {
+            b.iter(|| {
+                i = (i + 1) % MIXED.len();
+                check(black_box(MIXED[i]))
+            })
+        });
+    }
+}
+
 fn benches(c: &mut Criterion) {
+    phone_benches(c);
     let cfg = Config::parse(CONFIG, Path::new("bench.toml"), |_| None).expect("config");
 
     let limits = Limits::new(&cfg.projects, &cfg.limits.per_phone);

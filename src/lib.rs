@@ -9,6 +9,9 @@
 //! - `io/` — the only code with sockets and real time: `udp` (the driver
 //!   loop feeding the core) and `rtp` (early-media sink on the SDP port).
 //! - `config` — `flashcall.toml` into a validated typed `Config`.
+//! - `phone` — is a number valid for its country: the `phonenumber`
+//!   crate's answer, replayed on its metadata without its general parser
+//!   (fast path for strict E.164, the crate itself for anything else).
 //! - `pool` — PURE number pool: suffix index, LRU pick, cooldown, coverage.
 //! - `limits` — per-project and per-phone GCRA limits (governor), swept.
 //! - `verification` — PURE verification lifecycle: statuses, check, expiry.
@@ -33,6 +36,7 @@ pub mod http;
 pub mod io;
 pub mod limits;
 pub mod metrics;
+pub mod phone;
 pub mod pool;
 pub mod report;
 pub mod sandbox;
