@@ -237,7 +237,7 @@ impl<'a> Fields<'a> {
                 self.top_via_branch = via_branch(first)?;
             }
             Name::CallId => {
-                let v = std::str::from_utf8(value).map_err(|_| ParseError::BadHeader("Call-ID"))?;
+                let v = utf8(value).ok_or(ParseError::BadHeader("Call-ID"))?;
                 if v.is_empty() || v.bytes().any(|b| b.is_ascii_whitespace()) {
                     return Err(ParseError::BadHeader("Call-ID"));
                 }
@@ -444,7 +444,7 @@ fn parse_start_line(line: &[u8]) -> Result<StartLine<'_>, ParseError> {
     }
     // A request line holds no raw non-ASCII (URIs escape it), so refusing
     // non-UTF-8 here is safe.
-    let line = std::str::from_utf8(line).map_err(|_| ParseError::StartLine)?;
+    let line = utf8(line).ok_or(ParseError::StartLine)?;
     let mut parts = line.split(' ');
     let (Some(method), Some(uri), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -475,7 +475,7 @@ fn parse_cseq(value: &[u8]) -> Result<CSeq<'_>, ParseError> {
     if !matches!(value[digits_end], b' ' | b'\t' | b'\r' | b'\n') {
         return Err(bad);
     }
-    let method = std::str::from_utf8(method).map_err(|_| bad)?;
+    let method = utf8(method).ok_or(bad)?;
     Ok(CSeq { number, method })
 }
 
@@ -571,7 +571,7 @@ pub fn addr_uri(value: &[u8]) -> Option<&str> {
         let end = value.iter().position(|&b| b == b';').unwrap_or(value.len());
         trim(&value[..end])
     };
-    let uri = std::str::from_utf8(trim(uri)).ok()?;
+    let uri = utf8(trim(uri))?;
     (!uri.is_empty()).then_some(uri)
 }
 
@@ -628,7 +628,7 @@ fn param_quoted<'a>(params: &'a [u8], name: &str) -> Option<&'a str> {
                 .strip_prefix(b"\"")
                 .and_then(|v| v.strip_suffix(b"\""))
                 .unwrap_or(val);
-            return std::str::from_utf8(val).ok().filter(|v| !v.is_empty());
+            return utf8(val).filter(|v| !v.is_empty());
         }
         if rest.get(end) == Some(&b',') {
             return None;
@@ -653,7 +653,7 @@ fn param_unquoted<'a>(params: &'a [u8], name: &str) -> Option<&'a str> {
             None => (trim(item), None),
         };
         if key.eq_ignore_ascii_case(name.as_bytes()) {
-            return std::str::from_utf8(val?).ok().filter(|v| !v.is_empty());
+            return utf8(val?).filter(|v| !v.is_empty());
         }
         // A `,` ends this value's parameters.
         match rest.get(end) {
@@ -793,6 +793,20 @@ static TOKEN: [bool; 256] = {
     t
 };
 
+/// The bytes as `&str` when they are UTF-8. Header fields are nearly always
+/// ASCII, and `is_ascii` checks a word at a time where the UTF-8 decoder
+/// goes byte by byte: on the 20- to 50-byte Call-IDs, tags and branches of
+/// every response that was 2% of the engine's CPU.
+#[inline]
+fn utf8(b: &[u8]) -> Option<&str> {
+    if b.is_ascii() {
+        // SAFETY: every ASCII byte sequence is valid UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(b) })
+    } else {
+        std::str::from_utf8(b).ok()
+    }
+}
+
 /// SIMD byte search (the `memchr` crate): line ends and delimiters are most
 /// of what the parser looks for, and a byte-at-a-time loop was the hot spot.
 #[inline]
@@ -926,6 +940,15 @@ Content-Length: 0\r\n\r\n";
                 }
             }
         }
+    }
+
+    #[test]
+    fn utf8_accepts_ascii_and_utf8_refuses_the_rest() {
+        assert_eq!(utf8(b"abc@h"), Some("abc@h"));
+        assert_eq!(utf8(b""), Some(""));
+        assert_eq!(utf8("é@ü".as_bytes()), Some("é@ü"));
+        assert_eq!(utf8(b"a\xffb"), None);
+        assert_eq!(utf8(b"\xc3"), None);
     }
 
     fn offset(whole: &[u8], part: &[u8]) -> usize {
