@@ -43,9 +43,11 @@ fn benches(c: &mut Criterion) {
         call_id: b"9f8e7d6c5b4a39281716151413121110",
     };
     let sdp = render::sdp_offer("127.0.0.1:40000".parse().unwrap(), 1);
+    let mut out = Vec::new();
     c.bench_function("render_invite", |b| {
         b.iter(|| {
             render::invite(
+                &mut out,
                 black_box(&dialog),
                 b"z9hG4bK6aa8fbbe0000000000000001i",
                 1,

@@ -34,6 +34,7 @@
 
 use bytes::Bytes;
 use rand::RngCore;
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -448,6 +449,9 @@ pub struct Endpoint<R: RngCore> {
     salt: u32,
     local: Local,
     sdp: Bytes,
+    /// Where requests are written before being copied out at their exact
+    /// size (see `render`); a `Cell` so that rendering needs only `&self`.
+    scratch: Cell<Vec<u8>>,
     /// Trunk address and Request-URI host of each call, interned: a call
     /// keeps an index, not a copy of the host.
     trunks: Vec<(SocketAddr, Box<str>)>,
@@ -473,6 +477,7 @@ impl<R: RngCore> Endpoint<R> {
             salt,
             local,
             sdp,
+            scratch: Cell::new(Vec::with_capacity(2048)),
             trunks: Vec::new(),
             slots: Vec::new(),
             free: Vec::new(),
@@ -942,8 +947,11 @@ impl<R: RngCore> Endpoint<R> {
         .unwrap_or(trunk);
         let tag = self.tag(h);
         let d = self.dialog(&c.ids, &tag);
-        let ack = render::ack(&d, target, &ack_branch, c.cseq, &to, &routes);
-        let bye = render::bye(&d, target, &bye_branch, c.cseq + 1, &to, &routes);
+        let ack = self
+            .with_scratch(|out| render::ack(out, &d, target, &ack_branch, c.cseq, &to, &routes));
+        let bye = self.with_scratch(|out| {
+            render::bye(out, &d, target, &bye_branch, c.cseq + 1, &to, &routes)
+        });
         let Some(c) = self.call_mut(h) else { return };
         c.state = InviteState::Accepted;
         c.auth_invite = None;
@@ -1031,7 +1039,16 @@ impl<R: RngCore> Endpoint<R> {
             1,
         );
         let branch = self.branch(h, KIND_INVITE_AUTH);
-        let invite = render::invite(&d, &branch, cseq + 1, Some((header, &value)), &self.sdp);
+        let invite = self.with_scratch(|out| {
+            render::invite(
+                out,
+                &d,
+                &branch,
+                cseq + 1,
+                Some((header, &value)),
+                &self.sdp,
+            )
+        });
         let trunk = self.trunk_addr(&c.ids);
         let Some(c) = self.call_mut(h) else { return };
         c.cseq += 1;
@@ -1234,7 +1251,8 @@ impl<R: RngCore> Endpoint<R> {
         let Some(c) = self.call(h) else { return };
         let branch = self.branch(h, c.invite_kind);
         let tag = self.tag(h);
-        let payload = render::cancel(&self.dialog(&c.ids, &tag), &branch, c.cseq);
+        let d = self.dialog(&c.ids, &tag);
+        let payload = self.with_scratch(|out| render::cancel(out, &d, &branch, c.cseq));
         let dest = self.trunk_addr(&c.ids);
         self.transmits.push_back(Transmit { dest, payload });
     }
@@ -1258,7 +1276,8 @@ impl<R: RngCore> Endpoint<R> {
         let branch = self.branch(h, kind);
         let tag = self.tag(h);
         let d = self.dialog(ids, &tag);
-        let payload = render::ack(&d, Target::RequestUri, &branch, cseq, to, &[]);
+        let payload = self
+            .with_scratch(|out| render::ack(out, &d, Target::RequestUri, &branch, cseq, to, &[]));
         let dest = self.trunk_addr(ids);
         self.transmits.push_back(Transmit { dest, payload });
     }
@@ -1461,7 +1480,16 @@ impl<R: RngCore> Endpoint<R> {
     fn render_invite(&self, h: CallHandle, ids: &Ids, cseq: u32) -> Bytes {
         let tag = self.tag(h);
         let branch = self.branch(h, KIND_INVITE);
-        render::invite(&self.dialog(ids, &tag), &branch, cseq, None, &self.sdp)
+        let d = self.dialog(ids, &tag);
+        self.with_scratch(|out| render::invite(out, &d, &branch, cseq, None, &self.sdp))
+    }
+
+    /// Lends the scratch buffer to a renderer.
+    fn with_scratch(&self, f: impl FnOnce(&mut Vec<u8>) -> Bytes) -> Bytes {
+        let mut out = self.scratch.take();
+        let b = f(&mut out);
+        self.scratch.set(out);
+        b
     }
 
     /// `z9hG4bK` + salt + slot + generation + kind: RFC 3261 magic cookie,
