@@ -193,10 +193,12 @@ impl udp::App for Dialer<'_> {
         let period = Duration::from_secs_f64(1.0 / self.opts.rate);
         while self.started < self.opts.count {
             let due = self.t0 + period.mul_f64(self.started as f64);
-            // Calls due within the next millisecond start now: tokio's timer
-            // has 1 ms granularity, and one wake-up per call would cost more
-            // CPU in context switches than the calls themselves.
-            if due > now + Duration::from_millis(1) {
+            // Calls due within the driver's coalescing tick start now: one
+            // wake-up per call would cost more CPU in context switches than
+            // the calls themselves, and under load the driver wakes once a
+            // tick anyway (a 1 ms window here woke it every millisecond,
+            // whatever the tick).
+            if due > now + udp::COALESCE {
                 return Some(due);
             }
             let i = self.started;
