@@ -3,7 +3,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use flashcall::sip::message::Message;
-use flashcall::sip::render::{self, Dialog};
+use flashcall::sip::render::{self, Dialog, Local};
 use flashcall::sip::{CallRequest, CallerId, Endpoint, EndpointConfig, TimerConfig};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -32,22 +32,24 @@ fn benches(c: &mut Criterion) {
     c.bench_function("parse_487", |b| {
         b.iter(|| Message::parse(black_box(R487)).unwrap().status())
     });
+    let local = Local::new("127.0.0.1:5060".parse().unwrap(), "127.0.0.1", "flashcall");
     let dialog = Dialog {
-        request_uri: "sip:+447700900123@127.0.0.1:5070;user=phone".into(),
-        from: "<sip:+447700900000@127.0.0.1;user=phone>;tag=6aa8fbbe0000000000000001t".into(),
-        to: "<sip:+447700900123@127.0.0.1:5070;user=phone>".into(),
-        call_id: "9f8e7d6c5b4a39281716151413121110@127.0.0.1".into(),
-        via_prefix: "SIP/2.0/UDP 127.0.0.1:5060;rport".into(),
-        contact: "<sip:+447700900000@127.0.0.1:5060>".into(),
-        pai: None,
-        user_agent: "flashcall".into(),
+        local: &local,
+        to: "+447700900123",
+        trunk_host: "127.0.0.1:5070",
+        caller: "+447700900000",
+        caller_id: CallerId::From,
+        tag: b"6aa8fbbe0000000000000001t",
+        call_id: b"9f8e7d6c5b4a39281716151413121110",
     };
     let sdp = render::sdp_offer("127.0.0.1:40000".parse().unwrap(), 1);
+    let mut out = Vec::new();
     c.bench_function("render_invite", |b| {
         b.iter(|| {
             render::invite(
+                &mut out,
                 black_box(&dialog),
-                "z9hG4bK6aa8fbbe0000000000000001i",
+                b"z9hG4bK6aa8fbbe0000000000000001i",
                 1,
                 None,
                 &sdp,

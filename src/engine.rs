@@ -465,9 +465,9 @@ pub async fn run(
         .trunks
         .iter()
         .map(|t| {
-            // A burst of 10 ms worth of calls: the driver's timer has 1 ms
-            // granularity, and a burst of 1 at high CPS would wake it once
-            // per call.
+            // A burst of 10 ms worth of calls: more than the driver's
+            // coalescing tick (udp::COALESCE), and a burst of 1 at high CPS
+            // would wake it once per call.
             let cps = NonZeroU32::new(t.cps).unwrap_or(NonZeroU32::MIN);
             let burst = NonZeroU32::new((t.cps / 100).max(1)).unwrap_or(NonZeroU32::MIN);
             RateLimiter::direct(Quota::per_second(cps).allow_burst(burst))

@@ -3,9 +3,12 @@
 //! # Layout
 //!
 //! - `sip/` — PURE SIP core (no sockets, no clock, no global RNG):
-//!   `message` (tolerant zero-copy parser), `render` (request templates),
-//!   `endpoint` (the UAC: INVITE/CANCEL/ACK/BYE transactions and RFC 3261
-//!   timers in one slab + timer heap), `digest` (MD5 / SHA-256 / SHA-512-256).
+//!   `message` (tolerant zero-copy parser), `render` (requests written from
+//!   a call's parts), `endpoint` (the UAC: INVITE/CANCEL/ACK/BYE
+//!   transactions and RFC 3261 timers in one slab; a finished call shrinks
+//!   to a 128-byte tombstone for Timer D), `ids` (inline numbers, tokens,
+//!   Call-ID digits), `timers` (FIFO lanes + heap fallback, one entry per
+//!   call), `digest` (MD5 / SHA-256 / SHA-512-256).
 //! - `io/` — the only code with sockets and real time: `udp` (the driver
 //!   loop feeding the core) and `rtp` (early-media sink on the SDP port).
 //! - `config` — `flashcall.toml` into a validated typed `Config`.

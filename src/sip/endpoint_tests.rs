@@ -568,3 +568,213 @@ fn a_second_challenge_ends_the_call() {
     let r = ended(&mut ep);
     assert_eq!((r[0].outcome, r[0].sip_code), (Outcome::Failed, Some(401)));
 }
+
+/// One ringing call taken to its 487: (invite, cancel, the 487, the ACK).
+fn call_to_487(ep: &mut Endpoint<StdRng>, t0: Instant) -> (Transmit, Transmit, Vec<u8>, Transmit) {
+    ep.start_call(t0, request(0, 15_000));
+    let invite = drain(ep).remove(0);
+    feed(ep, t0 + ms(10), &reply(&invite, 180, &[]));
+    let cancel = drain(ep).remove(0);
+    feed(ep, t0 + ms(11), &reply(&cancel, 200, &[]));
+    let r487 = reply(&invite, 487, &[]);
+    feed(ep, t0 + ms(12), &r487);
+    let ack = drain(ep).remove(0);
+    (invite, cancel, r487, ack)
+}
+
+#[test]
+fn a_finished_call_shrinks_to_a_tombstone_that_still_acks_and_absorbs() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    let (invite, cancel, r487, ack) = call_to_487(&mut ep, t0);
+    assert_eq!(ended(&mut ep)[0].outcome, Outcome::Delivered);
+    assert_eq!((ep.tombstones(), ep.calls_in_memory()), (1, 1));
+    assert_eq!(ep.active_calls(), 0);
+
+    // A retransmitted 487 after compaction: the same ACK, byte for byte.
+    assert_eq!(feed(&mut ep, t0 + ms(600), &r487), Input::Response);
+    let again = drain(&mut ep);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].payload, ack.payload);
+    assert_eq!(again[0].dest, ack.dest);
+    // A late 200 for the CANCEL and a late 180 are absorbed, not answered.
+    assert_eq!(
+        feed(&mut ep, t0 + ms(700), &reply(&cancel, 200, &[])),
+        Input::Response
+    );
+    assert_eq!(
+        feed(&mut ep, t0 + ms(710), &reply(&invite, 180, &[])),
+        Input::Response
+    );
+    assert!(drain(&mut ep).is_empty());
+    assert_eq!(ep.stats().late_responses, 3);
+    // Every response still reaches the application for its per-code
+    // metrics, but the outcome is never reported twice.
+    let ev = events(&mut ep);
+    assert_eq!(ev.len(), 3);
+    assert!(ev
+        .iter()
+        .all(|e| matches!(e, Event::Response { tag: 42, .. })));
+
+    // Responses that match no transaction of the tombstone are strays:
+    // another Call-ID on its branch, a CSeq it never sent, a BYE answer.
+    let other_id = String::from_utf8(r487.clone())
+        .unwrap()
+        .replace("Call-ID: ", "Call-ID: x");
+    assert_eq!(
+        feed(&mut ep, t0 + ms(800), other_id.as_bytes()),
+        Input::Stray
+    );
+    let other_cseq = String::from_utf8(r487.clone())
+        .unwrap()
+        .replace("CSeq: 1 INVITE", "CSeq: 7 INVITE");
+    assert_eq!(
+        feed(&mut ep, t0 + ms(800), other_cseq.as_bytes()),
+        Input::Stray
+    );
+    assert_eq!(ep.stats().stray_responses, 2);
+    assert!(drain(&mut ep).is_empty());
+
+    // A BYE in the "dialog" of a call that ended with a 487 gets 481: a
+    // non-2xx final makes no dialog.
+    let i = Message::parse(&invite.payload).unwrap();
+    let bye = format!(
+        "BYE sip:x@127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKtb\r\nFrom: <sip:c@d>;tag=callee1\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n",
+        String::from_utf8_lossy(i.from),
+        i.call_id
+    );
+    feed(&mut ep, t0 + ms(900), bye.as_bytes());
+    assert_eq!(
+        Message::parse(&drain(&mut ep)[0].payload).unwrap().status(),
+        Some(481)
+    );
+
+    // Timer D: 32 s after the 487 the tombstone goes; nothing is sent.
+    assert!(run_until(&mut ep, t0, ms(32_011)).is_empty());
+    assert_eq!(ep.tombstones(), 1);
+    run_until(&mut ep, t0, ms(32_012));
+    assert_eq!((ep.tombstones(), ep.calls_in_memory()), (0, 0));
+    assert_eq!(ep.poll_timeout(), None);
+    // After it, the 487 is a stray.
+    assert_eq!(feed(&mut ep, t0 + ms(40_000), &r487), Input::Stray);
+    assert!(drain(&mut ep).is_empty());
+}
+
+#[test]
+fn a_2xx_from_a_forked_leg_after_the_487_is_acked_and_hung_up() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    let (invite, _, _, _) = call_to_487(&mut ep, t0);
+    ended(&mut ep);
+    let ok = render::response(
+        &Message::parse(&invite.payload).unwrap(),
+        200,
+        "OK",
+        "leg2",
+        &[("Contact", "<sip:leg2@127.0.0.1:5090>")],
+    );
+    assert_eq!(feed(&mut ep, t0 + ms(50), &ok), Input::Response);
+    let out = drain(&mut ep);
+    assert_eq!(out.iter().map(method).collect::<Vec<_>>(), ["ACK", "BYE"]);
+    let ack = Message::parse(&out[0].payload).unwrap();
+    assert_eq!(ack.to_tag, Some("leg2"));
+    assert_eq!(out[0].dest, "127.0.0.1:5090".parse::<SocketAddr>().unwrap());
+    // The call is live again (BYE transaction), its outcome not re-reported.
+    assert_eq!((ep.tombstones(), ep.calls_in_memory()), (0, 1));
+    assert!(ended(&mut ep).is_empty());
+    // The BYE is retransmitted until answered, then the state goes at 64·T1.
+    let sent = run_until(&mut ep, t0, ms(600));
+    assert_eq!(sent, [(ms(550), "BYE".into())]);
+    feed(&mut ep, t0 + ms(600), &reply(&out[1], 200, &[]));
+    run_until(&mut ep, t0, Duration::from_secs(40));
+    assert_eq!(ep.calls_in_memory(), 0);
+    assert_eq!(ep.active_calls(), 0);
+}
+
+#[test]
+fn tombstone_after_a_digest_retry_acks_both_finals() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    let mut req = request(0, 15_000);
+    req.credentials = Some(Credentials {
+        username: "u".into(),
+        password: "p".into(),
+    });
+    ep.start_call(t0, req);
+    let invite = drain(&mut ep).remove(0);
+    let ch = [("Proxy-Authenticate", "Digest realm=\"r\", nonce=\"n\"")];
+    let r407 = reply(&invite, 407, &ch);
+    feed(&mut ep, t0, &r407);
+    let out = drain(&mut ep);
+    let (ack1, retry) = (out[0].clone(), out[1].clone());
+    feed(&mut ep, t0 + ms(5), &reply(&retry, 180, &[]));
+    let cancel = drain(&mut ep).remove(0);
+    feed(&mut ep, t0 + ms(6), &reply(&cancel, 200, &[]));
+    let r487 = reply(&retry, 487, &[]);
+    feed(&mut ep, t0 + ms(7), &r487);
+    let ack2 = drain(&mut ep).remove(0);
+    assert_eq!(ended(&mut ep)[0].outcome, Outcome::Delivered);
+    assert_eq!(ep.tombstones(), 1);
+    // Both finals come again: each gets its own transaction's ACK.
+    feed(&mut ep, t0 + ms(500), &r407);
+    feed(&mut ep, t0 + ms(501), &r487);
+    let again = drain(&mut ep);
+    assert_eq!(again.len(), 2);
+    assert_eq!(again[0].payload, ack1.payload);
+    assert_eq!(again[1].payload, ack2.payload);
+    let a1 = Message::parse(&again[0].payload).unwrap();
+    assert_eq!(a1.cseq.number, 1);
+    assert_eq!(
+        a1.top_via_branch,
+        Message::parse(&invite.payload).unwrap().top_via_branch
+    );
+}
+
+#[test]
+fn a_challenge_without_credentials_leaves_a_tombstone_that_reacks_it() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(0, 15_000));
+    let invite = drain(&mut ep).remove(0);
+    let r401 = reply(
+        &invite,
+        401,
+        &[("WWW-Authenticate", "Digest realm=\"r\", nonce=\"n\"")],
+    );
+    feed(&mut ep, t0, &r401);
+    let ack = drain(&mut ep).remove(0);
+    assert_eq!(ended(&mut ep)[0].outcome, Outcome::Failed);
+    assert_eq!(ep.tombstones(), 1);
+    feed(&mut ep, t0 + ms(500), &r401);
+    assert_eq!(drain(&mut ep)[0].payload, ack.payload);
+}
+
+/// Thousands of calls through their 487: the tombstones hold no timers of
+/// their own, so the queue keeps at most about one entry per call, and the
+/// INVITE retransmission entry of each call moves to Timer D, not more.
+#[test]
+fn timer_queue_keeps_about_one_entry_per_call() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    let n = 5_000u64;
+    for i in 0..n {
+        let now = t0 + Duration::from_micros(250 * i);
+        ep.handle_timeout(now);
+        let _ = call_to_487(&mut ep, now);
+    }
+    assert_eq!(ep.tombstones(), n as usize);
+    assert!(
+        ep.timer_entries() <= n as usize + 8,
+        "{} entries for {n} calls",
+        ep.timer_entries()
+    );
+    // Nothing is due before the first tombstone expires: no wake-up for
+    // the disarmed INVITE and CANCEL timers.
+    assert_eq!(
+        ep.poll_timeout(),
+        Some(t0 + ms(12) + Duration::from_secs(32))
+    );
+    run_until(&mut ep, t0, Duration::from_secs(40));
+    assert_eq!(ep.calls_in_memory(), 0);
+    assert_eq!(ep.timer_entries(), 0);
+}

@@ -4,8 +4,10 @@
 
 pub mod digest;
 pub mod endpoint;
+mod ids;
 pub mod message;
 pub mod render;
+mod timers;
 
 pub use endpoint::{
     CallHandle, CallReport, CallRequest, CallerId, Credentials, Endpoint, EndpointConfig, Event,
