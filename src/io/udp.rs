@@ -48,7 +48,7 @@ use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::Notify;
@@ -88,16 +88,16 @@ pub struct DriverStats {
 pub const BATCH: usize = 32;
 /// The longest a busy loop leaves queued datagrams waiting (see module docs).
 ///
-/// Why 4 ms and not 1: at 4,000 calls/s each turn then handles ~16 calls'
-/// datagrams instead of ~4, and a turn's fixed cost (the sleep and wake-up,
-/// the receive and send calls, waking the peer) was the largest cost left
-/// after the per-call work was cut. Measured with `flashcall dial` against
-/// SIPp (20,000 calls at 4,000/s, four interleaved runs each): 1 ms 29.5–34.5
-/// µs CPU per call and 0.23 context switches per call; 2 ms 28.5–32.5 and
-/// 0.12; 4 ms 27.5–29 and 0.065. Loopback INVITE -> 180 went from 1.1 to 4.1
-/// ms at the median, against a ringing phone's seconds; timers still fire on
-/// time, as the sleep ends at the next deadline.
-pub const COALESCE: Duration = Duration::from_millis(4);
+/// Why 1 ms: a longer tick saves CPU but a 180 may wait out the whole tick
+/// before its CANCEL, and issue 5 asks for 180 -> CANCEL p99 <= 1 ms,
+/// measured from the 180's arrival on the socket (kernel timestamps, see
+/// [`RecvBatch`]). Measured with `flashcall dial` against SIPp (20,000 calls
+/// at 4,000/s, four interleaved runs each): 1 ms 29.5–34.5 µs CPU per call
+/// and 0.23 context switches per call; 2 ms 28.5–32.5 and 0.12; 4 ms
+/// 27.5–29 and 0.065. 1 ms already keeps the SIP-only CPU near a third of
+/// SIPp's, so the few µs a longer tick would save are not worth a 180 ->
+/// CANCEL delay of up to 4 ms.
+pub const COALESCE: Duration = Duration::from_millis(1);
 /// Receive buffer asked of the kernel (capped there by net.core.rmem_max).
 const RECV_BUFFER: usize = 4 << 20;
 /// Largest UDP payload; a longer datagram is truncated and counted malformed.
@@ -117,6 +117,9 @@ pub async fn run(socket: &UdpSocket, ep: &mut Endpoint<StdRng>, app: &mut impl A
     let mut stats = DriverStats::default();
     if let Err(e) = socket2::SockRef::from(socket).set_recv_buffer_size(RECV_BUFFER) {
         tracing::debug!(error = %e, "could not enlarge the SIP socket's receive buffer");
+    }
+    if let Err(e) = enable_timestamps(socket.as_raw_fd()) {
+        tracing::debug!(error = %e, "no kernel receive timestamps; delays start at handling");
     }
     // One contiguous allocation; calloc'd zero pages cost nothing until a
     // datagram lands in them, so 32 x 64 KiB is cheap.
@@ -204,7 +207,11 @@ fn drain(
     while total < DRAIN_MAX {
         match socket.try_io(Interest::READABLE, || rx.recv(socket.as_raw_fd())) {
             Ok(n) => {
+                // One clock pair per batch maps kernel arrival stamps (wall
+                // clock) onto the core's monotonic time.
+                let (wall, mono) = (SystemTime::now(), Instant::now());
                 for i in 0..n {
+                    let arrived = rx.arrival(i, wall, mono).unwrap_or(now);
                     let (from, datagram, truncated) = rx.get(i);
                     stats.datagrams_in += 1;
                     let Some(from) = from else {
@@ -216,7 +223,11 @@ fn drain(
                         tracing::debug!(%from, "dropped truncated datagram");
                         continue;
                     }
-                    if let Input::Malformed(e) = ep.handle_input(now, from, datagram) {
+                    // The core sees the datagram at its arrival, so the
+                    // 180 -> CANCEL and post-dial delays include the time it
+                    // waited in the socket queue (a coalescing tick, a busy
+                    // machine), not just our handling.
+                    if let Input::Malformed(e) = ep.handle_input(arrived, from, datagram) {
                         stats.malformed += 1;
                         tracing::debug!(%from, error = %e, "dropped malformed datagram");
                     }
@@ -295,8 +306,36 @@ async fn flush(
 /// Buffers and addresses for one recvmmsg call. Only plain data is kept
 /// between calls (the `mmsghdr` array with its raw pointers is rebuilt on the
 /// stack each call), so the driver's future stays `Send`.
+/// Room for one control message per datagram: a `timespec` behind a
+/// `cmsghdr` takes 32 bytes on 64-bit Linux; u64s keep it aligned.
+const CTRL_WORDS: usize = 8;
+
+/// Asks the kernel to stamp each received datagram with its arrival time
+/// (`SO_TIMESTAMPNS`, delivered as a control message by recvmmsg).
+fn enable_timestamps(fd: i32) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `on`.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The receive side of recvmmsg: buffers, senders, and the kernel's arrival
+/// stamp of each datagram.
 struct RecvBatch {
     bufs: Vec<u8>,
+    ctrl: [[u64; CTRL_WORDS]; BATCH],
+    ctrl_lens: [usize; BATCH],
     addrs: [libc::sockaddr_storage; BATCH],
     lens: [usize; BATCH],
     addr_lens: [libc::socklen_t; BATCH],
@@ -312,7 +351,45 @@ impl RecvBatch {
             lens: [0; BATCH],
             addr_lens: [0; BATCH],
             truncated: [false; BATCH],
+            ctrl: [[0; CTRL_WORDS]; BATCH],
+            ctrl_lens: [0; BATCH],
         }
+    }
+
+    /// When datagram `i` arrived, on the monotonic clock: its kernel stamp
+    /// (wall clock) moved back from `mono` by its age at `wall`. None
+    /// without a stamp, or with an age no queue explains (over 10 s: the
+    /// wall clock was stepped), when the caller's `now` is the best guess.
+    fn arrival(&self, i: usize, wall: SystemTime, mono: Instant) -> Option<Instant> {
+        // SAFETY: msghdr is plain old data; all-zero is valid.
+        let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+        h.msg_control = self.ctrl[i].as_ptr() as *mut libc::c_void;
+        h.msg_controllen = self.ctrl_lens[i] as _;
+        // SAFETY: `h` describes our control buffer with the length the
+        // kernel wrote; CMSG_FIRSTHDR/NXTHDR stay within it.
+        let mut c = unsafe { libc::CMSG_FIRSTHDR(&h) };
+        while !c.is_null() {
+            // SAFETY: non-null cmsg pointers from the macros point into the
+            // buffer; the header is read unaligned-safe via the u64 buffer.
+            let hdr = unsafe { &*c };
+            if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_TIMESTAMPNS {
+                // SAFETY: an SCM_TIMESTAMPNS message carries a timespec.
+                let ts: libc::timespec =
+                    unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(c).cast()) };
+                let at = UNIX_EPOCH
+                    + Duration::new(
+                        u64::try_from(ts.tv_sec).ok()?,
+                        u32::try_from(ts.tv_nsec).ok()?,
+                    );
+                // A stamp after `wall` (clock noise) is an age of zero.
+                let age = wall.duration_since(at).unwrap_or(Duration::ZERO);
+                return (age <= Duration::from_secs(10))
+                    .then(|| mono.checked_sub(age).unwrap_or(mono));
+            }
+            // SAFETY: as above.
+            c = unsafe { libc::CMSG_NXTHDR(&h, c) };
+        }
+        None
     }
 
     /// One non-blocking recvmmsg(2); returns how many datagrams arrived.
@@ -330,6 +407,8 @@ impl RecvBatch {
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_iov = &mut iovs[i];
             h.msg_iovlen = 1;
+            h.msg_control = self.ctrl[i].as_mut_ptr().cast();
+            h.msg_controllen = std::mem::size_of::<[u64; CTRL_WORDS]>() as _;
         }
         // SAFETY: every pointer in `hdrs` points into `self` or `iovs`,
         // which outlive the call; the kernel writes within the given lengths.
@@ -350,6 +429,7 @@ impl RecvBatch {
             self.lens[i] = (h.msg_len as usize).min(DATAGRAM_MAX);
             self.addr_lens[i] = h.msg_hdr.msg_namelen;
             self.truncated[i] = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            self.ctrl_lens[i] = h.msg_hdr.msg_controllen;
         }
         Ok(n)
     }
@@ -559,5 +639,46 @@ mod tests {
                 assert_eq!(&buf[..n], w.as_bytes());
             }
         }
+    }
+
+    /// A datagram that waited in the socket queue is seen at its arrival:
+    /// the kernel's stamp, mapped onto the monotonic clock, is at least the
+    /// wait before the receive call (what the delay histograms rely on).
+    #[tokio::test]
+    async fn arrival_is_the_kernel_stamp_not_the_receive_call() {
+        let a = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        enable_timestamps(a.as_raw_fd()).expect("SO_TIMESTAMPNS");
+        // The kernel turns receive stamping on from a work queue: a datagram
+        // that comes before that is stamped only when it is read.
+        std::thread::sleep(Duration::from_millis(100));
+        b.send_to(b"queued", a.local_addr().expect("addr"))
+            .expect("send");
+        let sent = Instant::now();
+        std::thread::sleep(Duration::from_millis(30));
+        let mut rx = RecvBatch::new();
+        let n = loop {
+            match rx.recv(a.as_raw_fd()) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    a.readable().await.expect("readable");
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(n, 1);
+        let (wall, mono) = (SystemTime::now(), Instant::now());
+        let at = rx.arrival(0, wall, mono).expect("a kernel timestamp");
+        assert!(
+            mono - at >= Duration::from_millis(25),
+            "arrival {:?} before the receive, slept 30 ms",
+            mono - at
+        );
+        // And not before it was sent (1 ms of clock-mapping slack).
+        assert!(at + Duration::from_millis(1) >= sent - Duration::from_millis(1));
+        // Without a control message there is no stamp.
+        let mut empty = RecvBatch::new();
+        empty.ctrl_lens[0] = 0;
+        assert_eq!(empty.arrival(0, wall, mono), None);
     }
 }

@@ -276,9 +276,14 @@ impl Inner {
         if let Some(mut e) = self.cache.get_mut(id) {
             e.pending = e.pending.saturating_sub(1);
         }
-        self.cache.remove_if(id, |_, e| {
-            e.pending == 0 && !matches!(e.v.status, Status::Pending | Status::Calling)
-        });
+        self.cache.remove_if(id, |_, e| e.evictable());
+    }
+}
+
+impl Entry {
+    /// Nothing of it waits for the writer, and its call is over.
+    fn evictable(&self) -> bool {
+        self.pending == 0 && !matches!(self.v.status, Status::Pending | Status::Calling)
     }
 }
 
@@ -1119,14 +1124,21 @@ impl Store for SqliteStore {
         let Some(v) = self.read(|c| load_one(c, id))? else {
             return Ok(None);
         };
-        let mut e = Entry { v, pending: 0 };
-        self.change(&mut e, f)?;
-        let v = e.v.clone();
-        // Changed: cached until that write is committed, so the next
-        // update of it reads this state, not the database's older one.
-        if e.pending > 0 {
-            self.inner.cache.insert(id.to_string(), e);
-        }
+        // Into the cache BEFORE its write is queued: the writer may commit
+        // it at once, and its `settle` must find the entry to count down.
+        // Cached until that write is committed, the next update of it reads
+        // this state, not the database's older one.
+        let v = {
+            let mut e = self
+                .inner
+                .cache
+                .entry(id.to_string())
+                .or_insert(Entry { v, pending: 0 });
+            self.change(&mut e, f)?;
+            e.v.clone()
+        };
+        // Unchanged: nothing queued, nothing to keep in memory.
+        self.inner.cache.remove_if(id, |_, e| e.evictable());
         Ok(Some(v))
     }
 
