@@ -137,7 +137,7 @@ pub async fn run(socket: &UdpSocket, ep: &mut Endpoint<StdRng>, app: &mut impl A
     loop {
         stats.turns += 1;
         let now = Instant::now();
-        let received = drain(socket, ep, now, &mut rx, &mut stats);
+        let received = drain(socket, ep, &mut rx, &mut stats);
         window_in = window_in.saturating_add(received as u32);
         if now >= window_start + LOAD_WINDOW {
             busy = window_in > COALESCE_ABOVE;
@@ -199,7 +199,6 @@ pub async fn run(socket: &UdpSocket, ep: &mut Endpoint<StdRng>, app: &mut impl A
 fn drain(
     socket: &UdpSocket,
     ep: &mut Endpoint<StdRng>,
-    now: Instant,
     rx: &mut RecvBatch,
     stats: &mut DriverStats,
 ) -> usize {
@@ -211,7 +210,7 @@ fn drain(
                 // clock) onto the core's monotonic time.
                 let (wall, mono) = (SystemTime::now(), Instant::now());
                 for i in 0..n {
-                    let arrived = rx.arrival(i, wall, mono).unwrap_or(now);
+                    let arrived = rx.arrival(i, wall, mono).unwrap_or(mono);
                     let (from, datagram, truncated) = rx.get(i);
                     stats.datagrams_in += 1;
                     let Some(from) = from else {
@@ -223,11 +222,13 @@ fn drain(
                         tracing::debug!(%from, "dropped truncated datagram");
                         continue;
                     }
-                    // The core sees the datagram at its arrival, so the
-                    // 180 -> CANCEL and post-dial delays include the time it
-                    // waited in the socket queue (a coalescing tick, a busy
-                    // machine), not just our handling.
-                    if let Input::Malformed(e) = ep.handle_input(arrived, from, datagram) {
+                    // The core dates what the datagram reports at its
+                    // arrival and acts at `mono`, so the 180 -> CANCEL and
+                    // post-dial delays include the time it waited in the
+                    // socket queue (a coalescing tick, a busy machine). The
+                    // CANCEL leaves at the end of this turn's drain, a few
+                    // µs per datagram still queued behind it later.
+                    if let Input::Malformed(e) = ep.handle_input_at(mono, arrived, from, datagram) {
                         stats.malformed += 1;
                         tracing::debug!(%from, error = %e, "dropped malformed datagram");
                     }

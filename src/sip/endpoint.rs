@@ -464,6 +464,8 @@ pub struct Endpoint<R: RngCore> {
     active: usize,
     tombs: usize,
     stats: Stats,
+    /// When the datagram being handled arrived (see `handle_input_at`).
+    arrived: Option<Instant>,
 }
 
 impl<R: RngCore> Endpoint<R> {
@@ -478,6 +480,7 @@ impl<R: RngCore> Endpoint<R> {
             local,
             sdp,
             scratch: Cell::new(Vec::with_capacity(2048)),
+            arrived: None,
             trunks: Vec::new(),
             slots: Vec::new(),
             free: Vec::new(),
@@ -692,6 +695,29 @@ impl<R: RngCore> Endpoint<R> {
 
     /// Feeds one datagram from `from`.
     pub fn handle_input(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) -> Input {
+        self.handle_input_at(now, now, from, datagram)
+    }
+
+    /// [`Endpoint::handle_input`] for a datagram that `arrived` (on the
+    /// socket, by the kernel's stamp) before it is handled at `now`. What
+    /// the datagram reports (first provisional, ringing) is dated at its
+    /// arrival; what the core does about it (a CANCEL, timers) at `now`. So
+    /// the 180 -> CANCEL and post-dial delays include the time it waited in
+    /// the socket queue, which is the delay the trunk sees.
+    pub fn handle_input_at(
+        &mut self,
+        now: Instant,
+        arrived: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) -> Input {
+        self.arrived = Some(arrived.min(now));
+        let input = self.handle_datagram(now, from, datagram);
+        self.arrived = None;
+        input
+    }
+
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) -> Input {
         let msg = match Message::parse(datagram) {
             Ok(m) => m,
             Err(e) => {
@@ -832,16 +858,18 @@ impl<R: RngCore> Endpoint<R> {
     }
 
     fn on_invite_response(&mut self, now: Instant, h: CallHandle, code: u16, msg: &Message<'_>) {
+        // Set by handle_input_at for the datagram being handled.
+        let arrived = self.arrived.map_or(now, |a| a.min(now));
         let Some(c) = self.call_mut(h) else { return };
         match (code, c.state) {
             (100..=199, InviteState::Calling | InviteState::Proceeding | InviteState::TimedOut) => {
                 let was_timed_out = c.state == InviteState::TimedOut;
                 c.state = InviteState::Proceeding;
-                c.first_provisional_at.get_or_insert(now);
+                c.first_provisional_at.get_or_insert(arrived);
                 let ringing = (code == 180 || code == 183) && !c.rang;
                 if ringing {
                     c.rang = true;
-                    c.ringing_at = Some(now);
+                    c.ringing_at = Some(arrived);
                 }
                 let (ring, tag, pending) = (c.ring, c.tag, c.cancel_wanted);
                 c.auth_invite = None;
@@ -858,7 +886,7 @@ impl<R: RngCore> Endpoint<R> {
                     self.events.push_back(Event::Ringing {
                         call: h,
                         tag,
-                        at: now,
+                        at: arrived,
                     });
                     if pending.is_none() {
                         if ring.is_zero() {

@@ -778,3 +778,40 @@ fn timer_queue_keeps_about_one_entry_per_call() {
     assert_eq!(ep.calls_in_memory(), 0);
     assert_eq!(ep.timer_entries(), 0);
 }
+
+/// A 180 that waited in the socket queue: ringing is dated at its arrival,
+/// the CANCEL at its handling, so the cancel delay shows the wait.
+#[test]
+fn a_queued_180_counts_its_wait_in_the_cancel_delay() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(0, 15_000));
+    let invite = drain(&mut ep).remove(0);
+    let (arrived, handled) = (t0 + ms(20), t0 + ms(23));
+    let from = invite.dest;
+    ep.handle_input_at(handled, arrived, from, &reply(&invite, 180, &[]));
+    let cancel = drain(&mut ep).remove(0);
+    assert_eq!(method(&cancel), "CANCEL");
+    feed(&mut ep, t0 + ms(25), &reply(&cancel, 200, &[]));
+    feed(&mut ep, t0 + ms(30), &reply(&invite, 487, &[]));
+    let r = ended(&mut ep);
+    assert_eq!(r[0].post_dial_delay(), Some(ms(20)));
+    assert_eq!(r[0].cancel_delay(), Some(ms(3)));
+    // A stamp after the handling time (clock noise) is taken as the
+    // handling time: no negative delays.
+    let mut ep = endpoint();
+    ep.start_call(t0, request(0, 15_000));
+    let invite = drain(&mut ep).remove(0);
+    ep.handle_input_at(
+        t0 + ms(5),
+        t0 + ms(9),
+        invite.dest,
+        &reply(&invite, 180, &[]),
+    );
+    let cancel = drain(&mut ep).remove(0);
+    feed(&mut ep, t0 + ms(6), &reply(&cancel, 200, &[]));
+    feed(&mut ep, t0 + ms(7), &reply(&invite, 487, &[]));
+    let r = ended(&mut ep);
+    assert_eq!(r[0].post_dial_delay(), Some(ms(5)));
+    assert_eq!(r[0].cancel_delay(), Some(ms(0)));
+}
