@@ -29,6 +29,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -252,6 +253,10 @@ struct Inner {
     /// (expires_at_ms, id): the expiry sweep touches only what is due.
     expiries: Mutex<BinaryHeap<Reverse<(i64, String)>>>,
     evictions: Mutex<BinaryHeap<EvictAt>>,
+    /// Transactions committed and jobs they carried: the batching the
+    /// store bench reports (commits per second, jobs per commit).
+    commits: AtomicU64,
+    jobs: AtomicU64,
 }
 
 impl Inner {
@@ -735,6 +740,8 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Job>, inner: Arc<Inner>, hook
         hooks.wrote.set(false);
         match commit(&mut conn, &hooks, &batch) {
             Ok(results) => {
+                inner.commits.fetch_add(1, Ordering::Relaxed);
+                inner.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 if hooks.wrote.get() {
                     hooks.wake.notify_one();
                 }
@@ -898,6 +905,8 @@ impl SqliteStore {
             idem: DashMap::new(),
             expiries: Mutex::new(BinaryHeap::new()),
             evictions: Mutex::new(BinaryHeap::new()),
+            commits: AtomicU64::new(0),
+            jobs: AtomicU64::new(0),
         });
         let mut open_count = 0usize;
         {
@@ -960,6 +969,15 @@ impl SqliteStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// (transactions committed, jobs they carried) since open.
+    #[doc(hidden)]
+    pub fn writer_stats(&self) -> (u64, u64) {
+        (
+            self.inner.commits.load(Ordering::Relaxed),
+            self.inner.jobs.load(Ordering::Relaxed),
+        )
     }
 
     fn send(&self, op: Op, waiter: Option<Waiter>) -> Result<(), StoreError> {
