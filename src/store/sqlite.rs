@@ -136,6 +136,11 @@ const MAX_BATCH: usize = 8_192;
 /// Queued updates kept for a retry while commits fail (read-only or full
 /// disk); beyond this they are dropped with an error line.
 const MAX_RETRY: usize = 100_000;
+/// The longest a create (or flush) is held to share its commit with
+/// others, when the writer is busy; see [`gather`].
+const GATHER: Duration = Duration::from_millis(1);
+/// The longest an update nobody waits for is held before its commit.
+const LAZY: Duration = Duration::from_millis(4);
 
 const V_COLS: &str = "id, project, phone, sender, code, client_code, caller, reference, \
      created_at_ms, expires_at_ms, attempts_left, status, call_trunk, call_outcome, \
@@ -694,13 +699,83 @@ fn apply_fault(conn: &Connection, f: Fault) -> rusqlite::Result<()> {
     }
 }
 
-/// The writer thread: take everything queued, commit it in one
-/// transaction, wake the waiters; repeat until every sender is gone.
+/// Takes what is queued without blocking, up to `MAX_BATCH`.
+fn drain(rx: &mpsc::Receiver<Job>, batch: &mut Vec<Job>, closed: &mut bool) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(j) => batch.push(j),
+            Err(mpsc::TryRecvError::Empty) => break,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                *closed = true;
+                break;
+            }
+        }
+    }
+}
+
+/// Holds a fresh batch open for more jobs before it is committed, so that
+/// under load one commit carries many (the fixed cost of a commit, which
+/// writes every page the transaction touched to the WAL, is most of the
+/// writer's CPU when batches are small):
+/// - a job someone waits for (a create's 201, a flush) waits at most
+///   `GATHER`, and only when the writer is busy (it committed less than
+///   `GATHER` ago); otherwise it is committed at once, adding no latency;
+/// - jobs nobody waits for (the SIP driver's status updates, checks) wait
+///   up to `LAZY` for company: they are in the cache already, and a
+///   `flush` or the next create commits them sooner.
+fn gather(rx: &mpsc::Receiver<Job>, batch: &mut Vec<Job>, closed: &mut bool, busy: bool) {
+    let waited_for = |b: &[Job]| b.iter().any(|j| j.waiter.is_some());
+    let start = Instant::now();
+    let mut deadline = if !waited_for(batch) {
+        start + LAZY
+    } else if busy {
+        start + GATHER
+    } else {
+        return;
+    };
+    while !*closed && batch.len() < MAX_BATCH {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        if waited_for(batch) {
+            // Nothing that arrives can bring the deadline closer: sleep
+            // rather than be woken by every sender.
+            std::thread::sleep(deadline - now);
+            drain(rx, batch, closed);
+            break;
+        }
+        match rx.recv_timeout(deadline - now) {
+            Ok(j) => {
+                let waiter = j.waiter.is_some();
+                batch.push(j);
+                drain(rx, batch, closed);
+                if waiter {
+                    let due = if busy {
+                        Instant::now() + GATHER
+                    } else {
+                        Instant::now()
+                    };
+                    deadline = deadline.min(due);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => break,
+            Err(mpsc::RecvTimeoutError::Disconnected) => *closed = true,
+        }
+    }
+}
+
+/// The writer thread: take everything queued (holding the batch open a
+/// moment when that pays, see [`gather`]), commit it in one transaction,
+/// wake the waiters; repeat until every sender is gone.
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Job>, inner: Arc<Inner>, hooks: Hooks) {
     let mut retry: Vec<Job> = Vec::new();
     let mut closed = false;
     let mut failing_since: Option<Instant> = None;
     let mut last_log: Option<Instant> = None;
+    // When the last commit ended: a job arriving sooner than `GATHER`
+    // after it means commits are running back to back.
+    let mut committed_at: Option<Instant> = None;
     loop {
         let mut batch = std::mem::take(&mut retry);
         if batch.is_empty() {
@@ -711,6 +786,9 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Job>, inner: Arc<Inner>, hook
                 Ok(j) => batch.push(j),
                 Err(_) => break,
             }
+            let busy = committed_at.is_some_and(|t| t.elapsed() < GATHER);
+            drain(&rx, &mut batch, &mut closed);
+            gather(&rx, &mut batch, &mut closed, busy);
         } else if !closed {
             // Updates failed last time: wait a little so a lasting failure
             // (full disk) does not spin, but take new work at once.
@@ -719,16 +797,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Job>, inner: Arc<Inner>, hook
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => closed = true,
             }
-        }
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    closed = true;
-                    break;
-                }
-            }
+            drain(&rx, &mut batch, &mut closed);
         }
         for job in &batch {
             if let Op::Fault(f) = job.op {
@@ -738,7 +807,9 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Job>, inner: Arc<Inner>, hook
             }
         }
         hooks.wrote.set(false);
-        match commit(&mut conn, &hooks, &batch) {
+        let result = commit(&mut conn, &hooks, &batch);
+        committed_at = Some(Instant::now());
+        match result {
             Ok(results) => {
                 inner.commits.fetch_add(1, Ordering::Relaxed);
                 inner.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
