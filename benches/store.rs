@@ -321,13 +321,22 @@ fn prefilled(rows: u64) -> PathBuf {
                  ?3, ?3)",
             )
             .expect("prepare");
-        let mut a = tx
-            .prepare(
+        // Schema 1 kept a second copy of each call in its own table.
+        let table: Option<String> = tx
+            .query_row(
+                "SELECT type FROM sqlite_master WHERE name = 'call_attempts'",
+                [],
+                |r| r.get(0),
+            )
+            .ok();
+        let mut a = (table.as_deref() == Some("table")).then(|| {
+            tx.prepare(
                 "INSERT INTO call_attempts (verification_id, trunk, caller, destination, \
                  invited_at_ms, ringing_at_ms, cancel_at_ms, final_at_ms, sip_code, outcome) \
                  VALUES (?1, 'bench', '+447700901234', ?2, ?3, ?3, ?3, ?3, 487, 'delivered')",
             )
-            .expect("prepare");
+            .expect("prepare")
+        });
         let mut rng = StdRng::seed_from_u64(7);
         // Spread over the last 20 days, oldest first, as they were written.
         let start = flashcall::engine::now_ms() - 20 * 86_400_000;
@@ -337,8 +346,10 @@ fn prefilled(rows: u64) -> PathBuf {
             let phone = format!("+4479111{:05}", n % 100_000);
             v.execute(rusqlite::params![id, phone, at, at + 300_000])
                 .expect("prefill");
-            a.execute(rusqlite::params![id, phone, at])
-                .expect("prefill");
+            if let Some(a) = a.as_mut() {
+                a.execute(rusqlite::params![id, phone, at])
+                    .expect("prefill");
+            }
         }
     }
     tx.commit().expect("commit");

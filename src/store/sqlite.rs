@@ -122,6 +122,38 @@ CREATE TABLE webhook_deliveries (
 );
 CREATE INDEX webhook_deliveries_event ON webhook_deliveries (event_id);
 "#,
+    // 2: fewer b-tree pages written per verification. The writer's cost is
+    // mostly the pages each commit rewrites to the WAL, and a verification
+    // touched every index below at its insert and its status changes.
+    // - A call attempt is the verification's own call columns (one per
+    //   verification: `verification_id` was UNIQUE), written in the same
+    //   UPDATE; the table kept a second copy behind a random-keyed index (a
+    //   random page per call) and two more upserts per verification. It
+    //   becomes a view with the same columns. The copy back is for safety
+    //   only: both were always written in one transaction.
+    // - Startup loads only open verifications (one small partial index,
+    //   whose entry stays on the same page as the status changes); prune
+    //   walks rowid order, which is creation order. `created`, `expires`
+    //   and `status` had no other reader.
+    r#"
+UPDATE verifications SET call_trunk = a.trunk, call_outcome = a.outcome,
+    call_sip_code = a.sip_code, call_invited_at_ms = a.invited_at_ms,
+    call_ringing_at_ms = a.ringing_at_ms, call_cancel_at_ms = a.cancel_at_ms,
+    call_ended_at_ms = a.final_at_ms
+FROM call_attempts a
+WHERE a.verification_id = verifications.id AND verifications.call_invited_at_ms IS NULL;
+DROP TABLE call_attempts;
+CREATE VIEW call_attempts (id, verification_id, trunk, caller, destination, invited_at_ms,
+    ringing_at_ms, cancel_at_ms, final_at_ms, sip_code, outcome) AS
+SELECT rowid, id, call_trunk, caller, phone, call_invited_at_ms, call_ringing_at_ms,
+    call_cancel_at_ms, call_ended_at_ms, call_sip_code, call_outcome
+FROM verifications WHERE call_invited_at_ms IS NOT NULL;
+DROP INDEX verifications_created;
+DROP INDEX verifications_expires;
+DROP INDEX verifications_status;
+CREATE INDEX verifications_open ON verifications (expires_at_ms)
+    WHERE status IN ('pending', 'calling', 'delivered', 'failed');
+"#,
 ];
 
 /// The schema version this build writes.
@@ -221,7 +253,6 @@ enum Op {
     Update {
         v: Verification,
         before: Status,
-        call_changed: bool,
         at_ms: i64,
     },
     Check {
@@ -493,42 +524,11 @@ impl Hooks {
     }
 }
 
-fn write_call(tx: &Transaction<'_>, v: &Verification) -> rusqlite::Result<()> {
-    let c = &v.call;
-    if c.invited_at_ms.is_none() {
-        // No INVITE went out: no call attempt to record.
-        return Ok(());
-    }
-    tx.prepare_cached(
-        "INSERT INTO call_attempts (verification_id, trunk, caller, destination, invited_at_ms, \
-         ringing_at_ms, cancel_at_ms, final_at_ms, sip_code, outcome) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
-         ON CONFLICT (verification_id) DO UPDATE SET trunk = excluded.trunk, \
-         invited_at_ms = excluded.invited_at_ms, ringing_at_ms = excluded.ringing_at_ms, \
-         cancel_at_ms = excluded.cancel_at_ms, final_at_ms = excluded.final_at_ms, \
-         sip_code = excluded.sip_code, outcome = excluded.outcome",
-    )?
-    .execute(params![
-        v.id,
-        c.trunk,
-        v.caller,
-        v.phone,
-        c.invited_at_ms,
-        c.ringing_at_ms,
-        c.cancel_at_ms,
-        c.ended_at_ms,
-        c.sip_code,
-        c.outcome.map(Outcome::as_str),
-    ])?;
-    Ok(())
-}
-
 fn write_update(
     tx: &Transaction<'_>,
     hooks: &Hooks,
     v: &Verification,
     before: Status,
-    call_changed: bool,
     at_ms: i64,
 ) -> rusqlite::Result<usize> {
     let c = &v.call;
@@ -552,13 +552,8 @@ fn write_update(
             c.ended_at_ms,
         ])?;
     // n == 0: the insert failed or was pruned; nothing to hang rows on.
-    if n > 0 {
-        if call_changed {
-            write_call(tx, v)?;
-        }
-        if before != v.status {
-            hooks.event(tx, v, at_ms)?;
-        }
+    if n > 0 && before != v.status {
+        hooks.event(tx, v, at_ms)?;
     }
     Ok(n)
 }
@@ -621,7 +616,6 @@ fn write_insert(
             return Ok(Err(StoreError::Duplicate(format!("{}/{key}", v.project))));
         }
     }
-    write_call(tx, v)?;
     hooks.event(tx, v, v.created_at_ms)?;
     Ok(Ok(1))
 }
@@ -645,14 +639,16 @@ fn write_prune(tx: &Transaction<'_>, before_ms: i64, limit: usize) -> rusqlite::
     tx.execute_batch(
         "CREATE TEMP TABLE IF NOT EXISTS prune_ids (id TEXT PRIMARY KEY); DELETE FROM prune_ids;",
     )?;
+    // The oldest `limit` rows by rowid, which is creation order (a row is
+    // committed within milliseconds of its created_at_ms), that are old
+    // enough: no index on created_at_ms to keep up at every insert.
     tx.execute(
-        "INSERT INTO prune_ids SELECT id FROM verifications WHERE created_at_ms < ?1 \
-         ORDER BY created_at_ms LIMIT ?2",
+        "INSERT INTO prune_ids SELECT id FROM verifications WHERE rowid IN \
+         (SELECT rowid FROM verifications ORDER BY rowid LIMIT ?2) AND created_at_ms < ?1",
         params![before_ms, i64::try_from(limit).unwrap_or(i64::MAX)],
     )?;
     tx.execute_batch(
-        "DELETE FROM call_attempts WHERE verification_id IN (SELECT id FROM prune_ids);
-         DELETE FROM checks WHERE verification_id IN (SELECT id FROM prune_ids);
+        "DELETE FROM checks WHERE verification_id IN (SELECT id FROM prune_ids);
          DELETE FROM idempotency WHERE verification_id IN (SELECT id FROM prune_ids);
          DELETE FROM webhook_deliveries WHERE event_id IN (SELECT id FROM webhook_outbox
              WHERE done = 1 AND verification_id IN (SELECT id FROM prune_ids));
@@ -674,12 +670,7 @@ fn commit(conn: &mut Connection, hooks: &Hooks, batch: &[Job]) -> rusqlite::Resu
     for job in batch {
         out.push(match &job.op {
             Op::Insert { v, idem } => write_insert(&tx, hooks, v, idem.as_ref())?,
-            Op::Update {
-                v,
-                before,
-                call_changed,
-                at_ms,
-            } => Ok(write_update(&tx, hooks, v, *before, *call_changed, *at_ms)?),
+            Op::Update { v, before, at_ms } => Ok(write_update(&tx, hooks, v, *before, *at_ms)?),
             Op::Check { id, at_ms, result } => Ok(tx
                 .prepare_cached(
                     "INSERT INTO checks (verification_id, at_ms, result) VALUES (?1, ?2, ?3)",
@@ -1121,7 +1112,6 @@ impl SqliteStore {
                 Op::Update {
                     v: v.clone(),
                     before: before.status,
-                    call_changed: v.call != before.call,
                     at_ms: now_ms(),
                 },
                 None,
@@ -1141,8 +1131,12 @@ impl SqliteStore {
 fn close_interrupted(conn: &mut Connection, hooks: &Hooks, now: i64) -> rusqlite::Result<usize> {
     let tx = conn.transaction()?;
     let stuck: Vec<Verification> = {
+        // The first IN repeats the partial index's WHERE, so SQLite sees
+        // the index applies and reads only open verifications.
         let mut stmt = tx.prepare(&format!(
-            "SELECT {V_COLS} FROM verifications WHERE status IN ('pending', 'calling')"
+            "SELECT {V_COLS} FROM verifications \
+             WHERE status IN ('pending', 'calling', 'delivered', 'failed') \
+             AND status IN ('pending', 'calling')"
         ))?;
         let rows = stmt.query_map([], row_to_v)?;
         rows.collect::<rusqlite::Result<_>>()?
@@ -1154,7 +1148,7 @@ fn close_interrupted(conn: &mut Connection, hooks: &Hooks, now: i64) -> rusqlite
         if v.call.invited_at_ms.is_some() {
             v.call.ended_at_ms.get_or_insert(now);
         }
-        write_update(&tx, hooks, &v, before, true, now)?;
+        write_update(&tx, hooks, &v, before, now)?;
     }
     tx.commit()?;
     Ok(stuck.len())

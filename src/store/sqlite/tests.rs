@@ -523,3 +523,177 @@ fn finished_calls_leave_memory_and_stay_checkable() {
     assert_eq!(s.get("a").unwrap().unwrap().status, Status::Verified);
     assert_eq!(s.get("b").unwrap().unwrap().status, Status::Expired);
 }
+
+/// A verification as the v1 writer stored it: its row, and its call
+/// attempt in the `call_attempts` table when a call was placed.
+fn insert_v1(c: &Connection, v: &Verification) {
+    let k = &v.call;
+    c.execute(
+        &format!(
+            "INSERT INTO verifications ({V_COLS}) VALUES \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+        ),
+        params![
+            v.id,
+            v.project,
+            v.phone,
+            v.sender,
+            v.code,
+            v.client_code,
+            v.caller,
+            v.reference,
+            v.created_at_ms,
+            v.expires_at_ms,
+            v.attempts_left,
+            v.status.as_str(),
+            k.trunk,
+            k.outcome.map(Outcome::as_str),
+            k.sip_code,
+            k.invited_at_ms,
+            k.ringing_at_ms,
+            k.cancel_at_ms,
+            k.ended_at_ms,
+        ],
+    )
+    .unwrap();
+    if k.invited_at_ms.is_some() {
+        c.execute(
+            "INSERT INTO call_attempts (verification_id, trunk, caller, destination, \
+             invited_at_ms, ringing_at_ms, cancel_at_ms, final_at_ms, sip_code, outcome) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                v.id,
+                k.trunk,
+                v.caller,
+                v.phone,
+                k.invited_at_ms,
+                k.ringing_at_ms,
+                k.cancel_at_ms,
+                k.ended_at_ms,
+                k.sip_code,
+                k.outcome.map(Outcome::as_str),
+            ],
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_version_1_database_migrates_with_its_records_intact() {
+    let d = dir("v1");
+    let path = d.join("f.db");
+    let now = now_ms();
+    let call = |outcome| CallRecord {
+        trunk: "main".into(),
+        outcome,
+        sip_code: Some(487),
+        invited_at_ms: Some(now - 5_000),
+        ringing_at_ms: Some(now - 4_000),
+        cancel_at_ms: Some(now - 3_900),
+        ended_at_ms: Some(now - 3_800),
+    };
+    // Finished long ago, with its call; delivered and still open; left
+    // calling by a crash; verified, past its TTL, with no call.
+    let mut old = v("old", 1_000, 2_000);
+    old.status = Status::Expired;
+    old.call = call(Some(Outcome::Delivered));
+    let mut open_one = v("open", now - 6_000, now + 600_000);
+    open_one.status = Status::Delivered;
+    open_one.call = call(Some(Outcome::Delivered));
+    let mut calling = v("calling", now - 6_000, now + 600_000);
+    calling.status = Status::Calling;
+    calling.call = CallRecord {
+        trunk: "main".into(),
+        invited_at_ms: Some(now - 5_000),
+        ..CallRecord::default()
+    };
+    let mut verified = v("verified", now - 900_000, now - 600_000);
+    verified.status = Status::Verified;
+    {
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(MIGRATIONS[0]).unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+        for x in [&old, &open_one, &calling, &verified] {
+            insert_v1(&c, x);
+        }
+        c.execute(
+            "INSERT INTO webhook_outbox (id, project, verification_id, payload, created_at_ms, \
+             next_attempt_ms) VALUES ('msg_1', 'p', 'open', '{}', 1, 1)",
+            [],
+        )
+        .unwrap();
+    }
+    let s = open(&path);
+    assert_eq!(count(&path, "PRAGMA user_version"), SCHEMA_VERSION);
+    // Every record reads back as it was (the crash leftover closed).
+    assert_eq!(s.get("old").unwrap().unwrap(), old);
+    assert_eq!(s.get("open").unwrap().unwrap(), open_one);
+    assert_eq!(s.get("verified").unwrap().unwrap(), verified);
+    let c = s.get("calling").unwrap().unwrap();
+    assert_eq!(c.status, Status::Failed);
+    assert_eq!(c.call.outcome, Some(Outcome::Interrupted));
+    // The delivered one stays checkable.
+    let r = s
+        .update("open", &mut |v| {
+            v.check(now, crate::verification::Guess::Code("1234"));
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, Status::Verified);
+    block(s.flush()).unwrap();
+    assert_eq!(s.outbox_due(FAR, 100).unwrap().len(), 3);
+    drop(s);
+    // The call attempts read as before, from the view.
+    let db = Connection::open(&path).unwrap();
+    let attempts: Vec<(String, String, Option<i64>, Option<String>)> = db
+        .prepare(
+            "SELECT verification_id, destination, ringing_at_ms, outcome FROM call_attempts \
+             ORDER BY verification_id",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert_eq!(
+        attempts,
+        vec![
+            (
+                "calling".into(),
+                old.phone.clone(),
+                None,
+                Some("interrupted".into())
+            ),
+            (
+                "old".into(),
+                old.phone.clone(),
+                Some(now - 4_000),
+                Some("delivered".into())
+            ),
+            (
+                "open".into(),
+                old.phone.clone(),
+                Some(now - 4_000),
+                Some("delivered".into())
+            ),
+        ]
+    );
+    let indexes: Vec<String> = db
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'verifications' \
+             AND sql IS NOT NULL ORDER BY name",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert_eq!(
+        indexes,
+        vec!["verifications_open", "verifications_project_created"]
+    );
+    let check: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}
