@@ -26,7 +26,7 @@ use rand::RngCore;
 use rusqlite::types::Type;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transaction};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -524,6 +524,30 @@ impl Hooks {
     }
 }
 
+/// The row of `v` rewritten to its current state; how many rows (0: the
+/// insert failed, or it was pruned).
+fn write_row(tx: &Transaction<'_>, v: &Verification) -> rusqlite::Result<usize> {
+    let c = &v.call;
+    tx.prepare_cached(
+        "UPDATE verifications SET status = ?2, attempts_left = ?3, call_trunk = ?4, \
+         call_outcome = ?5, call_sip_code = ?6, call_invited_at_ms = ?7, \
+         call_ringing_at_ms = ?8, call_cancel_at_ms = ?9, call_ended_at_ms = ?10 \
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        v.id,
+        v.status.as_str(),
+        v.attempts_left,
+        c.trunk,
+        c.outcome.map(Outcome::as_str),
+        c.sip_code,
+        c.invited_at_ms,
+        c.ringing_at_ms,
+        c.cancel_at_ms,
+        c.ended_at_ms,
+    ])
+}
+
 fn write_update(
     tx: &Transaction<'_>,
     hooks: &Hooks,
@@ -531,26 +555,7 @@ fn write_update(
     before: Status,
     at_ms: i64,
 ) -> rusqlite::Result<usize> {
-    let c = &v.call;
-    let n = tx
-        .prepare_cached(
-            "UPDATE verifications SET status = ?2, attempts_left = ?3, call_trunk = ?4, \
-             call_outcome = ?5, call_sip_code = ?6, call_invited_at_ms = ?7, \
-             call_ringing_at_ms = ?8, call_cancel_at_ms = ?9, call_ended_at_ms = ?10 \
-             WHERE id = ?1",
-        )?
-        .execute(params![
-            v.id,
-            v.status.as_str(),
-            v.attempts_left,
-            c.trunk,
-            c.outcome.map(Outcome::as_str),
-            c.sip_code,
-            c.invited_at_ms,
-            c.ringing_at_ms,
-            c.cancel_at_ms,
-            c.ended_at_ms,
-        ])?;
+    let n = write_row(tx, v)?;
     // n == 0: the insert failed or was pruned; nothing to hang rows on.
     if n > 0 && before != v.status {
         hooks.event(tx, v, at_ms)?;
@@ -664,13 +669,43 @@ fn write_prune(tx: &Transaction<'_>, before_ms: i64, limit: usize) -> rusqlite::
 
 /// One group commit: every job of the batch in one transaction. Returns
 /// each job's own result; an `Err` means nothing of the batch was stored.
+///
+/// Several updates of one verification in the batch (the INVITE went out,
+/// then the call ended a moment later) write its row once, in its last
+/// state, at the first of them; each still writes its own webhook event.
+/// Not across a prune, which could delete the row in between.
 fn commit(conn: &mut Connection, hooks: &Hooks, batch: &[Job]) -> rusqlite::Result<Vec<Done>> {
+    let mut last: HashMap<&str, &Verification> = HashMap::new();
+    if !batch.iter().any(|j| matches!(j.op, Op::Prune { .. })) {
+        for job in batch {
+            if let Op::Update { v, .. } = &job.op {
+                last.insert(&v.id, v);
+            }
+        }
+    }
+    // Rows already written in this batch, and what the UPDATE found.
+    let mut written: HashMap<&str, usize> = HashMap::new();
     let tx = conn.transaction()?;
     let mut out = Vec::with_capacity(batch.len());
     for job in batch {
         out.push(match &job.op {
             Op::Insert { v, idem } => write_insert(&tx, hooks, v, idem.as_ref())?,
-            Op::Update { v, before, at_ms } => Ok(write_update(&tx, hooks, v, *before, *at_ms)?),
+            Op::Update { v, before, at_ms } => {
+                let n = match (last.get(v.id.as_str()), written.get(v.id.as_str())) {
+                    (Some(_), Some(&n)) => n,
+                    (Some(&final_state), None) => {
+                        let n = write_row(&tx, final_state)?;
+                        written.insert(&v.id, n);
+                        n
+                    }
+                    (None, _) => write_row(&tx, v)?,
+                };
+                // n == 0: the insert failed or was pruned.
+                if n > 0 && *before != v.status {
+                    hooks.event(&tx, v, *at_ms)?;
+                }
+                Ok(n)
+            }
             Op::Check { id, at_ms, result } => Ok(tx
                 .prepare_cached(
                     "INSERT INTO checks (verification_id, at_ms, result) VALUES (?1, ?2, ?3)",

@@ -697,3 +697,89 @@ fn a_version_1_database_migrates_with_its_records_intact() {
         .unwrap();
     assert_eq!(check, "ok");
 }
+
+#[test]
+fn updates_of_one_verification_in_a_batch_write_its_row_once_and_every_event() {
+    let d = dir("coalesce");
+    let path = d.join("f.db");
+    drop(open(&path));
+    let mut conn = connect(&path, OpenFlags::default()).unwrap();
+    let hooks = Hooks {
+        projects: HashSet::from(["p".to_string()]),
+        wake: Arc::new(Notify::new()),
+        wrote: std::cell::Cell::new(false),
+    };
+    let job = |op| Job { op, waiter: None };
+    let now = now_ms();
+    let a0 = v("a", now, now + 600_000);
+    let b0 = v("b", now, now + 600_000);
+    let inserts = [
+        job(Op::Insert {
+            v: a0.clone(),
+            idem: None,
+        }),
+        job(Op::Insert {
+            v: b0.clone(),
+            idem: None,
+        }),
+    ];
+    commit(&mut conn, &hooks, &inserts).unwrap();
+    let mut a1 = a0.clone();
+    a1.call_started("t", now + 1);
+    let mut b1 = b0.clone();
+    b1.call_started("t", now + 1);
+    let mut a2 = a1.clone();
+    a2.call_ended(
+        Outcome::Delivered,
+        CallRecord {
+            trunk: "t".into(),
+            outcome: None,
+            sip_code: Some(487),
+            invited_at_ms: Some(now + 1),
+            ringing_at_ms: Some(now + 2),
+            cancel_at_ms: Some(now + 2),
+            ended_at_ms: Some(now + 3),
+        },
+    );
+    let update = |v: &Verification, before, at_ms| {
+        job(Op::Update {
+            v: v.clone(),
+            before,
+            at_ms,
+        })
+    };
+    let batch = [
+        update(&a1, Status::Pending, now + 1),
+        update(&b1, Status::Pending, now + 1),
+        update(&a2, Status::Calling, now + 3),
+    ];
+    let changes = conn.total_changes();
+    let out = commit(&mut conn, &hooks, &batch).unwrap();
+    assert!(out.iter().all(|r| matches!(r, Ok(1))), "{out:?}");
+    // Two row updates (a once, in its last state; b) and three events.
+    assert_eq!(conn.total_changes() - changes, 5);
+    assert_eq!(load_one(&conn, "a").unwrap().unwrap(), a2);
+    assert_eq!(load_one(&conn, "b").unwrap().unwrap(), b1);
+    // a's events: each its own status and call record, in order.
+    let events: Vec<serde_json::Value> = conn
+        .prepare("SELECT payload FROM webhook_outbox WHERE verification_id = 'a' ORDER BY rowid")
+        .unwrap()
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|p| serde_json::from_str(&p.unwrap()).unwrap())
+        .collect();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "verification.pending",
+            "verification.calling",
+            "verification.delivered"
+        ]
+    );
+    assert_eq!(
+        events[1]["data"]["call"]["outcome"],
+        serde_json::Value::Null
+    );
+    assert_eq!(events[2]["data"]["call"]["outcome"], "delivered");
+}
