@@ -24,7 +24,7 @@
 use dashmap::DashMap;
 use rand::RngCore;
 use rusqlite::types::Type;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transaction};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::io::Read;
@@ -182,6 +182,15 @@ const RESTART_FRAMES: i64 = 16_384;
 const V_COLS: &str = "id, project, phone, sender, code, client_code, caller, reference, \
      created_at_ms, expires_at_ms, attempts_left, status, call_trunk, call_outcome, \
      call_sip_code, call_invited_at_ms, call_ringing_at_ms, call_cancel_at_ms, call_ended_at_ms";
+
+/// Built once: `prepare_cached` looks statements up by their text, and
+/// formatting it at every insert cost an allocation.
+static INSERT_V: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "INSERT OR IGNORE INTO verifications ({V_COLS}) VALUES \
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+    )
+});
 
 /// Why the store cannot be opened; serve prints it and exits 2.
 #[derive(Debug, Error)]
@@ -504,7 +513,7 @@ struct Hooks {
 impl Hooks {
     /// An outbox row for `v`'s current status, when its project has a
     /// webhook: in the caller's transaction, beside the change itself.
-    fn event(&self, tx: &Transaction<'_>, v: &Verification, at_ms: i64) -> rusqlite::Result<()> {
+    fn event(&self, tx: &Connection, v: &Verification, at_ms: i64) -> rusqlite::Result<()> {
         if !self.projects.contains(&v.project) {
             return Ok(());
         }
@@ -526,7 +535,7 @@ impl Hooks {
 
 /// The row of `v` rewritten to its current state; how many rows (0: the
 /// insert failed, or it was pruned).
-fn write_row(tx: &Transaction<'_>, v: &Verification) -> rusqlite::Result<usize> {
+fn write_row(tx: &Connection, v: &Verification) -> rusqlite::Result<usize> {
     let c = &v.call;
     tx.prepare_cached(
         "UPDATE verifications SET status = ?2, attempts_left = ?3, call_trunk = ?4, \
@@ -549,7 +558,7 @@ fn write_row(tx: &Transaction<'_>, v: &Verification) -> rusqlite::Result<usize> 
 }
 
 fn write_update(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     hooks: &Hooks,
     v: &Verification,
     before: Status,
@@ -564,7 +573,7 @@ fn write_update(
 }
 
 fn write_insert(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     hooks: &Hooks,
     v: &Verification,
     idem: Option<&(String, Idempotent)>,
@@ -572,32 +581,27 @@ fn write_insert(
     let c = &v.call;
     // OR IGNORE: a duplicate id fails that one request, not the whole
     // group commit it shares a transaction with.
-    let n = tx
-        .prepare_cached(&format!(
-            "INSERT OR IGNORE INTO verifications ({V_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
-        ))?
-        .execute(params![
-            v.id,
-            v.project,
-            v.phone,
-            v.sender,
-            v.code,
-            v.client_code,
-            v.caller,
-            v.reference,
-            v.created_at_ms,
-            v.expires_at_ms,
-            v.attempts_left,
-            v.status.as_str(),
-            c.trunk,
-            c.outcome.map(Outcome::as_str),
-            c.sip_code,
-            c.invited_at_ms,
-            c.ringing_at_ms,
-            c.cancel_at_ms,
-            c.ended_at_ms,
-        ])?;
+    let n = tx.prepare_cached(&INSERT_V)?.execute(params![
+        v.id,
+        v.project,
+        v.phone,
+        v.sender,
+        v.code,
+        v.client_code,
+        v.caller,
+        v.reference,
+        v.created_at_ms,
+        v.expires_at_ms,
+        v.attempts_left,
+        v.status.as_str(),
+        c.trunk,
+        c.outcome.map(Outcome::as_str),
+        c.sip_code,
+        c.invited_at_ms,
+        c.ringing_at_ms,
+        c.cancel_at_ms,
+        c.ended_at_ms,
+    ])?;
     if n == 0 {
         return Ok(Err(StoreError::Duplicate(v.id.clone())));
     }
@@ -625,7 +629,7 @@ fn write_insert(
     Ok(Ok(1))
 }
 
-fn write_delivery(tx: &Transaction<'_>, id: &str, a: &DeliveryAttempt) -> rusqlite::Result<usize> {
+fn write_delivery(tx: &Connection, id: &str, a: &DeliveryAttempt) -> rusqlite::Result<usize> {
     tx.prepare_cached(
         "INSERT INTO webhook_deliveries (event_id, at_ms, status, error) VALUES (?1, ?2, ?3, ?4)",
     )?
@@ -639,7 +643,7 @@ fn write_delivery(tx: &Transaction<'_>, id: &str, a: &DeliveryAttempt) -> rusqli
     Ok(n)
 }
 
-fn write_prune(tx: &Transaction<'_>, before_ms: i64, limit: usize) -> rusqlite::Result<usize> {
+fn write_prune(tx: &Connection, before_ms: i64, limit: usize) -> rusqlite::Result<usize> {
     // The same ids for every table: one temp table, filled once.
     tx.execute_batch(
         "CREATE TEMP TABLE IF NOT EXISTS prune_ids (id TEXT PRIMARY KEY); DELETE FROM prune_ids;",
@@ -674,7 +678,7 @@ fn write_prune(tx: &Transaction<'_>, before_ms: i64, limit: usize) -> rusqlite::
 /// then the call ended a moment later) write its row once, in its last
 /// state, at the first of them; each still writes its own webhook event.
 /// Not across a prune, which could delete the row in between.
-fn commit(conn: &mut Connection, hooks: &Hooks, batch: &[Job]) -> rusqlite::Result<Vec<Done>> {
+fn commit(conn: &Connection, hooks: &Hooks, batch: &[Job]) -> rusqlite::Result<Vec<Done>> {
     let mut last: HashMap<&str, &Verification> = HashMap::new();
     if !batch.iter().any(|j| matches!(j.op, Op::Prune { .. })) {
         for job in batch {
@@ -683,26 +687,48 @@ fn commit(conn: &mut Connection, hooks: &Hooks, batch: &[Job]) -> rusqlite::Resu
             }
         }
     }
+    // BEGIN and COMMIT as cached statements: `Connection::transaction`
+    // parses both again at every commit.
+    conn.prepare_cached("BEGIN")?.execute([])?;
+    let r = write_batch(conn, hooks, batch, &last).and_then(|out| {
+        conn.prepare_cached("COMMIT")?.execute([])?;
+        Ok(out)
+    });
+    if r.is_err() && !conn.is_autocommit() {
+        // Nothing of the batch is kept (COMMIT itself can fail: disk full).
+        if let Err(e) = conn.execute_batch("ROLLBACK") {
+            tracing::error!(error = %e, "store: rollback failed");
+        }
+    }
+    r
+}
+
+/// The statements of one batch, inside its transaction.
+fn write_batch(
+    tx: &Connection,
+    hooks: &Hooks,
+    batch: &[Job],
+    last: &HashMap<&str, &Verification>,
+) -> rusqlite::Result<Vec<Done>> {
     // Rows already written in this batch, and what the UPDATE found.
     let mut written: HashMap<&str, usize> = HashMap::new();
-    let tx = conn.transaction()?;
     let mut out = Vec::with_capacity(batch.len());
     for job in batch {
         out.push(match &job.op {
-            Op::Insert { v, idem } => write_insert(&tx, hooks, v, idem.as_ref())?,
+            Op::Insert { v, idem } => write_insert(tx, hooks, v, idem.as_ref())?,
             Op::Update { v, before, at_ms } => {
                 let n = match (last.get(v.id.as_str()), written.get(v.id.as_str())) {
                     (Some(_), Some(&n)) => n,
                     (Some(&final_state), None) => {
-                        let n = write_row(&tx, final_state)?;
+                        let n = write_row(tx, final_state)?;
                         written.insert(&v.id, n);
                         n
                     }
-                    (None, _) => write_row(&tx, v)?,
+                    (None, _) => write_row(tx, v)?,
                 };
                 // n == 0: the insert failed or was pruned.
                 if n > 0 && *before != v.status {
-                    hooks.event(&tx, v, *at_ms)?;
+                    hooks.event(tx, v, *at_ms)?;
                 }
                 Ok(n)
             }
@@ -711,12 +737,11 @@ fn commit(conn: &mut Connection, hooks: &Hooks, batch: &[Job]) -> rusqlite::Resu
                     "INSERT INTO checks (verification_id, at_ms, result) VALUES (?1, ?2, ?3)",
                 )?
                 .execute(params![id, at_ms, result])?),
-            Op::Delivery { id, attempt } => Ok(write_delivery(&tx, id, attempt)?),
-            Op::Prune { before_ms, limit } => Ok(write_prune(&tx, *before_ms, *limit)?),
+            Op::Delivery { id, attempt } => Ok(write_delivery(tx, id, attempt)?),
+            Op::Prune { before_ms, limit } => Ok(write_prune(tx, *before_ms, *limit)?),
             Op::Flush | Op::Fault(_) => Ok(0),
         });
     }
-    tx.commit()?;
     Ok(out)
 }
 
@@ -800,7 +825,7 @@ fn gather(rx: &mpsc::Receiver<Job>, batch: &mut Vec<Job>, closed: &mut bool, bus
 /// moment when that pays, see [`gather`]), commit it in one transaction,
 /// wake the waiters; repeat until every sender is gone.
 fn writer(
-    mut conn: Connection,
+    conn: Connection,
     rx: mpsc::Receiver<Job>,
     inner: Arc<Inner>,
     hooks: Hooks,
@@ -847,7 +872,7 @@ fn writer(
         let result = {
             // Held off while the checkpointer finishes a WAL restart.
             let _gate = gate.lock().unwrap_or_else(|e| e.into_inner());
-            commit(&mut conn, &hooks, &batch)
+            commit(&conn, &hooks, &batch)
         };
         committed_at = Some(Instant::now());
         match result {

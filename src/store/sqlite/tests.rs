@@ -703,7 +703,7 @@ fn updates_of_one_verification_in_a_batch_write_its_row_once_and_every_event() {
     let d = dir("coalesce");
     let path = d.join("f.db");
     drop(open(&path));
-    let mut conn = connect(&path, OpenFlags::default()).unwrap();
+    let conn = connect(&path, OpenFlags::default()).unwrap();
     let hooks = Hooks {
         projects: HashSet::from(["p".to_string()]),
         wake: Arc::new(Notify::new()),
@@ -723,7 +723,7 @@ fn updates_of_one_verification_in_a_batch_write_its_row_once_and_every_event() {
             idem: None,
         }),
     ];
-    commit(&mut conn, &hooks, &inserts).unwrap();
+    commit(&conn, &hooks, &inserts).unwrap();
     let mut a1 = a0.clone();
     a1.call_started("t", now + 1);
     let mut b1 = b0.clone();
@@ -754,7 +754,7 @@ fn updates_of_one_verification_in_a_batch_write_its_row_once_and_every_event() {
         update(&a2, Status::Calling, now + 3),
     ];
     let changes = conn.total_changes();
-    let out = commit(&mut conn, &hooks, &batch).unwrap();
+    let out = commit(&conn, &hooks, &batch).unwrap();
     assert!(out.iter().all(|r| matches!(r, Ok(1))), "{out:?}");
     // Two row updates (a once, in its last state; b) and three events.
     assert_eq!(conn.total_changes() - changes, 5);
