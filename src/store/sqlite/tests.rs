@@ -696,6 +696,26 @@ fn a_version_1_database_migrates_with_its_records_intact() {
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .unwrap();
     assert_eq!(check, "ok");
+    // Startup and the crash sweep read open verifications by the index.
+    for sql in [
+        format!("SELECT expires_at_ms, id FROM verifications WHERE {OPEN}"),
+        format!("SELECT id FROM verifications WHERE {OPEN} AND status IN ('pending', 'calling')"),
+    ] {
+        let plan: String = db
+            .query_row(&format!("EXPLAIN QUERY PLAN {sql}"), [], |r| r.get(3))
+            .unwrap();
+        assert!(plan.contains("verifications_open"), "{sql}: {plan}");
+    }
+    // A status change evaluates the index's WHERE without a temporary
+    // b-tree (as a long IN list would, at every update).
+    let ops: Vec<String> = db
+        .prepare("EXPLAIN UPDATE verifications SET status = 'calling' WHERE id = 'open'")
+        .unwrap()
+        .query_map([], |r| r.get(1))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert!(!ops.iter().any(|o| o == "OpenEphemeral"), "{ops:?}");
 }
 
 #[test]
