@@ -137,6 +137,8 @@ CREATE INDEX webhook_deliveries_event ON webhook_deliveries (event_id);
     //   and `status` had no other reader. ORs, not IN: SQLite evaluates
     //   an IN of more than two constants through a temporary b-tree, at
     //   every insert and twice at every update.
+    // - Webhook events are pruned by their own age, not by verification
+    //   id: that index put each event on a random page.
     r#"
 UPDATE verifications SET call_trunk = a.trunk, call_outcome = a.outcome,
     call_sip_code = a.sip_code, call_invited_at_ms = a.invited_at_ms,
@@ -155,6 +157,7 @@ DROP INDEX verifications_expires;
 DROP INDEX verifications_status;
 CREATE INDEX verifications_open ON verifications (expires_at_ms)
     WHERE status = 'pending' OR status = 'calling' OR status = 'delivered' OR status = 'failed';
+DROP INDEX webhook_outbox_verification;
 "#,
 ];
 
@@ -501,9 +504,20 @@ fn load_one(conn: &Connection, id: &str) -> rusqlite::Result<Option<Verification
         .optional()
 }
 
+/// `msg_` + 32 hex digits: 16 that grow with time (milliseconds and a
+/// counter), 16 random. Growing ids append to the end of the outbox's
+/// primary-key index; random ones wrote a random page of it per event.
 fn event_id() -> String {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let t = u64::try_from(now_ms()).unwrap_or(0) << 16;
+    let seq = match LAST.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+        Some(t.max(l.wrapping_add(1)))
+    }) {
+        Ok(l) | Err(l) => t.max(l.wrapping_add(1)),
+    };
     let mut b = [0u8; 16];
-    rand::thread_rng().fill_bytes(&mut b);
+    b[..8].copy_from_slice(&seq.to_be_bytes());
+    rand::thread_rng().fill_bytes(&mut b[8..]);
     format!("msg_{}", hex::encode(b))
 }
 
@@ -666,9 +680,26 @@ fn write_prune(tx: &Connection, before_ms: i64, limit: usize) -> rusqlite::Resul
     tx.execute_batch(
         "DELETE FROM checks WHERE verification_id IN (SELECT id FROM prune_ids);
          DELETE FROM idempotency WHERE verification_id IN (SELECT id FROM prune_ids);
-         DELETE FROM webhook_deliveries WHERE event_id IN (SELECT id FROM webhook_outbox
-             WHERE done = 1 AND verification_id IN (SELECT id FROM prune_ids));
-         DELETE FROM webhook_outbox WHERE done = 1 AND verification_id IN (SELECT id FROM prune_ids);",
+         CREATE TEMP TABLE IF NOT EXISTS prune_events (id TEXT PRIMARY KEY);
+         DELETE FROM prune_events;",
+    )?;
+    // Finished webhook events go by their own age (the last attempt's
+    // time, through the due index), not by their verification: an index
+    // on the random verification id cost a random page per event. A
+    // verification has a handful of events, so eight per pruned one keeps
+    // up, and those of a verification pruned here are old enough too.
+    tx.execute(
+        "INSERT INTO prune_events SELECT id FROM webhook_outbox \
+         WHERE done = 1 AND next_attempt_ms < ?1 LIMIT ?2",
+        params![
+            before_ms,
+            i64::try_from(limit.saturating_mul(8)).unwrap_or(i64::MAX)
+        ],
+    )?;
+    tx.execute_batch(
+        "DELETE FROM webhook_deliveries WHERE event_id IN (SELECT id FROM prune_events);
+         DELETE FROM webhook_outbox WHERE id IN (SELECT id FROM prune_events);
+         DELETE FROM prune_events;",
     )?;
     let n = tx.execute(
         "DELETE FROM verifications WHERE id IN (SELECT id FROM prune_ids)",

@@ -388,6 +388,20 @@ fn prune_deletes_old_records_and_what_hangs_off_them() {
     }
     block(s.insert(v("new", now, now + 600_000), None)).unwrap();
     block(s.flush()).unwrap();
+    // One old event delivered: it goes with the old records, its delivery
+    // attempt too.
+    let delivered = s.outbox_due(now, 1).unwrap().remove(0);
+    s.outbox_record(
+        &delivered.id,
+        DeliveryAttempt {
+            at_ms: 1_100,
+            status: Some(204),
+            error: None,
+            next_attempt_ms: None,
+            delivered: true,
+        },
+    )
+    .unwrap();
     // Batches of 10: 10, 10, 5.
     assert_eq!(s.prune(now - 1_000, 10).unwrap(), 10);
     assert_eq!(s.prune(now - 1_000, 10).unwrap(), 10);
@@ -400,6 +414,18 @@ fn prune_deletes_old_records_and_what_hangs_off_them() {
     assert_eq!(count(&path, "SELECT count(*) FROM idempotency"), 0);
     // Undelivered events are kept for the delivery worker.
     assert!(count(&path, "SELECT count(*) FROM webhook_outbox") >= 25);
+    assert_eq!(
+        count(&path, "SELECT count(*) FROM webhook_outbox WHERE done = 1"),
+        0
+    );
+    assert_eq!(count(&path, "SELECT count(*) FROM webhook_deliveries"), 0);
+}
+
+#[test]
+fn event_ids_grow() {
+    let ids: Vec<String> = (0..1_000).map(|_| event_id()).collect();
+    assert!(ids.iter().all(|i| i.len() == 36 && i.starts_with("msg_")));
+    assert!(ids.windows(2).all(|w| w[0][..20] < w[1][..20]), "{ids:?}");
 }
 
 #[test]
