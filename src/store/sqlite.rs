@@ -178,6 +178,11 @@ const MAX_RETRY: usize = 100_000;
 const GATHER: Duration = Duration::from_millis(1);
 /// The longest an update nobody waits for is held before its commit.
 const LAZY: Duration = Duration::from_millis(4);
+/// An update younger than this is held back from a commit made for a
+/// create, in case the next change of its verification follows; see
+/// [`defer_young`]. Under `LAZY`, so that under load held updates ride
+/// the next create's commit instead of forcing one of their own.
+const COALESCE: Duration = Duration::from_millis(2);
 /// How often the checkpointer copies the WAL into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 /// WAL frames (pages) past which the checkpointer makes the WAL start
@@ -294,6 +299,8 @@ enum Op {
 struct Job {
     op: Op,
     waiter: Option<Waiter>,
+    /// When it was queued: how long a job nobody waits for has waited.
+    queued_at: Instant,
 }
 
 /// Eviction entry: (evict_at_ms, id, its idempotency key).
@@ -815,15 +822,20 @@ fn drain(rx: &mpsc::Receiver<Job>, batch: &mut Vec<Job>, closed: &mut bool) {
 ///   `GATHER`, and only when the writer is busy (it committed less than
 ///   `GATHER` ago); otherwise it is committed at once, adding no latency;
 /// - jobs nobody waits for (the SIP driver's status updates, checks) wait
-///   up to `LAZY` for company: they are in the cache already, and a
-///   `flush` or the next create commits them sooner.
+///   up to `LAZY` after they were queued: they are in the cache already,
+///   and a `flush` or a create commits them sooner (see [`defer_young`]).
 fn gather(rx: &mpsc::Receiver<Job>, batch: &mut Vec<Job>, closed: &mut bool, busy: bool) {
     let waited_for = |b: &[Job]| b.iter().any(|j| j.waiter.is_some());
-    let start = Instant::now();
+    let now = Instant::now();
+    let lazy = batch
+        .iter()
+        .map(|j| j.queued_at + LAZY)
+        .min()
+        .unwrap_or(now + LAZY);
     let mut deadline = if !waited_for(batch) {
-        start + LAZY
+        lazy
     } else if busy {
-        start + GATHER
+        lazy.min(now + GATHER)
     } else {
         return;
     };
@@ -859,6 +871,56 @@ fn gather(rx: &mpsc::Receiver<Job>, batch: &mut Vec<Job>, closed: &mut bool, bus
     }
 }
 
+/// Moves to `carry`, for a later commit, the status updates queued less
+/// than `COALESCE` ago when `batch` is committed for someone waiting (a
+/// create): the next change of the same verification (the call ending a
+/// moment after its INVITE went out: SIPp's callee, a busy or unknown
+/// number) then often joins them, and [`commit`] writes the row once for
+/// both. Not when the batch has a flush (it must cover every earlier
+/// write) or a prune; never an update of a verification whose older,
+/// due update is committed now, so its updates stay in order.
+fn defer_young(batch: &mut Vec<Job>, carry: &mut Vec<Job>) {
+    let deferrable = batch.iter().any(|j| j.waiter.is_some())
+        && !batch
+            .iter()
+            .any(|j| matches!(j.op, Op::Flush | Op::Prune { .. } | Op::Fault(_)));
+    if !deferrable {
+        return;
+    }
+    let now = Instant::now();
+    let young = |j: &Job| matches!(j.op, Op::Update { .. }) && j.queued_at + COALESCE > now;
+    let due: HashSet<&str> = batch
+        .iter()
+        .filter(|j| !young(j))
+        .filter_map(|j| match &j.op {
+            Op::Update { v, .. } => Some(v.id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let keep: Vec<bool> = batch
+        .iter()
+        .map(|j| match &j.op {
+            Op::Update { v, .. } => !young(j) || due.contains(v.id.as_str()),
+            _ => true,
+        })
+        .collect();
+    drop(due);
+    if keep.iter().all(|k| *k) {
+        return;
+    }
+    let mut later = Vec::new();
+    let mut flags = keep.into_iter();
+    let jobs = std::mem::take(batch);
+    for j in jobs {
+        if flags.next().unwrap_or(true) {
+            batch.push(j);
+        } else {
+            later.push(j);
+        }
+    }
+    carry.extend(later);
+}
+
 /// The writer thread: take everything queued (holding the batch open a
 /// moment when that pays, see [`gather`]), commit it in one transaction,
 /// wake the waiters; repeat until every sender is gone.
@@ -876,19 +938,29 @@ fn writer(
     // When the last commit ended: a job arriving sooner than `GATHER`
     // after it means commits are running back to back.
     let mut committed_at: Option<Instant> = None;
+    // Young updates held back from the last commit (see `defer_young`);
+    // they go first in the next batch, before anything newer.
+    let mut carry: Vec<Job> = Vec::new();
     loop {
+        let failing = !retry.is_empty();
         let mut batch = std::mem::take(&mut retry);
-        if batch.is_empty() {
-            if closed {
-                break;
-            }
-            match rx.recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
+        batch.append(&mut carry);
+        if !failing {
+            if batch.is_empty() {
+                if closed {
+                    break;
+                }
+                match rx.recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
             }
             let busy = committed_at.is_some_and(|t| t.elapsed() < GATHER);
             drain(&rx, &mut batch, &mut closed);
             gather(&rx, &mut batch, &mut closed, busy);
+            if !closed {
+                defer_young(&mut batch, &mut carry);
+            }
         } else if !closed {
             // Updates failed last time: wait a little so a lasting failure
             // (full disk) does not spin, but take new work at once.
@@ -1168,7 +1240,11 @@ impl SqliteStore {
         self.tx
             .as_ref()
             .ok_or_else(stopped)?
-            .send(Job { op, waiter })
+            .send(Job {
+                op,
+                waiter,
+                queued_at: Instant::now(),
+            })
             .map_err(|_| stopped())
     }
 

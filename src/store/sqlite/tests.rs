@@ -755,7 +755,11 @@ fn updates_of_one_verification_in_a_batch_write_its_row_once_and_every_event() {
         wake: Arc::new(Notify::new()),
         wrote: std::cell::Cell::new(false),
     };
-    let job = |op| Job { op, waiter: None };
+    let job = |op| Job {
+        op,
+        waiter: None,
+        queued_at: Instant::now(),
+    };
     let now = now_ms();
     let a0 = v("a", now, now + 600_000);
     let b0 = v("b", now, now + 600_000);
@@ -828,4 +832,67 @@ fn updates_of_one_verification_in_a_batch_write_its_row_once_and_every_event() {
         serde_json::Value::Null
     );
     assert_eq!(events[2]["data"]["call"]["outcome"], "delivered");
+}
+
+#[test]
+fn young_updates_wait_for_a_later_commit_unless_a_flush_or_an_older_one_goes_now() {
+    let now = Instant::now();
+    let old = now - COALESCE - Duration::from_millis(1);
+    let update = |id: &str, queued_at| Job {
+        op: Op::Update {
+            v: v(id, 0, FAR),
+            before: Status::Pending,
+            at_ms: 0,
+        },
+        waiter: None,
+        queued_at,
+    };
+    let create = |id: &str| Job {
+        op: Op::Insert {
+            v: v(id, 0, FAR),
+            idem: None,
+        },
+        waiter: Some(Waiter::Sync(mpsc::sync_channel(1).0)),
+        queued_at: now,
+    };
+    let ids = |b: &[Job]| -> Vec<String> {
+        b.iter()
+            .map(|j| match &j.op {
+                Op::Update { v, .. } => format!("u:{}", v.id),
+                Op::Insert { v, .. } => format!("i:{}", v.id),
+                Op::Flush => "flush".into(),
+                _ => "other".into(),
+            })
+            .collect()
+    };
+    let mut batch = vec![
+        update("a", old),
+        update("b", now),
+        update("a", now),
+        create("c"),
+    ];
+    let mut carry = Vec::new();
+    defer_young(&mut batch, &mut carry);
+    // a's young update follows its due one; b's waits.
+    assert_eq!(ids(&batch), ["u:a", "u:a", "i:c"]);
+    assert_eq!(ids(&carry), ["u:b"]);
+    // Nobody waiting: nothing to gain by waiting, all go.
+    let mut batch = vec![update("b", now)];
+    let mut carry = Vec::new();
+    defer_young(&mut batch, &mut carry);
+    assert_eq!((batch.len(), carry.len()), (1, 0));
+    // A flush covers everything queued before it.
+    let mut batch = vec![
+        update("b", now),
+        create("c"),
+        Job {
+            op: Op::Flush,
+            waiter: Some(Waiter::Sync(mpsc::sync_channel(1).0)),
+            queued_at: now,
+        },
+    ];
+    let mut carry = Vec::new();
+    defer_young(&mut batch, &mut carry);
+    assert_eq!(ids(&batch), ["u:b", "i:c", "flush"]);
+    assert!(carry.is_empty());
 }
