@@ -889,6 +889,9 @@ fn defer_young(batch: &mut Vec<Job>, carry: &mut Vec<Job>) {
     }
     let now = Instant::now();
     let young = |j: &Job| matches!(j.op, Op::Update { .. }) && j.queued_at + COALESCE > now;
+    if !batch.iter().any(young) {
+        return;
+    }
     let due: HashSet<&str> = batch
         .iter()
         .filter(|j| !young(j))
