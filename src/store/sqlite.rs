@@ -7,7 +7,14 @@
 //! - Every write (insert, each update, expiry, check, delivery attempt) is
 //!   also queued to ONE writer thread that owns the `Connection` and commits
 //!   whatever is queued in one transaction (group commit: one fsync-free WAL
-//!   append for many requests), then wakes every waiter of the batch.
+//!   append for many requests), then wakes every waiter of the batch. A
+//!   commit's cost is mostly the pages it rewrites to the WAL, so under
+//!   load the writer gathers: a create waits at most 1 ms for company (only
+//!   when commits are running back to back), a status update nobody waits
+//!   for at most 4 ms, and updates of one verification in a batch write
+//!   its row once (see `gather`, `defer_young`, `commit`).
+//! - The checkpointer thread copies the WAL into the database beside the
+//!   writer and makes it start over every 64 MiB (see `checkpointer`).
 //! - `insert` resolves only after its batch is committed, so a 201 means
 //!   durable; a failed commit resolves it with `StoreError::Unavailable`
 //!   (the API answers 503). A record enters the cache only once committed:
