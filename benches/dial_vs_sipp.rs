@@ -6,17 +6,12 @@
 //! `cargo bench --bench dial_vs_sipp` (env: DIAL_COUNT, default 20000;
 //! DIAL_RATE, default 4000). Needs `sipp` on PATH. Loopback only.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::callee;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// CPU time (user + sys) and voluntary context switches of reaped children.
 fn children_cpu() -> (Duration, i64) {
@@ -25,34 +20,6 @@ fn children_cpu() -> (Duration, i64) {
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     (tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_nvcsw)
-}
-
-fn callee(port: u16) -> Kill {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let child = Command::new("sipp")
-        .arg("-sf")
-        .arg(root.join("../shared/sipp/uas_ring_cancel.xml"))
-        .args([
-            "-i",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-max_recv_loops",
-            "100000",
-            // Both callers get 4 MiB socket buffers (flashcall asks the
-            // same): with the default 64 KiB, a callee descheduled for a few
-            // ms by other work on the machine drops datagrams, and SIPp's
-            // caller, which does not retransmit a CANCEL, then waits forever.
-            "-buff_size",
-            "4194304",
-        ])
-        .args(["-nostdin", "-nd", "-timeout", "600s"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("sipp on PATH (apt-get install sip-tester)");
-    std::thread::sleep(Duration::from_millis(300));
-    Kill(child)
 }
 
 /// Runs a caller to completion; returns (cpu, voluntary context switches,

@@ -37,12 +37,14 @@
 //! harness works, it asserts no time. Loopback only; every process it
 //! starts is killed when it ends.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bytes::Bytes;
+use common::callee;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
@@ -51,7 +53,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use support::Engine;
@@ -61,14 +63,6 @@ const CALLEE_PORT: u16 = 16_180;
 const SIPP_CALLEE_PORT: u16 = 16_182;
 const SIPP_CALLER_PORT: u16 = 16_183;
 const DIAL_CALLEE_PORT: u16 = 16_184;
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct Opts {
     smoke: bool,
@@ -111,28 +105,6 @@ impl Opts {
             conns: num("LOAD_CONNS", 64, 8).max(1) as usize,
         }
     }
-}
-
-/// A SIPp callee ringing and expecting the CANCEL.
-fn callee(port: u16) -> Kill {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let child = Command::new("sipp")
-        .arg("-sf")
-        .arg(root.join("../shared/sipp/uas_ring_cancel.xml"))
-        .args(["-i", "127.0.0.1", "-p", &port.to_string()])
-        // SIPp stops reading after 1,000 datagrams per loop by default,
-        // far too few at thousands of calls per second.
-        .args(["-max_recv_loops", "1000000"])
-        // 4 MiB socket buffers, as the engine asks: with 64 KiB a callee
-        // descheduled for a few ms drops datagrams.
-        .args(["-buff_size", "4194304"])
-        .args(["-nostdin", "-nd", "-timeout", "900s"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("sipp on PATH (apt-get install sip-tester)");
-    std::thread::sleep(Duration::from_millis(300));
-    Kill(child)
 }
 
 /// CPU seconds (user + sys) of a live process, from /proc/<pid>/stat.

@@ -161,6 +161,29 @@ fn status_as(e: &Engine, auth: (&str, &str), id: &str) -> String {
     r.json()["status"].as_str().unwrap_or("").to_string()
 }
 
+/// One hooked verification per suffix (+447700900<n>, code 1<n>), each
+/// waited for until its call was delivered; their ids.
+fn create_delivered(e: &Engine, suffixes: &[&str]) -> Vec<String> {
+    let ids: Vec<String> = suffixes
+        .iter()
+        .map(|n| {
+            create_as(
+                e,
+                HOOKED,
+                "HOOK",
+                &format!("+447700900{n}"),
+                &format!("1{n}"),
+            )
+        })
+        .collect();
+    for id in &ids {
+        wait_for(Duration::from_secs(10), "the call to end", || {
+            status_as(e, HOOKED, id) == "delivered"
+        });
+    }
+    ids
+}
+
 #[test]
 fn status_changes_arrive_signed_retried_and_410_disables() {
     if !python_ready() {
@@ -197,23 +220,7 @@ timeout_ms = 3000
 
     // Three verifications; one is checked right, one wrong (no status
     // change: no event), one left alone.
-    let ids: Vec<String> = ["201", "202", "203"]
-        .iter()
-        .map(|n| {
-            create_as(
-                &e,
-                HOOKED,
-                "HOOK",
-                &format!("+447700900{n}"),
-                &format!("1{n}"),
-            )
-        })
-        .collect();
-    for id in &ids {
-        wait_for(Duration::from_secs(10), "the call to end", || {
-            status_as(&e, HOOKED, id) == "delivered"
-        });
-    }
+    let ids = create_delivered(&e, &["201", "202", "203"]);
     let check = |id: &str, code: &str| {
         e.post_as(
             HOOKED,
@@ -383,23 +390,7 @@ timeout_ms = 3000
     // Phase 1: a receiver that answers 500 to everything.
     let down = Receiver::start(&dir, "down", u32::MAX, 204);
     let e = Engine::start(&config(&dir, POOL, SANDBOX, &hooked(&down.url())));
-    let ids: Vec<String> = ["301", "302"]
-        .iter()
-        .map(|n| {
-            create_as(
-                &e,
-                HOOKED,
-                "HOOK",
-                &format!("+447700900{n}"),
-                &format!("1{n}"),
-            )
-        })
-        .collect();
-    for id in &ids {
-        wait_for(Duration::from_secs(10), "the call to end", || {
-            status_as(&e, HOOKED, id) == "delivered"
-        });
-    }
+    let ids = create_delivered(&e, &["301", "302"]);
     let r = e.post_as(
         HOOKED,
         &format!("/v1/verifications/{}/check", ids[0]),
