@@ -377,13 +377,18 @@ async fn housekeeping(st: Arc<AppState>, prom: PrometheusHandle, retention_ms: i
     loop {
         tick.tick().await;
         n += 1;
-        match st.store.expire_due(engine::now_ms()) {
-            Ok(expired) => {
+        // Off the async workers: on the durable store most due records are
+        // no longer in memory, so the sweep reads each one from SQLite
+        // (thousands a second at high rates) and must not hold up HTTP.
+        let store = st.store.clone();
+        match tokio::task::spawn_blocking(move || store.expire_due(engine::now_ms())).await {
+            Ok(Ok(expired)) => {
                 for v in expired {
                     crate::metrics::verification(&v.project, v.status);
                 }
             }
-            Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "expiry sweep failed"),
+            Err(e) => tracing::error!(error = %e, "expiry sweep panicked"),
         }
         if n % 10 == 0 {
             st.limits.sweep();
