@@ -78,23 +78,40 @@ impl Opts {
     fn from_env() -> Opts {
         // `cargo bench` passes --bench; `cargo test --all-targets` does not.
         let smoke = !std::env::args().any(|a| a == "--bench");
-        let num = |k: &str, full: u64, tiny: u64| {
-            std::env::var(k)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(if smoke { tiny } else { full })
+        // A setting that does not parse stops the run with its name: a
+        // benchmark silently run with defaults would report the wrong thing.
+        let bad = |k: &str, v: &str, want: &str| -> ! {
+            eprintln!("error: {k}={v:?}: expected {want}");
+            std::process::exit(2)
         };
-        let rates = std::env::var("LOAD_RATES")
-            .ok()
-            .map(|v| v.split(',').filter_map(|r| r.trim().parse().ok()).collect())
-            .filter(|v: &Vec<u64>| !v.is_empty() && v.iter().all(|&r| r > 0))
-            .unwrap_or_else(|| {
+        let num = |k: &str, full: u64, tiny: u64| match std::env::var(k) {
+            Ok(v) => match v.trim().parse::<u64>() {
+                Ok(n) if n > 0 => n,
+                _ => bad(k, &v, "a positive whole number"),
+            },
+            Err(_) => {
                 if smoke {
-                    vec![100]
+                    tiny
                 } else {
-                    vec![1000, 2000, 4000]
+                    full
                 }
-            });
+            }
+        };
+        let rates = match std::env::var("LOAD_RATES") {
+            Ok(v) => {
+                let r: Result<Vec<u64>, _> = v.split(',').map(|r| r.trim().parse()).collect();
+                match r {
+                    Ok(r) if !r.is_empty() && r.iter().all(|&x| x > 0) => r,
+                    _ => bad(
+                        "LOAD_RATES",
+                        &v,
+                        "comma-separated positive rates, e.g. 1000,2000",
+                    ),
+                }
+            }
+            Err(_) if smoke => vec![100],
+            Err(_) => vec![1000, 2000, 4000],
+        };
         Opts {
             smoke,
             rates,
