@@ -228,66 +228,143 @@ impl Verification {
 }
 
 /// RFC 3339 in UTC with milliseconds, always three digits so the strings
-/// sort as the times do.
+/// sort as the times do. `None` outside the years 0000-9999.
+pub fn rfc3339_string(ms: i64) -> Option<String> {
+    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()?;
+    let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
+    // Written by hand into 24 bytes: `time`'s formatter walks a format
+    // description per call, and every response carries two to five of these.
+    let mut b = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut n: u32| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, u32::from(u8::from(t.month())));
+    put(8, 2, u32::from(t.day()));
+    put(11, 2, u32::from(t.hour()));
+    put(14, 2, u32::from(t.minute()));
+    put(17, 2, u32::from(t.second()));
+    put(20, 3, u32::from(t.millisecond()));
+    Some(b.iter().map(|&c| char::from(c)).collect())
+}
+
+/// [`rfc3339_string`] as a JSON value (`null` when out of range).
 pub fn rfc3339(ms: i64) -> Value {
-    const FMT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(FMT).ok())
-        .map_or(Value::Null, Value::String)
+    rfc3339_string(ms).map_or(Value::Null, Value::String)
+}
+
+/// A timestamp field: serialized as [`rfc3339_string`], or `null`.
+struct Ts(Option<i64>);
+
+impl Serialize for Ts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.and_then(rfc3339_string) {
+            Some(t) => s.serialize_str(&t),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+/// The verification object of SPEC §5, borrowed from a [`Verification`]
+/// and serialized straight to text (no `serde_json::Value` tree: building
+/// one was a map allocation per field on every create, GET and event).
+#[derive(Serialize)]
+pub struct View<'a> {
+    id: &'a str,
+    status: Status,
+    phone: &'a str,
+    sender: &'a str,
+    caller_prefix: &'a str,
+    code_length: usize,
+    cli_filter: String,
+    created_at: Ts,
+    expires_at: Ts,
+    reference: &'a Option<String>,
+    /// Echoed only when the client chose the code.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'a str>,
+    /// The GET form only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts_left: Option<u32>,
+    /// The GET form only: `null` until the INVITE went out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    call: Option<Option<CallView<'a>>>,
+}
+
+#[derive(Serialize)]
+struct CallView<'a> {
+    outcome: Option<Outcome>,
+    sip_code: Option<u16>,
+    trunk: &'a str,
+    caller: &'a str,
+    invited_at: Ts,
+    ringing_at: Ts,
+    ended_at: Ts,
+}
+
+#[derive(Serialize)]
+struct Event<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    timestamp: Ts,
+    data: View<'a>,
 }
 
 /// The JSON body of a webhook event for `v`'s current status (Standard
 /// Webhooks shape: `type`, `timestamp`, `data`).
 pub fn event_payload(v: &Verification, at_ms: i64) -> String {
-    json!({
-        "type": format!("verification.{}", v.status.as_str()),
-        "timestamp": rfc3339(at_ms),
-        "data": v.to_json(true),
+    to_text(&Event {
+        kind: format!("verification.{}", v.status.as_str()),
+        timestamp: Ts(Some(at_ms)),
+        data: v.view(true),
     })
-    .to_string()
+}
+
+/// Serializes one of our own views. They hold only strings, numbers and
+/// options, which cannot fail to serialize; `null` is the unreachable
+/// fallback rather than a panic.
+fn to_text(x: &impl Serialize) -> String {
+    serde_json::to_string(x).unwrap_or_else(|_| "null".to_string())
 }
 
 impl Verification {
     /// The verification object of SPEC §5; `full` adds `call` and
     /// `attempts_left` (the GET form).
-    pub fn to_json(&self, full: bool) -> Value {
-        let v = self;
-        let mut o = json!({
-            "id": v.id,
-            "status": v.status,
-            "phone": v.phone,
-            "sender": v.sender,
-            "caller_prefix": v.caller_prefix(),
-            "code_length": v.code.len(),
-            "cli_filter": v.cli_filter(),
-            "created_at": rfc3339(v.created_at_ms),
-            "expires_at": rfc3339(v.expires_at_ms),
-            "reference": v.reference,
-        });
-        if v.client_code {
-            o["code"] = json!(v.code);
-        }
-        if full {
-            let c = &v.call;
-            o["attempts_left"] = json!(v.attempts_left);
-            o["call"] = if c.invited_at_ms.is_some() {
-                json!({
-                    "outcome": c.outcome,
-                    "sip_code": c.sip_code,
-                    "trunk": c.trunk,
-                    "caller": v.caller,
-                    "invited_at": c.invited_at_ms.map_or(Value::Null, rfc3339),
-                    "ringing_at": c.ringing_at_ms.map_or(Value::Null, rfc3339),
-                    "ended_at": c.ended_at_ms.map_or(Value::Null, rfc3339),
+    pub fn view(&self, full: bool) -> View<'_> {
+        let c = &self.call;
+        View {
+            id: &self.id,
+            status: self.status,
+            phone: &self.phone,
+            sender: &self.sender,
+            caller_prefix: self.caller_prefix(),
+            code_length: self.code.len(),
+            cli_filter: self.cli_filter(),
+            created_at: Ts(Some(self.created_at_ms)),
+            expires_at: Ts(Some(self.expires_at_ms)),
+            reference: &self.reference,
+            code: self.client_code.then_some(self.code.as_str()),
+            attempts_left: full.then_some(self.attempts_left),
+            call: full.then(|| {
+                c.invited_at_ms.is_some().then(|| CallView {
+                    outcome: c.outcome,
+                    sip_code: c.sip_code,
+                    trunk: &c.trunk,
+                    caller: &self.caller,
+                    invited_at: Ts(c.invited_at_ms),
+                    ringing_at: Ts(c.ringing_at_ms),
+                    ended_at: Ts(c.ended_at_ms),
                 })
-            } else {
-                Value::Null
-            };
+            }),
         }
-        o
+    }
+
+    /// [`Self::view`] as JSON text.
+    pub fn to_json_string(&self, full: bool) -> String {
+        to_text(&self.view(full))
     }
 }
 
@@ -395,5 +472,75 @@ mod tests {
         let mut w = self::v();
         w.check(2_000, Guess::Code("0123"));
         assert!(!w.expire_if_due(1_000_000));
+    }
+
+    #[test]
+    fn rfc3339_matches_the_time_crate_formatter() {
+        const FMT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        );
+        // Epoch, a leap day, the last millisecond of 9999, and a spread of
+        // times in between, stepping by an odd number of milliseconds.
+        let mut samples = vec![0, 951_782_400_000, 253_402_300_799_999];
+        samples.extend((0..20_000).map(|i| i * 12_653_483_117));
+        for ms in samples {
+            let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap();
+            assert_eq!(rfc3339_string(ms), Some(t.format(FMT).unwrap()), "{ms}");
+        }
+        assert_eq!(rfc3339_string(-1), Some("1969-12-31T23:59:59.999Z".into()));
+        assert!(rfc3339_string(-62_167_219_200_000).is_some(), "0000-01-01");
+        assert_eq!(rfc3339_string(-62_167_219_200_001), None, "year -1");
+        assert_eq!(rfc3339_string(253_402_300_800_000), None, "year 10000");
+        assert_eq!(rfc3339(1_000), json!("1970-01-01T00:00:01.000Z"));
+    }
+
+    #[test]
+    fn the_view_serializes_the_spec_object() {
+        let mut v = self::v();
+        let short: Value = serde_json::from_str(&v.to_json_string(false)).unwrap();
+        assert_eq!(
+            short,
+            json!({
+                "id": "id", "status": "pending", "phone": "+447911123456",
+                "sender": "DEMO", "caller_prefix": "+44770090", "code_length": 4,
+                "cli_filter": "+44770090XXXX",
+                "created_at": "1970-01-01T00:00:01.000Z",
+                "expires_at": "1970-01-01T00:05:01.000Z", "reference": null,
+            })
+        );
+        let full: Value = serde_json::from_str(&v.to_json_string(true)).unwrap();
+        assert_eq!(full["attempts_left"], 3);
+        assert_eq!(full["call"], Value::Null);
+        assert!(full.as_object().unwrap().contains_key("call"));
+
+        v.client_code = true;
+        v.reference = Some("order-7".into());
+        v.call_started("main", 2_000);
+        v.call_ended(
+            Outcome::Delivered,
+            CallRecord {
+                trunk: "main".into(),
+                sip_code: Some(487),
+                invited_at_ms: Some(2_000),
+                ringing_at_ms: Some(2_250),
+                ..Default::default()
+            },
+        );
+        let full: Value = serde_json::from_str(&v.to_json_string(true)).unwrap();
+        assert_eq!(full["code"], "0123");
+        assert_eq!(full["reference"], "order-7");
+        assert_eq!(full["status"], "delivered");
+        assert_eq!(
+            full["call"],
+            json!({
+                "outcome": "delivered", "sip_code": 487, "trunk": "main",
+                "caller": "+447700900123", "invited_at": "1970-01-01T00:00:02.000Z",
+                "ringing_at": "1970-01-01T00:00:02.250Z", "ended_at": null,
+            })
+        );
+        let event: Value = serde_json::from_str(&event_payload(&v, 3_000)).unwrap();
+        assert_eq!(event["type"], "verification.delivered");
+        assert_eq!(event["timestamp"], "1970-01-01T00:00:03.000Z");
+        assert_eq!(event["data"], full);
     }
 }
