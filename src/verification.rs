@@ -14,7 +14,7 @@
 //! `answered` call did show the caller number.
 
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
@@ -371,6 +371,7 @@ impl Verification {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn v() -> Verification {
         Verification {
