@@ -30,7 +30,9 @@
 //! `cargo bench --bench load`. Environment: LOAD_RATES (default
 //! "1000,2000,4000"), LOAD_SECS (20, each rate but the last),
 //! LOAD_SUSTAIN_SECS (60, the last rate), LOAD_POOL (1000000 numbers),
-//! LOAD_SIPP_SECS (10: calls per caller run = rate × this), LOAD_CONNS (64).
+//! LOAD_SIPP_SECS (10: calls per caller run = rate × this), LOAD_CONNS (64),
+//! LOAD_SIP_WINDOW_US and LOAD_SIP_REALTIME (the engine's `[sip]`
+//! `batch_window_us` and `realtime_priority`; its defaults when unset).
 //! Under `cargo test --all-targets` (no `--bench`) it runs once at 100/s
 //! for 2 s with a 10,000-number pool and fails unless every create got a
 //! 201 and every call and every SIPp / dial call completed: it proves the
@@ -72,6 +74,10 @@ struct Opts {
     pool: u64,
     sipp_secs: u64,
     conns: usize,
+    /// `[sip] batch_window_us` and `realtime_priority` of the engine; None
+    /// leaves the engine's default.
+    sip_window_us: Option<u64>,
+    sip_realtime: Option<u64>,
 }
 
 impl Opts {
@@ -97,6 +103,14 @@ impl Opts {
                 }
             }
         };
+        let opt = |k: &str, max: u64| {
+            std::env::var(k)
+                .ok()
+                .map(|v| match v.trim().parse::<u64>() {
+                    Ok(n) if n <= max => n,
+                    _ => bad(k, &v, &format!("a whole number from 0 to {max}")),
+                })
+        };
         let rates = match std::env::var("LOAD_RATES") {
             Ok(v) => {
                 let r: Result<Vec<u64>, _> = v.split(',').map(|r| r.trim().parse()).collect();
@@ -120,7 +134,34 @@ impl Opts {
             pool: num("LOAD_POOL", 1_000_000, 10_000).max(10_000),
             sipp_secs: num("LOAD_SIPP_SECS", 10, 1),
             conns: num("LOAD_CONNS", 64, 8).max(1) as usize,
+            sip_window_us: opt("LOAD_SIP_WINDOW_US", 100_000),
+            sip_realtime: opt("LOAD_SIP_REALTIME", 99),
         }
+    }
+}
+
+impl Opts {
+    /// The `[sip]` lines the environment asked for.
+    fn sip_settings_toml(&self) -> String {
+        let mut s = String::new();
+        if let Some(w) = self.sip_window_us {
+            s += &format!("batch_window_us = {w}\n");
+        }
+        if let Some(p) = self.sip_realtime {
+            s += &format!("realtime_priority = {p}\n");
+        }
+        s
+    }
+
+    /// The same, for the report.
+    fn sip_settings(&self) -> String {
+        format!(
+            "SIP batch window {}, realtime priority {}",
+            self.sip_window_us
+                .map_or("default (1000 µs)".into(), |w| format!("{w} µs")),
+            self.sip_realtime
+                .map_or("default (off)".into(), |p| p.to_string()),
+        )
     }
 }
 
@@ -537,7 +578,7 @@ listen = "127.0.0.1:0"
 listen = "127.0.0.1:0"
 [sip]
 listen = "127.0.0.1:0"
-[[trunks]]
+{sip_extra}[[trunks]]
 name = "sipp"
 address = "127.0.0.1:{CALLEE_PORT}"
 cps = 50000
@@ -557,6 +598,7 @@ burst = 100000
 senders = [{{ code = "LOAD", status = "active" }}]
 "#,
             pool = dir.join("numbers.txt").display(),
+            sip_extra = opts.sip_settings_toml(),
             db = dir.join("flashcall.db").display(),
         ),
     )
@@ -702,9 +744,10 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Machine: {}. Engine, load generator and SIPp share it. Pool {} numbers, SQLite store.\n",
+        "Machine: {}. Engine, load generator and SIPp share it. Pool {} numbers, SQLite store, {}.\n",
         machine(),
-        opts.pool
+        opts.pool,
+        opts.sip_settings()
     );
     md.push_str(
         "| rate/s | secs | creates/s | calls/s | not 201 | failed calls | create p50 / p99 / p999 ms \
@@ -759,6 +802,7 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
     let json = json!({
         "machine": machine(),
         "pool": opts.pool,
+        "sip_settings": opts.sip_settings(),
         "smoke": opts.smoke,
         "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
     });

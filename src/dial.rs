@@ -347,7 +347,7 @@ pub async fn run(opts: DialOptions) -> anyhow::Result<bool> {
         any_response: false,
         refused: false,
     };
-    let stats = udp::run(&socket, &mut ep, &mut app).await;
+    let stats = udp::run(&socket, &mut ep, &mut app, udp::COALESCE).await;
     if app.refused && !app.any_response {
         return Err(DialError::Unreachable(trunk).into());
     }

@@ -216,6 +216,8 @@ pub struct CallSettings {
     pub ring: Duration,
     pub ring_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// The UDP driver's coalescing tick (`sip.batch_window_us`).
+    pub batch_window: Duration,
 }
 
 type Limiter = RateLimiter<
@@ -466,7 +468,7 @@ pub async fn run(
         .iter()
         .map(|t| {
             // A burst of 10 ms worth of calls: more than the driver's
-            // coalescing tick (udp::COALESCE), and a burst of 1 at high CPS
+            // coalescing tick (udp::COALESCE by default), and a burst of 1 at high CPS
             // would wake it once per call.
             let cps = NonZeroU32::new(t.cps).unwrap_or(NonZeroU32::MIN);
             let burst = NonZeroU32::new((t.cps / 100).max(1)).unwrap_or(NonZeroU32::MIN);
@@ -493,7 +495,8 @@ pub async fn run(
         shutdown_at: None,
         swap: Vec::new(),
     };
-    udp::run(&socket, &mut ep, &mut driver).await;
+    let window = driver.settings.batch_window;
+    udp::run(&socket, &mut ep, &mut driver, window).await;
     Ok(ep.active_calls())
 }
 

@@ -86,7 +86,7 @@ async fn dial(sandbox: &Sandbox, to: &[&str]) -> Vec<CallReport> {
         started: false,
         reports: Vec::new(),
     };
-    let stats = tokio::time::timeout(LIMIT, udp::run(&socket, &mut ep, &mut app))
+    let stats = tokio::time::timeout(LIMIT, udp::run(&socket, &mut ep, &mut app, udp::COALESCE))
         .await
         .expect("every call ends well before any SIP timer");
     assert_eq!(stats.malformed, 0, "the sandbox's responses all parse");

@@ -118,3 +118,58 @@ fn busy_callee_gives_failed_with_the_outcome() {
         "{m}"
     );
 }
+
+/// `sip.batch_window_us = 0` (every datagram handled as it arrives) and
+/// `sip.realtime_priority` (SCHED_FIFO): calls still complete, and the
+/// scheduling asked for is the one the SIP thread runs under, or the
+/// engine said plainly that it could not have it.
+#[test]
+fn sip_thread_without_batching_under_sched_fifo_delivers() {
+    let dir = test_dir("sipp-fifo");
+    let _sipp = Sipp::start(&dir, &scenario("uas_ring_cancel.xml"), 15_412, 3);
+    let cfg = config(&dir, "+44770090XXXX\n", &trunk(15_412), "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let sip = "[sip]\nlisten = \"127.0.0.1:0\"\n";
+    assert!(text.contains(sip), "{text}");
+    let text = text.replace(
+        sip,
+        &format!("{sip}batch_window_us = 0\nrealtime_priority = 5\n"),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let e = Engine::start(&cfg);
+    let ids: Vec<String> = ["+447911123460", "+447911123461", "+447911123462"]
+        .iter()
+        .map(|p| support::id_of(&e.create(json!({"phone": p, "sender": "SHOP"}))))
+        .collect();
+    for id in &ids {
+        let got = e.wait_call_done(id);
+        assert_eq!(got["status"], "delivered", "{got}");
+        assert_eq!(got["call"]["sip_code"], 487, "{got}");
+    }
+
+    let log = e.log_text();
+    // The thread's scheduling policy, field 41 of /proc/<pid>/task/<tid>/stat
+    // (after the parenthesised name): 1 is SCHED_FIFO, 0 SCHED_OTHER.
+    let policy = std::fs::read_dir(format!("/proc/{}/task", e.pid()))
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "flashcall-sip")
+        })
+        .and_then(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .and_then(|s| {
+            let after = &s[s.rfind(')')? + 2..];
+            after.split(' ').nth(38).map(str::to_string)
+        })
+        .expect("the flashcall-sip thread and its policy");
+    if log.contains("SIP thread runs under SCHED_FIFO") {
+        assert_eq!(policy, "1", "{log}");
+    } else {
+        assert!(
+            log.contains("sip.realtime_priority: cannot use SCHED_FIFO"),
+            "neither FIFO nor a warning: {log}"
+        );
+        assert_eq!(policy, "0");
+    }
+}

@@ -86,7 +86,8 @@ pub struct DriverStats {
 
 /// Datagrams per recvmmsg / sendmmsg call.
 pub const BATCH: usize = 32;
-/// The longest a busy loop leaves queued datagrams waiting (see module docs).
+/// The default batch window: the longest a busy loop leaves queued
+/// datagrams waiting (see module docs; `sip.batch_window_us` in the config).
 ///
 /// Why 1 ms: a longer tick saves CPU but a 180 may wait out the whole tick
 /// before its CANCEL, and issue 5 asks for 180 -> CANCEL p99 <= 1 ms,
@@ -113,7 +114,15 @@ const LOAD_WINDOW: Duration = Duration::from_millis(10);
 const DRAIN_MAX: usize = 1024;
 
 /// Runs `app` over `ep` on `socket` until the app is done.
-pub async fn run(socket: &UdpSocket, ep: &mut Endpoint<StdRng>, app: &mut impl App) -> DriverStats {
+///
+/// `window` is the coalescing tick ([`COALESCE`] by default); zero turns
+/// coalescing off, so every datagram wakes the loop at once.
+pub async fn run(
+    socket: &UdpSocket,
+    ep: &mut Endpoint<StdRng>,
+    app: &mut impl App,
+    window: Duration,
+) -> DriverStats {
     let mut stats = DriverStats::default();
     if let Err(e) = socket2::SockRef::from(socket).set_recv_buffer_size(RECV_BUFFER) {
         tracing::debug!(error = %e, "could not enlarge the SIP socket's receive buffer");
@@ -169,9 +178,9 @@ pub async fn run(socket: &UdpSocket, ep: &mut Endpoint<StdRng>, app: &mut impl A
                 None => std::future::pending().await,
             }
         };
-        if received > 0 && busy {
+        if received > 0 && busy && !window.is_zero() {
             // Busy: let the next datagrams gather for a tick (module docs).
-            let tick = now + COALESCE;
+            let tick = now + window;
             let at = next.map_or(tick, |n| n.min(tick));
             let wait = at.saturating_duration_since(Instant::now());
             if !wait.is_zero() {
