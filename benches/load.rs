@@ -32,7 +32,8 @@
 //! LOAD_SUSTAIN_SECS (60, the last rate), LOAD_POOL (1000000 numbers),
 //! LOAD_SIPP_SECS (10: calls per caller run = rate × this), LOAD_CONNS (64),
 //! LOAD_SIP_WINDOW_US and LOAD_SIP_REALTIME (the engine's `[sip]`
-//! `batch_window_us` and `realtime_priority`; its defaults when unset).
+//! `batch_window_us` and `realtime_priority`; its defaults when unset),
+//! LOAD_HTTP_WORKERS (`[http] workers`).
 //! Under `cargo test --all-targets` (no `--bench`) it runs once at 100/s
 //! for 2 s with a 10,000-number pool and fails unless every create got a
 //! 201 and every call and every SIPp / dial call completed: it proves the
@@ -78,6 +79,8 @@ struct Opts {
     /// leaves the engine's default.
     sip_window_us: Option<u64>,
     sip_realtime: Option<u64>,
+    /// `[http] workers`.
+    http_workers: Option<u64>,
 }
 
 impl Opts {
@@ -136,6 +139,7 @@ impl Opts {
             conns: num("LOAD_CONNS", 64, 8).max(1) as usize,
             sip_window_us: opt("LOAD_SIP_WINDOW_US", 100_000),
             sip_realtime: opt("LOAD_SIP_REALTIME", 99),
+            http_workers: opt("LOAD_HTTP_WORKERS", 1024),
         }
     }
 }
@@ -156,7 +160,9 @@ impl Opts {
     /// The same, for the report.
     fn sip_settings(&self) -> String {
         format!(
-            "SIP batch window {}, realtime priority {}",
+            "HTTP workers {}, SIP batch window {}, realtime priority {}",
+            self.http_workers
+                .map_or("default".into(), |n| n.to_string()),
             self.sip_window_us
                 .map_or("default (1000 µs)".into(), |w| format!("{w} µs")),
             self.sip_realtime
@@ -574,7 +580,7 @@ fn end_to_end(opts: &Opts, dir: &Path, rows: &mut [Row]) {
             r#"# The load benchmark's engine (benches/load.rs).
 [http]
 listen = "127.0.0.1:0"
-[metrics]
+{http_extra}[metrics]
 listen = "127.0.0.1:0"
 [sip]
 listen = "127.0.0.1:0"
@@ -599,6 +605,9 @@ senders = [{{ code = "LOAD", status = "active" }}]
 "#,
             pool = dir.join("numbers.txt").display(),
             sip_extra = opts.sip_settings_toml(),
+            http_extra = opts
+                .http_workers
+                .map_or(String::new(), |n| format!("workers = {n}\n")),
             db = dir.join("flashcall.db").display(),
         ),
     )

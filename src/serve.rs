@@ -30,6 +30,8 @@ pub enum ServeError {
     Config(#[from] crate::config::ConfigError),
     #[error("pool: {0}")]
     Pool(#[from] PoolError),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
     #[error("{key} {addr}: cannot listen: {err}")]
     Listen {
         key: &'static str,
@@ -163,9 +165,20 @@ fn sip_thread_scheduling(priority: u8) {
     }
 }
 
-/// Runs the engine until SIGTERM / SIGINT.
-pub async fn run(config_path: &Path) -> Result<(), ServeError> {
+/// Loads the config, builds the HTTP runtime with `http.workers` threads
+/// and runs the engine on it until SIGTERM / SIGINT.
+pub fn run_blocking(config_path: &Path) -> Result<(), ServeError> {
     let cfg = Config::load(config_path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.http.worker_threads())
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    runtime.block_on(run(cfg))
+}
+
+/// Runs the engine until SIGTERM / SIGINT.
+pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let pool = load_pool(&cfg)?;
     let covered = pool.covered_suffixes();
     let total = 10usize.pow(u32::from(cfg.pool.code_length));
