@@ -267,12 +267,6 @@ fn process_cpu_ns() -> u64 {
     ns(ru.ru_utime) + ns(ru.ru_stime)
 }
 
-fn random_id(rng: &mut impl rand::RngCore) -> String {
-    let mut b = [0u8; 16];
-    rng.fill_bytes(&mut b);
-    hex::encode(b)
-}
-
 fn verification(id: String, now: i64, n: u64) -> Verification {
     Verification {
         id,
@@ -341,8 +335,8 @@ fn prefilled(rows: u64) -> PathBuf {
         // Spread over the last 20 days, oldest first, as they were written.
         let start = flashcall::engine::now_ms() - 20 * 86_400_000;
         for n in 0..rows {
-            let id = random_id(&mut rng);
             let at = start + (n * 20 * 86_400_000 / rows.max(1)) as i64;
+            let id = flashcall::verification::new_id(at, &mut rng);
             let phone = format!("+4479111{:05}", n % 100_000);
             v.execute(rusqlite::params![id, phone, at, at + 300_000])
                 .expect("prefill");
@@ -457,7 +451,12 @@ fn mixed(template: &Path, rate: u64, webhook: bool) {
             let mut tasks = Vec::with_capacity(total as usize);
             for n in 0..total {
                 tokio::time::sleep_until(start + Duration::from_micros(n * 1_000_000 / rate)).await;
-                let v = verification(random_id(&mut rng), now, n);
+                // The id the engine gives a create now (time-ordered).
+                let v = verification(
+                    flashcall::verification::new_id(flashcall::engine::now_ms(), &mut rng),
+                    now,
+                    n,
+                );
                 let store = store.clone();
                 let calls = calls.clone();
                 tasks.push(tokio::spawn(async move {

@@ -19,7 +19,6 @@ use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
 use dashmap::DashMap;
-use rand::RngCore;
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -495,7 +494,7 @@ async fn create(
             ),
             PickError::Exhausted => ApiError::overloaded("every caller number is cooling down", 1),
         })?;
-        (picked, verification_id(now, &mut rng))
+        (picked, crate::verification::new_id(now, &mut rng))
     };
     let v = Verification {
         id,
@@ -537,20 +536,6 @@ async fn create(
 }
 
 /// The verification `id` of the calling project, expired if its TTL passed.
-/// A verification id: 32 hex digits, the creation time in milliseconds
-/// (48 bits, UUIDv7's layout) then 80 random bits. Ids that grow with time
-/// append to the end of the store's primary-key index: a fully random id
-/// dirtied a random page of it per insert, which was the largest part of
-/// the WAL written per verification. 80 bits from a CSPRNG keep ids
-/// unguessable (and every lookup is scoped to the caller's project).
-fn verification_id(now_ms: i64, rng: &mut impl RngCore) -> String {
-    let mut b = [0u8; 16];
-    let t = u64::try_from(now_ms).unwrap_or(0).to_be_bytes();
-    b[..6].copy_from_slice(&t[2..]);
-    rng.fill_bytes(&mut b[6..]);
-    hex::encode(b)
-}
-
 fn load(st: &AppState, project: &Project, id: &str) -> Result<Verification, ApiError> {
     let v = st
         .store
@@ -871,27 +856,4 @@ pub async fn csv_export(
         rest,
     );
     Ok(Body::from_stream(stream))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::verification_id;
-
-    #[test]
-    fn verification_ids_sort_by_creation_time_and_stay_random() {
-        let mut rng = rand::thread_rng();
-        let a = verification_id(1_764_000_000_000, &mut rng);
-        let b = verification_id(1_764_000_000_000, &mut rng);
-        let c = verification_id(1_764_000_000_001, &mut rng);
-        for id in [&a, &b, &c] {
-            assert_eq!(id.len(), 32);
-            assert!(id.bytes().all(|x| x.is_ascii_hexdigit()));
-        }
-        // Same millisecond: same 12-digit time prefix, different random part.
-        assert_eq!(a[..12], b[..12]);
-        assert_eq!(&a[..12], "019ab697e800");
-        assert_ne!(a, b);
-        // A later millisecond sorts after both.
-        assert!(c > a && c > b);
-    }
 }

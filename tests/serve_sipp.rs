@@ -119,12 +119,13 @@ fn busy_callee_gives_failed_with_the_outcome() {
     );
 }
 
-/// `sip.batch_window_us = 0` (every datagram handled as it arrives) and
-/// `sip.realtime_priority` (SCHED_FIFO): calls still complete, and the
-/// scheduling asked for is the one the SIP thread runs under, or the
-/// engine said plainly that it could not have it.
+/// `sip.realtime_priority` (SCHED_FIFO), with `sip.batch_window_us = 0`
+/// accepted beside it: calls still complete, and the SIP thread runs under
+/// the scheduling asked for, or the engine said plainly that the OS refused
+/// it. (Three calls never reach the driver's busy threshold, so this does
+/// not exercise the window itself; the load bench does.)
 #[test]
-fn sip_thread_without_batching_under_sched_fifo_delivers() {
+fn sip_thread_under_sched_fifo_delivers() {
     let dir = test_dir("sipp-fifo");
     let _sipp = Sipp::start(&dir, &scenario("uas_ring_cancel.xml"), 15_412, 3);
     let cfg = config(&dir, "+44770090XXXX\n", &trunk(15_412), "");
@@ -167,7 +168,7 @@ fn sip_thread_without_batching_under_sched_fifo_delivers() {
         assert_eq!(policy, "1", "{log}");
     } else {
         assert!(
-            log.contains("sip.realtime_priority: cannot use SCHED_FIFO"),
+            log.contains("sip.realtime_priority: the OS refused SCHED_FIFO"),
             "neither FIFO nor a warning: {log}"
         );
         assert_eq!(policy, "0");

@@ -15,7 +15,8 @@
 //!   in the last 10 ms), after a turn that received anything, the loop does
 //!   not wait for readability (which would wake it again for the very next
 //!   datagram, ~16 000 times a second at 4 000 calls/s) but sleeps until the
-//!   next tick, [`COALESCE`] at most, and then takes everything that queued up
+//!   next tick (the batch window: [`COALESCE`] unless configured otherwise,
+//!   `sip.batch_window_us`) at most, and then takes everything that queued up
 //!   meanwhile in one go. This is interrupt coalescing as network cards and
 //!   Linux NAPI do it: on an idle socket the first datagram still wakes the
 //!   loop at once; under load the wake-ups are bounded by the tick rate, not
@@ -23,12 +24,13 @@
 //!   the socket stays registered in tokio's epoll set, and a runtime parked
 //!   there is woken (a context switch) by every arriving datagram even when
 //!   no task waits for it, which measured as many switches as before. The
-//!   sleep is bounded by [`COALESCE`] and by the next deadline, happens only
+//!   sleep is bounded by the window and by the next deadline, happens only
 //!   while datagrams keep coming, and the loop yields to the runtime after it
 //!   so other tasks on the thread run every tick; an [`App::waker`] wake-up
-//!   waits at most that tick. The price is at most [`COALESCE`] of extra
-//!   latency on a busy socket, nothing for a flash call whose ringing is
-//!   measured in seconds. A busy-poll window was the other candidate and was
+//!   waits at most that tick. The price is at most one window of extra
+//!   latency on a busy socket: with the default 1 ms, nothing for a flash
+//!   call whose ringing is measured in seconds; a longer window delays new
+//!   INVITEs and every CANCEL by as much. A busy-poll window was the other candidate and was
 //!   rejected: spinning is CPU time, which is what this loop must save, and on
 //!   a 2-core machine the spinner takes the core the peer needs to answer.
 //! * **recvmmsg / sendmmsg.** One system call moves up to [`BATCH`] datagrams
