@@ -251,6 +251,8 @@ struct Driver {
     stats_seen: crate::sip::Stats,
     shutdown_at: Option<Instant>,
     swap: Vec<CallCmd>,
+    /// `flashcall_sip_responses_total` handles by (trunk index, code).
+    responses: HashMap<(usize, u16), metrics::Counter>,
 }
 
 impl Driver {
@@ -375,7 +377,11 @@ impl udp::App for Driver {
         match event {
             Event::Response { tag, code, .. } => {
                 if let Some(a) = self.calls.get(&tag) {
-                    m::sip_response(&self.shared.trunks[a.trunk].name, code);
+                    let trunks = &self.shared.trunks;
+                    self.responses
+                        .entry((a.trunk, code))
+                        .or_insert_with(|| m::sip_response(&trunks[a.trunk].name, code))
+                        .increment(1);
                 }
             }
             Event::Ringing { .. } => {}
@@ -495,6 +501,7 @@ pub async fn run(
         stats_seen: Default::default(),
         shutdown_at: None,
         swap: Vec::new(),
+        responses: HashMap::new(),
     };
     let window = driver.settings.batch_window;
     udp::run(&socket, &mut ep, &mut driver, window).await;
