@@ -204,21 +204,7 @@ fn saturation(concurrency: usize) {
             tasks.push(tokio::spawn(async move {
                 let mut i = 0u64;
                 while t0.elapsed() < run_for {
-                    let v = Verification {
-                        id: format!("{w:04}-{i:012}"),
-                        project: "bench".into(),
-                        phone: "+447911123456".into(),
-                        sender: "BENCH".into(),
-                        code: "1234".into(),
-                        client_code: false,
-                        caller: "+447700901234".into(),
-                        reference: None,
-                        created_at_ms: now,
-                        expires_at_ms: now + 300_000,
-                        attempts_left: 3,
-                        status: Status::Pending,
-                        call: CallRecord::default(),
-                    };
+                    let v = verification(format!("{w:04}-{i:012}"), now, i);
                     store.insert(v, None).await.expect("insert");
                     written.fetch_add(1, Ordering::Relaxed);
                     i += 1;

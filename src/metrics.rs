@@ -6,9 +6,9 @@
 //! never a phone number or an ID.
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use std::collections::HashMap;
 use std::sync::OnceLock;
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::limits::Scope;
 use crate::sip::Outcome;
@@ -207,8 +207,10 @@ pub fn verification(project: &str, status: Status) {
         .and_then(|v| v.get(Status::ALL.iter().position(|s| *s == status)?));
     match cached {
         Some(c) => c.increment(1),
-        None => counter!(VERIFICATIONS, "project" => project.to_string(), "status" => status.as_str())
-            .increment(1),
+        None => {
+            counter!(VERIFICATIONS, "project" => project.to_string(), "status" => status.as_str())
+                .increment(1)
+        }
     }
 }
 
