@@ -208,15 +208,16 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// Counts every request by route template (never the raw path: it holds
 /// IDs) and status, and times it.
 async fn track(req: Request<axum::body::Body>, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    // The template is shared with the request (an Arc inside MatchedPath):
+    // a clone of the handle, not of the text.
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let t0 = Instant::now();
     let resp = next.run(req).await;
-    metrics::counter!(m::HTTP_REQUESTS, "route" => route.clone(), "status" => resp.status().as_u16().to_string())
-        .increment(1);
-    metrics::histogram!(m::HTTP_DURATION, "route" => route).record(t0.elapsed().as_secs_f64());
+    m::http_request(
+        route.as_ref().map_or("unmatched", |p| p.as_str()),
+        resp.status().as_u16(),
+        t0.elapsed().as_secs_f64(),
+    );
     resp
 }
 

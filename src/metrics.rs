@@ -8,7 +8,7 @@
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
 
 use crate::limits::Scope;
 use crate::sip::Outcome;
@@ -212,6 +212,59 @@ pub fn verification(project: &str, status: Status) {
                 .increment(1)
         }
     }
+}
+
+/// The HTTP handles of one route template: its duration histogram and a
+/// request counter per status seen so far.
+struct HttpRoute {
+    route: Box<str>,
+    duration: Histogram,
+    by_status: Vec<(u16, Counter)>,
+}
+
+/// HTTP handles, resolved the first time a (route, status) pair is seen:
+/// the macros built two label strings and hashed them into the registry
+/// twice per request. Routes are the router's templates (a handful) and
+/// statuses the few the API answers, so a scan under a read lock is all a
+/// request pays.
+static HTTP_ROUTES: RwLock<Vec<HttpRoute>> = RwLock::new(Vec::new());
+
+/// Counts one HTTP request of `route` (a template, never a raw path)
+/// answered with `status` and records how long it took.
+pub fn http_request(route: &str, status: u16, secs: f64) {
+    {
+        let routes = HTTP_ROUTES.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = routes.iter().find(|r| &*r.route == route) {
+            if let Some((_, c)) = r.by_status.iter().find(|(s, _)| *s == status) {
+                c.increment(1);
+                r.duration.record(secs);
+                return;
+            }
+        }
+    }
+    let mut routes = HTTP_ROUTES.write().unwrap_or_else(|e| e.into_inner());
+    let i = match routes.iter().position(|r| &*r.route == route) {
+        Some(i) => i,
+        None => {
+            routes.push(HttpRoute {
+                route: route.into(),
+                duration: histogram!(HTTP_DURATION, "route" => route.to_string()),
+                by_status: Vec::new(),
+            });
+            routes.len() - 1
+        }
+    };
+    let r = &mut routes[i];
+    let counter = match r.by_status.iter().find(|(s, _)| *s == status) {
+        Some((_, c)) => c.clone(),
+        None => {
+            let c = counter!(HTTP_REQUESTS, "route" => route.to_string(), "status" => status.to_string());
+            r.by_status.push((status, c.clone()));
+            c
+        }
+    };
+    counter.increment(1);
+    r.duration.record(secs);
 }
 
 pub fn rate_limited(scope: Scope) {

@@ -542,15 +542,43 @@ impl Pool {
         // now_ms < REBASE_AT_MS + 1 after `clock`, so +1 fits a u32.
         let slot = &mut self.slots[pos];
         slot.last_use = (now_ms + 1) as u32;
+        // Written by hand: `format!` went through the formatting machinery
+        // twice per pick, on the create path.
+        let mut number = String::with_capacity(16);
+        number.push('+');
+        push_digits(&mut number, slot.number, 1);
+        let mut code = String::with_capacity(usize::from(self.code_length));
+        push_digits(
+            &mut code,
+            u64::from(self.suffixes[bucket]),
+            usize::from(self.code_length),
+        );
         Picked {
-            number: format!("+{}", slot.number),
-            code: format!(
-                "{:0width$}",
-                self.suffixes[bucket],
-                width = usize::from(self.code_length)
-            ),
+            number,
+            code,
             index: slot.index,
         }
+    }
+}
+
+/// Appends `n` in decimal, zero-padded to at least `width` digits.
+fn push_digits(out: &mut String, mut n: u64, width: usize) {
+    let mut buf = [b'0'; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for _ in buf.len()..width {
+        out.push('0');
+    }
+    let start = i.min(buf.len().saturating_sub(width));
+    for &b in &buf[start..] {
+        out.push(char::from(b));
     }
 }
 
@@ -649,6 +677,26 @@ fn ceil_ms(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digits_match_format() {
+        for (n, w) in [
+            (0u64, 1usize),
+            (0, 4),
+            (7, 4),
+            (42, 4),
+            (9999, 4),
+            (12345, 4),
+            (1, 6),
+            (447_700_904_821, 1),
+            (u64::MAX, 1),
+            (u64::MAX, 25),
+        ] {
+            let mut s = String::new();
+            push_digits(&mut s, n, w);
+            assert_eq!(s, format!("{n:0w$}"), "n={n} width={w}");
+        }
+    }
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 

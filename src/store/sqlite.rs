@@ -49,6 +49,12 @@ use super::{DeliveryAttempt, Idempotent, OutboxEvent, Store, StoreError, StoreFu
 use crate::sip::Outcome;
 use crate::verification::{event_payload, CallRecord, CheckResult, Status, Verification};
 
+/// Maps of ids the writer builds per commit. Its keys are our own ids, not
+/// an attacker's choice, and std's SipHash was a visible share of the
+/// writer's CPU.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+
 /// Schema steps, applied in order; `PRAGMA user_version` is how many have
 /// run. Append only: a released step is never edited.
 const MIGRATIONS: &[&str] = &[
@@ -282,7 +288,10 @@ enum Op {
         idem: Option<(String, Idempotent)>,
     },
     Update {
-        v: Verification,
+        /// The record as the change left it, shared with the cache: the
+        /// next change of it copies it (`Arc::make_mut`) instead of every
+        /// change cloning it twice more.
+        v: Arc<Verification>,
         before: Status,
         at_ms: i64,
     },
@@ -317,7 +326,7 @@ type EvictAt = Reverse<(i64, String, Option<(String, String)>)>;
 /// A cached record and how many of its queued writes are not committed
 /// yet: it may leave the cache only at 0, when the database holds all of it.
 struct Entry {
-    v: Verification,
+    v: Arc<Verification>,
     pending: u32,
 }
 
@@ -345,7 +354,13 @@ impl Inner {
                 idem_key,
             )));
         }
-        self.cache.insert(v.id.clone(), Entry { v, pending: 0 });
+        self.cache.insert(
+            v.id.clone(),
+            Entry {
+                v: Arc::new(v),
+                pending: 0,
+            },
+        );
     }
 
     /// One queued write of `id` is committed: evicts the record when that
@@ -731,7 +746,7 @@ fn write_prune(tx: &Connection, before_ms: i64, limit: usize) -> rusqlite::Resul
 /// state, at the first of them; each still writes its own webhook event.
 /// Not across a prune, which could delete the row in between.
 fn commit(conn: &Connection, hooks: &Hooks, batch: &[Job]) -> rusqlite::Result<Vec<Done>> {
-    let mut last: HashMap<&str, &Verification> = HashMap::new();
+    let mut last: FastMap<&str, &Verification> = FastMap::default();
     if !batch.iter().any(|j| matches!(j.op, Op::Prune { .. })) {
         for job in batch {
             if let Op::Update { v, .. } = &job.op {
@@ -760,10 +775,10 @@ fn write_batch(
     tx: &Connection,
     hooks: &Hooks,
     batch: &[Job],
-    last: &HashMap<&str, &Verification>,
+    last: &FastMap<&str, &Verification>,
 ) -> rusqlite::Result<Vec<Done>> {
     // Rows already written in this batch, and what the UPDATE found.
-    let mut written: HashMap<&str, usize> = HashMap::new();
+    let mut written: FastMap<&str, usize> = FastMap::default();
     let mut out = Vec::with_capacity(batch.len());
     for job in batch {
         out.push(match &job.op {
@@ -899,7 +914,7 @@ fn defer_young(batch: &mut Vec<Job>, carry: &mut Vec<Job>) {
     if !batch.iter().any(young) {
         return;
     }
-    let due: HashSet<&str> = batch
+    let due: FastSet<&str> = batch
         .iter()
         .filter(|j| !young(j))
         .filter_map(|j| match &j.op {
@@ -951,9 +966,12 @@ fn writer(
     // Young updates held back from the last commit (see `defer_young`);
     // they go first in the next batch, before anything newer.
     let mut carry: Vec<Job> = Vec::new();
+    // Kept across commits: a fresh Vec grew (and moved its jobs) several
+    // times per commit.
+    let mut batch: Vec<Job> = Vec::with_capacity(256);
     loop {
         let failing = !retry.is_empty();
-        let mut batch = std::mem::take(&mut retry);
+        batch.append(&mut retry);
         batch.append(&mut carry);
         if !failing {
             if batch.is_empty() {
@@ -1005,7 +1023,7 @@ fn writer(
                 if failing_since.take().is_some() {
                     tracing::info!("store: commits succeed again");
                 }
-                for (job, r) in batch.into_iter().zip(results) {
+                for (job, r) in batch.drain(..).zip(results) {
                     if let (Op::Update { v, .. }, Ok(_)) = (&job.op, &r) {
                         inner.settle(&v.id);
                     }
@@ -1039,7 +1057,7 @@ fn writer(
                 }
                 let err = StoreError::Unavailable(format!("commit failed: {e}"));
                 let mut dropped = 0usize;
-                for job in batch {
+                for job in batch.drain(..) {
                     match job.waiter {
                         Some(w) => w.send(Err(StoreError::Unavailable(err.to_string()))),
                         // Updates and checks nobody waits for: the cache
@@ -1293,13 +1311,17 @@ impl SqliteStore {
         e: &mut Entry,
         f: &mut dyn FnMut(&mut Verification),
     ) -> Result<(), StoreError> {
-        let v = &mut e.v;
-        let before = v.clone();
-        f(v);
-        if *v != before {
+        // The old version stays shared (with a queued write of it, or just
+        // this snapshot); the change goes to a copy of it.
+        let before = Arc::clone(&e.v);
+        f(Arc::make_mut(&mut e.v));
+        if *e.v == *before {
+            // Unchanged: keep the one shared version.
+            e.v = before;
+        } else {
             self.send(
                 Op::Update {
-                    v: v.clone(),
+                    v: Arc::clone(&e.v),
                     before: before.status,
                     at_ms: now_ms(),
                 },
@@ -1465,7 +1487,7 @@ impl Store for SqliteStore {
 
     fn get(&self, id: &str) -> Result<Option<Verification>, StoreError> {
         if let Some(e) = self.inner.cache.get(id) {
-            return Ok(Some(e.v.clone()));
+            return Ok(Some(Verification::clone(&e.v)));
         }
         // Not cached: nothing of it is waiting to be committed.
         self.read(|c| load_one(c, id))
@@ -1480,7 +1502,7 @@ impl Store for SqliteStore {
             // Queued while the entry is locked: the writer sees the
             // changes of one id in the order they were made.
             self.change(&mut e, f)?;
-            return Ok(Some(e.v.clone()));
+            return Ok(Some(Verification::clone(&e.v)));
         }
         // Not cached: its call is over (or the id is unknown). Loads of
         // evicted records are serialised by `miss`, and the cache is asked
@@ -1488,7 +1510,7 @@ impl Store for SqliteStore {
         let _g = self.miss.lock().map_err(|_| poisoned())?;
         if let Some(mut e) = self.inner.cache.get_mut(id) {
             self.change(&mut e, f)?;
-            return Ok(Some(e.v.clone()));
+            return Ok(Some(Verification::clone(&e.v)));
         }
         let Some(v) = self.read(|c| load_one(c, id))? else {
             return Ok(None);
@@ -1498,13 +1520,12 @@ impl Store for SqliteStore {
         // Cached until that write is committed, the next update of it reads
         // this state, not the database's older one.
         let v = {
-            let mut e = self
-                .inner
-                .cache
-                .entry(id.to_string())
-                .or_insert(Entry { v, pending: 0 });
+            let mut e = self.inner.cache.entry(id.to_string()).or_insert(Entry {
+                v: Arc::new(v),
+                pending: 0,
+            });
             self.change(&mut e, f)?;
-            e.v.clone()
+            Verification::clone(&e.v)
         };
         // Unchanged: nothing queued, nothing to keep in memory.
         self.inner.cache.remove_if(id, |_, e| e.evictable());
@@ -1588,7 +1609,7 @@ impl Store for SqliteStore {
             let v = row_to_v(r).map_err(unavailable)?;
             // The cache may be a few milliseconds ahead of the database.
             let v = match self.inner.cache.get(&v.id) {
-                Some(c) => c.v.clone(),
+                Some(c) => Verification::clone(&c.v),
                 None => v,
             };
             if !sink(&v) {

@@ -793,7 +793,7 @@ fn updates_of_one_verification_in_a_batch_write_its_row_once_and_every_event() {
     );
     let update = |v: &Verification, before, at_ms| {
         job(Op::Update {
-            v: v.clone(),
+            v: Arc::new(v.clone()),
             before,
             at_ms,
         })
@@ -840,7 +840,7 @@ fn young_updates_wait_for_a_later_commit_unless_a_flush_or_an_older_one_goes_now
     let old = now - COALESCE - Duration::from_millis(1);
     let update = |id: &str, queued_at| Job {
         op: Op::Update {
-            v: v(id, 0, FAR),
+            v: Arc::new(v(id, 0, FAR)),
             before: Status::Pending,
             at_ms: 0,
         },
