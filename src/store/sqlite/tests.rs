@@ -765,11 +765,11 @@ fn updates_of_one_verification_in_a_batch_write_its_row_once_and_every_event() {
     let b0 = v("b", now, now + 600_000);
     let inserts = [
         job(Op::Insert {
-            v: a0.clone(),
+            v: Box::new(a0.clone()),
             idem: None,
         }),
         job(Op::Insert {
-            v: b0.clone(),
+            v: Box::new(b0.clone()),
             idem: None,
         }),
     ];
@@ -849,7 +849,7 @@ fn young_updates_wait_for_a_later_commit_unless_a_flush_or_an_older_one_goes_now
     };
     let create = |id: &str| Job {
         op: Op::Insert {
-            v: v(id, 0, FAR),
+            v: Box::new(v(id, 0, FAR)),
             idem: None,
         },
         waiter: Some(Waiter::Sync(mpsc::sync_channel(1).0)),
@@ -895,4 +895,87 @@ fn young_updates_wait_for_a_later_commit_unless_a_flush_or_an_older_one_goes_now
     defer_young(&mut batch, &mut carry);
     assert_eq!(ids(&batch), ["u:b", "i:c", "flush"]);
     assert!(carry.is_empty());
+}
+
+#[test]
+fn the_expiry_sweep_reads_the_partial_index_of_open_records() {
+    // A full scan here would read every record ever kept, once a second.
+    let d = dir("expire-plan");
+    let path = d.join("f.db");
+    drop(open(&path));
+    let c = Connection::open(&path).unwrap();
+    let plan: Vec<String> = c
+        .prepare(&format!("EXPLAIN QUERY PLAN {}", *EXPIRE_DUE))
+        .unwrap()
+        .query_map(params![0i64, 10i64], |r| r.get::<_, String>(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        plan.iter()
+            .any(|l| l.contains("USING INDEX verifications_open")),
+        "{plan:?}"
+    );
+    assert!(
+        !plan.iter().any(|l| l.contains("SCAN verifications")),
+        "{plan:?}"
+    );
+}
+
+#[test]
+fn nothing_of_a_finished_verification_stays_in_memory_and_expiry_still_finds_it() {
+    let d = dir("expire-batches");
+    let path = d.join("f.db");
+    let now = now_ms();
+    let s = open(&path);
+    let idem = |id: &str| Idempotent {
+        body_sha256: [1; 32],
+        verification_id: id.into(),
+        response: format!("{{\"id\":\"{id}\"}}"),
+    };
+    let rec = CallRecord {
+        trunk: "main".into(),
+        sip_code: Some(487),
+        invited_at_ms: Some(now + 5),
+        ringing_at_ms: Some(now + 50),
+        cancel_at_ms: Some(now + 60),
+        ended_at_ms: Some(now + 70),
+        outcome: None,
+    };
+    // Seven due soon (one of them checked and verified first), one later.
+    let ids: Vec<String> = (0..8).map(|i| format!("v{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let expires = if i == 7 { now + 600_000 } else { now + 1_000 };
+        block(s.insert(v(id, now, expires), Some((format!("k{i}"), idem(id))))).unwrap();
+        s.update(id, &mut |v| v.call_started("main", now + 5))
+            .unwrap();
+        s.update(id, &mut |v| v.call_ended(Outcome::Delivered, rec.clone()))
+            .unwrap();
+    }
+    s.update("v0", &mut |v| {
+        v.check(now + 100, crate::verification::Guess::Code("1234"));
+    })
+    .unwrap();
+    block(s.flush()).unwrap();
+    assert_eq!(s.len(), 0, "calls over and committed: nothing cached");
+    // Replays are answered from the database.
+    assert_eq!(s.idempotent("p", "k3").unwrap(), Some(idem("v3")));
+    // Two per query: the sweep keeps going until the backlog is done.
+    let mut expired: Vec<String> = s
+        .expire_due_in_batches(now + 2_000, 2)
+        .unwrap()
+        .into_iter()
+        .map(|v| {
+            assert_eq!(v.status, Status::Expired);
+            v.id
+        })
+        .collect();
+    expired.sort();
+    assert_eq!(expired, ["v1", "v2", "v3", "v4", "v5", "v6"]);
+    block(s.flush()).unwrap();
+    assert!(s.expire_due(now + 2_000).unwrap().is_empty(), "closed once");
+    assert_eq!(s.len(), 0, "expired and committed: nothing cached");
+    assert_eq!(s.get("v0").unwrap().unwrap().status, Status::Verified);
+    assert_eq!(s.get("v7").unwrap().unwrap().status, Status::Delivered);
+    assert_eq!(s.get("v6").unwrap().unwrap().status, Status::Expired);
 }
