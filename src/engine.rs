@@ -273,16 +273,16 @@ impl Driver {
         // A verification that expired (or was checked) while it waited in
         // the queue must not ring anyone's phone.
         let mut placed = false;
-        let updated = self.store.update(&cmd.id, &mut |v| {
+        let updated = self.store.update_status(&cmd.id, &mut |v| {
             if !v.status.is_final() && !v.expire_if_due(at_ms) {
                 v.call_started(&trunk.name, at_ms);
                 placed = true;
             }
         });
         match updated {
-            Ok(Some(v)) if placed => m::verification(&cmd.project, v.status),
-            Ok(Some(v)) => {
-                if v.status == Status::Expired {
+            Ok(Some(status)) if placed => m::verification(&cmd.project, status),
+            Ok(Some(status)) => {
+                if status == Status::Expired {
                     m::verification(&cmd.project, Status::Expired);
                 }
                 return;
@@ -415,11 +415,11 @@ impl udp::App for Driver {
                     ended_at_ms: Some(self.wall(r.ended_at)),
                 };
                 let mut before = Status::Pending;
-                match self.store.update(&a.id, &mut |v| {
+                match self.store.update_status(&a.id, &mut |v| {
                     before = v.status;
                     v.call_ended(r.outcome, record.clone());
                 }) {
-                    Ok(Some(v)) if v.status != before => m::verification(&a.project, v.status),
+                    Ok(Some(status)) if status != before => m::verification(&a.project, status),
                     Ok(_) => {}
                     Err(e) => {
                         tracing::error!(id = %a.id, error = %e, "store update failed; call outcome not recorded")

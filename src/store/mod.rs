@@ -11,7 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use thiserror::Error;
 
-use crate::verification::{CheckResult, Verification};
+use crate::verification::{CheckResult, Status, Verification};
 
 pub mod memory;
 pub mod sqlite;
@@ -75,6 +75,15 @@ pub trait Store: Send + Sync + 'static {
         id: &str,
         f: &mut dyn FnMut(&mut Verification),
     ) -> Result<Option<Verification>, StoreError>;
+    /// [`Store::update`] answering only the status it left: the SIP driver
+    /// needs no more, and a copy of the record is eight allocations.
+    fn update_status(
+        &self,
+        id: &str,
+        f: &mut dyn FnMut(&mut Verification),
+    ) -> Result<Option<Status>, StoreError> {
+        Ok(self.update(id, f)?.map(|v| v.status))
+    }
     /// The idempotency record of `(project, key)`.
     fn idempotent(&self, project: &str, key: &str) -> Result<Option<Idempotent>, StoreError>;
     /// Marks every verification whose TTL has passed by `now_ms` as
