@@ -5,19 +5,22 @@
 //! Why a sweep: governor's keyed limiter never forgets a key by itself, so a
 //! client sending to a million distinct phones would grow it without bound.
 //! [`Limits::sweep`] drops keys whose state is indistinguishable from fresh
-//! (their allowance has fully refilled), which loses nothing; `max_tracked`
-//! is a hard cap for the time between sweeps.
+//! (their allowance has fully refilled), which loses nothing. Reaching
+//! `max_tracked` between sweeps makes a request sweep, at most once a
+//! second: when more destinations are within their window than the cap,
+//! forgetting any would lose a limit, so they are tracked past it.
 //!
 //! The clock is a type parameter so tests run on governor's
 //! `FakeRelativeClock` (virtual time) and the engine on the monotonic clock.
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::config::{PerPhoneConfig, ProjectConfig};
@@ -65,7 +68,12 @@ pub struct Limits<C: Clock = DefaultClock> {
     projects: HashMap<String, Direct<C>>,
     phone: Option<Keyed<C>>,
     max_tracked: usize,
+    /// When the cap last made a request sweep (see [`Limits::check_phone`]).
+    capped_sweep: Mutex<Option<C::Instant>>,
 }
+
+/// While the cap holds, a request sweeps at most this often.
+const CAPPED_SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 fn nz(n: u32) -> NonZeroU32 {
     NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN)
@@ -104,6 +112,7 @@ impl<C: Clock + Clone> Limits<C> {
             projects,
             phone,
             max_tracked: per_phone.max_tracked,
+            capped_sweep: Mutex::new(None),
         }
     }
 
@@ -124,7 +133,24 @@ impl<C: Clock + Clone> Limits<C> {
             return Ok(());
         };
         if l.len() >= self.max_tracked {
-            l.retain_recent();
+            // A sweep scans every key. When it frees nothing (more
+            // destinations within their window than the cap: a high rate,
+            // a long `per_secs`), sweeping again at the next request would
+            // scan a million keys per create; so at most once a second,
+            // and the keys are tracked past the cap in between.
+            let now = self.clock.now();
+            let due = {
+                let mut last = self.capped_sweep.lock().unwrap_or_else(|e| e.into_inner());
+                let due = last
+                    .is_none_or(|t| Duration::from(now.duration_since(t)) >= CAPPED_SWEEP_EVERY);
+                if due {
+                    *last = Some(now);
+                }
+                due
+            };
+            if due {
+                l.retain_recent();
+            }
         }
         l.check_key(&phone).map_err(|nu| Limited {
             scope: Scope::Phone,
@@ -255,5 +281,29 @@ mod tests {
         clock.advance(Duration::from_secs(21));
         l.check_phone(1000).unwrap();
         assert_eq!(l.tracked_phones(), 1);
+    }
+
+    #[test]
+    fn at_the_cap_a_request_sweeps_at_most_once_a_second() {
+        let clock = FakeRelativeClock::default();
+        let mut cfg = phones(1, 10);
+        cfg.max_tracked = 100;
+        let l = Limits::with_clock(&[project(1, 1)], &cfg, clock.clone());
+        for i in 0..100u64 {
+            l.check_phone(i).unwrap();
+        }
+        // At the cap and nothing forgettable yet: this one sweeps (in
+        // vain) and is tracked past the cap.
+        clock.advance(Duration::from_millis(19_500));
+        l.check_phone(1000).unwrap();
+        assert_eq!(l.tracked_phones(), 101);
+        // Forgettable now, but the last sweep was 0.7 s ago: no scan.
+        clock.advance(Duration::from_millis(700));
+        l.check_phone(1001).unwrap();
+        assert_eq!(l.tracked_phones(), 102);
+        // A second after it: the next request sweeps the first hundred.
+        clock.advance(Duration::from_millis(400));
+        l.check_phone(1002).unwrap();
+        assert_eq!(l.tracked_phones(), 3);
     }
 }
