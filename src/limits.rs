@@ -268,15 +268,21 @@ mod tests {
         assert!(l.check_phone(447_000_000_000).is_err());
     }
 
-    #[test]
-    fn hard_cap_sweeps_before_growing() {
-        let clock = FakeRelativeClock::default();
+    /// One send per 10 s, at most 100 destinations: filled to the cap.
+    fn at_cap(clock: &FakeRelativeClock) -> Limits<FakeRelativeClock> {
         let mut cfg = phones(1, 10);
         cfg.max_tracked = 100;
         let l = Limits::with_clock(&[project(1, 1)], &cfg, clock.clone());
         for i in 0..100u64 {
             l.check_phone(i).unwrap();
         }
+        l
+    }
+
+    #[test]
+    fn hard_cap_sweeps_before_growing() {
+        let clock = FakeRelativeClock::default();
+        let l = at_cap(&clock);
         // Refilled at 10 s, forgettable one interval later.
         clock.advance(Duration::from_secs(21));
         l.check_phone(1000).unwrap();
@@ -286,12 +292,7 @@ mod tests {
     #[test]
     fn at_the_cap_a_request_sweeps_at_most_once_a_second() {
         let clock = FakeRelativeClock::default();
-        let mut cfg = phones(1, 10);
-        cfg.max_tracked = 100;
-        let l = Limits::with_clock(&[project(1, 1)], &cfg, clock.clone());
-        for i in 0..100u64 {
-            l.check_phone(i).unwrap();
-        }
+        let l = at_cap(&clock);
         // At the cap and nothing forgettable yet: this one sweeps (in
         // vain) and is tracked past the cap.
         clock.advance(Duration::from_millis(19_500));

@@ -542,8 +542,8 @@ impl Pool {
         // now_ms < REBASE_AT_MS + 1 after `clock`, so +1 fits a u32.
         let slot = &mut self.slots[pos];
         slot.last_use = (now_ms + 1) as u32;
-        // Written by hand: `format!` went through the formatting machinery
-        // twice per pick, on the create path.
+        // itoa rather than `format!`, which went through the formatting
+        // machinery twice per pick, on the create path.
         let mut number = String::with_capacity(16);
         number.push('+');
         push_digits(&mut number, slot.number, 1);
@@ -562,24 +562,13 @@ impl Pool {
 }
 
 /// Appends `n` in decimal, zero-padded to at least `width` digits.
-fn push_digits(out: &mut String, mut n: u64, width: usize) {
-    let mut buf = [b'0'; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for _ in buf.len()..width {
+fn push_digits(out: &mut String, n: u64, width: usize) {
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(n);
+    for _ in digits.len()..width {
         out.push('0');
     }
-    let start = i.min(buf.len().saturating_sub(width));
-    for &b in &buf[start..] {
-        out.push(char::from(b));
-    }
+    out.push_str(digits);
 }
 
 enum NumberProblem {

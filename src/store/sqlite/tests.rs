@@ -32,6 +32,20 @@ fn v(id: &str, created: i64, expires: i64) -> Verification {
     }
 }
 
+/// The call record of a call placed at `now + 5` that rang and was
+/// cancelled (487); the outcome is set by `call_ended`.
+fn ended(now: i64) -> CallRecord {
+    CallRecord {
+        trunk: "main".into(),
+        sip_code: Some(487),
+        invited_at_ms: Some(now + 5),
+        ringing_at_ms: Some(now + 50),
+        cancel_at_ms: Some(now + 60),
+        ended_at_ms: Some(now + 70),
+        outcome: None,
+    }
+}
+
 fn block<T>(f: StoreFuture<'_, T>) -> Result<T, StoreError> {
     tokio::runtime::Builder::new_current_thread()
         .build()
@@ -483,15 +497,7 @@ fn finished_calls_leave_memory_and_stay_checkable() {
     block(s.insert(v("a", now, now + 600_000), None)).unwrap();
     block(s.insert(v("b", now, now + 1_000), None)).unwrap();
     assert_eq!(s.len(), 2, "pending calls are held");
-    let rec = CallRecord {
-        trunk: "main".into(),
-        sip_code: Some(487),
-        invited_at_ms: Some(now + 5),
-        ringing_at_ms: Some(now + 50),
-        cancel_at_ms: Some(now + 60),
-        ended_at_ms: Some(now + 70),
-        outcome: None,
-    };
+    let rec = ended(now);
     for id in ["a", "b"] {
         s.update(id, &mut |v| v.call_started("main", now + 5))
             .unwrap();
@@ -933,15 +939,7 @@ fn nothing_of_a_finished_verification_stays_in_memory_and_expiry_still_finds_it(
         verification_id: id.into(),
         response: format!("{{\"id\":\"{id}\"}}"),
     };
-    let rec = CallRecord {
-        trunk: "main".into(),
-        sip_code: Some(487),
-        invited_at_ms: Some(now + 5),
-        ringing_at_ms: Some(now + 50),
-        cancel_at_ms: Some(now + 60),
-        ended_at_ms: Some(now + 70),
-        outcome: None,
-    };
+    let rec = ended(now);
     // Seven due soon (one of them checked and verified first), one later.
     let ids: Vec<String> = (0..8).map(|i| format!("v{i}")).collect();
     for (i, id) in ids.iter().enumerate() {
