@@ -19,7 +19,8 @@
 //!    `flashcall_cancel_delay_seconds` buckets, interpolated as Prometheus'
 //!    `histogram_quantile` does), engine CPU per verification (utime+stime
 //!    of the process from /proc, all threads: HTTP, store writer, SIP),
-//!    peak RSS (VmHWM);
+//!    peak RSS (VmHWM) and RSS half-way through and at the end of the
+//!    run (a slope between them is memory kept per verification);
 //! 4. SIPp's own caller (tests/sipp/uac_ring_cancel.xml) through the same
 //!    INVITE/180/CANCEL/487/ACK flow at each rate against a fresh callee:
 //!    its CPU per call (getrusage of the reaped child);
@@ -478,6 +479,11 @@ struct Row {
     dial_us: Option<f64>,
     dial_ok: bool,
     hwm_mib: f64,
+    /// RSS (VmRSS) half-way through the rate's run and at its end: a
+    /// store that keeps something per verification shows up as a slope
+    /// even in a short run (peak RSS alone hid one for a 60 s run).
+    rss_mid_mib: f64,
+    rss_end_mib: f64,
 }
 
 impl Row {
@@ -513,6 +519,8 @@ impl Row {
             "engine_over_sipp": self.sipp_us.map(|s| self.engine_us / s),
             "dial_over_sipp": self.sipp_us.zip(self.dial_us).map(|(s, d)| d / s),
             "engine_peak_rss_mib": self.hwm_mib,
+            "engine_rss_mid_mib": self.rss_mid_mib,
+            "engine_rss_end_mib": self.rss_end_mib,
         })
     }
 }
@@ -623,11 +631,17 @@ senders = [{{ code = "LOAD", status = "active" }}]
     for row in rows.iter_mut() {
         let before = Scrape::parse(&engine.metrics_text());
         let (cpu0, callee0) = (proc_cpu(pid), proc_cpu(callee_pid));
+        let half = Duration::from_millis(row.secs * 500);
+        let rss_mid = std::thread::spawn(move || {
+            std::thread::sleep(half);
+            proc_mib(pid, "VmRSS")
+        });
         let sent = tokio::task::LocalSet::new().block_on(
             &rt,
             drive(engine.http, opts.conns, row.rate, row.secs, phone0),
         );
         phone0 += row.rate * row.secs;
+        let rss_end_mib = proc_mib(pid, "VmRSS");
         let created = sent.statuses.get(&201).copied().unwrap_or(0);
         // Every accepted verification ends in exactly one call outcome;
         // wait (bounded) for the last calls to finish.
@@ -662,6 +676,8 @@ senders = [{{ code = "LOAD", status = "active" }}]
             callee_us: (proc_cpu(callee_pid) - callee0) * 1e6 / done.max(1.0),
             loadgen_us: sent.cpu * 1e6 / row.requested().max(1) as f64,
             hwm_mib: proc_mib(pid, "VmHWM"),
+            rss_mid_mib: rss_mid.join().unwrap_or(f64::NAN),
+            rss_end_mib,
             outcomes: delta.outcomes,
             ..std::mem::take(row)
         };
@@ -793,6 +809,17 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
         "\nCPU of SIPp's callee per call during the end-to-end runs: {}. CPU of the load generator per request: {}.",
         rows.iter().map(|r| format!("{:.1} µs at {}/s", r.callee_us, r.rate)).collect::<Vec<_>>().join(", "),
         rows.iter().map(|r| format!("{:.1} µs at {}/s", r.loadgen_us, r.rate)).collect::<Vec<_>>().join(", "),
+    );
+    let _ = writeln!(
+        md,
+        "\nEngine RSS half-way through each rate's run and at its end: {}.",
+        rows.iter()
+            .map(|r| format!(
+                "{:.0} -> {:.0} MiB at {}/s",
+                r.rss_mid_mib, r.rss_end_mib, r.rate
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
     );
     for r in rows
         .iter()
