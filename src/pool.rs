@@ -667,6 +667,9 @@ fn ceil_ms(d: Duration) -> u64 {
 mod tests {
     use super::*;
 
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
     #[test]
     fn digits_match_format() {
         for (n, w) in [
@@ -686,8 +689,6 @@ mod tests {
             assert_eq!(s, format!("{n:0w$}"), "n={n} width={w}");
         }
     }
-    use rand::rngs::StdRng;
-    use rand::SeedableRng;
 
     const FILE: &str = "config/numbers.txt";
 
