@@ -4,6 +4,7 @@
 //! gracefully on SIGTERM / SIGINT.
 
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -343,6 +344,14 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         "flashcall serving"
     );
     let stop = shared.clone();
+    // TCP_NODELAY: a response goes out as it is written. With Nagle on, a
+    // write while an earlier segment of the connection is unacknowledged
+    // waits for the peer's delayed ACK (40 ms on Linux).
+    let http_listener = http_listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "http: cannot set TCP_NODELAY");
+        }
+    });
     let served = axum::serve(http_listener, http::router(state))
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
