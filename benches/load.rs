@@ -15,7 +15,10 @@
 //!    millisecond, so up to 1 ms of the figure can be the generator's;
 //! 3. per rate: creates/s answered 201, calls/s completed, call outcomes
 //!    (from `flashcall_calls_total`), create latency p50/p99/p999
-//!    (hdrhistogram), 180->CANCEL p50/p99 (from the engine's
+//!    (hdrhistogram), the same of the requests due after the rate's first
+//!    LOAD_WARMUP_SECS (the engine's first requests after start meet cold
+//!    caches and new connections: at 4,000/s from a fresh start the first
+//!    100 ms of requests waited up to ~110 ms), 180->CANCEL p50/p99 (from the engine's
 //!    `flashcall_cancel_delay_seconds` buckets, interpolated as Prometheus'
 //!    `histogram_quantile` does), engine CPU per verification (utime+stime
 //!    of the process from /proc, all threads: HTTP, store writer, SIP),
@@ -34,7 +37,7 @@
 //! LOAD_SIPP_SECS (10: calls per caller run = rate × this), LOAD_CONNS (64),
 //! LOAD_SIP_WINDOW_US and LOAD_SIP_REALTIME (the engine's `[sip]`
 //! `batch_window_us` and `realtime_priority`; its defaults when unset),
-//! LOAD_HTTP_WORKERS (`[http] workers`).
+//! LOAD_HTTP_WORKERS (`[http] workers`), LOAD_WARMUP_SECS (2).
 //! Under `cargo test --all-targets` (no `--bench`) it runs once at 100/s
 //! for 2 s with a 10,000-number pool and fails unless every create got a
 //! 201 and every call and every SIPp / dial call completed: it proves the
@@ -82,9 +85,19 @@ struct Opts {
     sip_realtime: Option<u64>,
     /// `[http] workers`.
     http_workers: Option<u64>,
+    /// The first seconds of each rate that `create_after_warmup_ms` leaves
+    /// out (the engine's first requests after start meet cold caches and
+    /// new connections).
+    warmup_secs: u64,
 }
 
 impl Opts {
+    /// The warm-up of a rate's run of `secs`: at most half of it, so the
+    /// figures after it always have requests behind them.
+    fn warmup(&self, secs: u64) -> Duration {
+        Duration::from_secs(self.warmup_secs.min(secs / 2))
+    }
+
     fn from_env() -> Opts {
         // `cargo bench` passes --bench; `cargo test --all-targets` does not.
         let smoke = !std::env::args().any(|a| a == "--bench");
@@ -141,6 +154,7 @@ impl Opts {
             sip_window_us: opt("LOAD_SIP_WINDOW_US", 100_000),
             sip_realtime: opt("LOAD_SIP_REALTIME", 99),
             http_workers: opt("LOAD_HTTP_WORKERS", 1024),
+            warmup_secs: opt("LOAD_WARMUP_SECS", 3600).unwrap_or(2),
         }
     }
 }
@@ -315,6 +329,8 @@ struct Sent {
     errors: u64,
     first_error: Option<String>,
     latency_us: Histogram<u64>,
+    /// The same, of requests due after the rate's first `warmup`.
+    steady_us: Histogram<u64>,
     wall: Duration,
     cpu: f64,
 }
@@ -326,6 +342,7 @@ impl Sent {
             errors: 0,
             first_error: None,
             latency_us: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
+            steady_us: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
             wall: Duration::ZERO,
             cpu: 0.0,
         }
@@ -340,6 +357,7 @@ impl Sent {
             self.first_error = other.first_error;
         }
         let _ = self.latency_us.add(&other.latency_us);
+        let _ = self.steady_us.add(&other.steady_us);
     }
 
     fn error(&mut self, e: impl ToString) {
@@ -348,8 +366,9 @@ impl Sent {
     }
 }
 
-/// A request on the schedule: when it was due, and its body.
-type Job = (tokio::time::Instant, Bytes);
+/// A request on the schedule: when it was due, whether it was due after
+/// the warm-up, and its body.
+type Job = (tokio::time::Instant, bool, Bytes);
 type Queue = Rc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Job>>>;
 
 /// One keep-alive HTTP/1.1 connection taking the next due request from
@@ -360,7 +379,7 @@ async fn connection(addr: std::net::SocketAddr, auth: Rc<str>, queue: Queue) -> 
     let mut sent = Sent::new();
     let mut conn: Option<http1::SendRequest<Full<Bytes>>> = None;
     loop {
-        let Some((due, body)) = queue.lock().await.recv().await else {
+        let Some((due, steady, body)) = queue.lock().await.recv().await else {
             return sent;
         };
         if conn.as_ref().is_none_or(|c| c.is_closed()) {
@@ -404,6 +423,9 @@ async fn connection(addr: std::net::SocketAddr, auth: Rc<str>, queue: Queue) -> 
                         *sent.statuses.entry(status).or_default() += 1;
                         let us = (due.elapsed().as_micros() as u64).clamp(1, 120_000_000);
                         let _ = sent.latency_us.record(us);
+                        if steady {
+                            let _ = sent.steady_us.record(us);
+                        }
                     }
                     Err(e) => sent.error(e),
                 }
@@ -425,6 +447,7 @@ async fn drive(
     conns: usize,
     rate: u64,
     secs: u64,
+    warmup: Duration,
     phone0: u64,
 ) -> Sent {
     let n = rate * secs;
@@ -437,11 +460,12 @@ async fn drive(
         .collect();
     let start = tokio::time::Instant::now() + Duration::from_millis(20);
     for i in 0..n {
-        let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+        let offset = Duration::from_nanos(i * 1_000_000_000 / rate);
+        let due = start + offset;
         tokio::time::sleep_until(due).await;
         let body = format!(r#"{{"phone":"+44740{:07}","sender":"LOAD"}}"#, phone0 + i);
         // Unbounded: the schedule never waits for the engine (open loop).
-        let _ = tx.send((due, Bytes::from(body)));
+        let _ = tx.send((due, offset >= warmup, Bytes::from(body)));
     }
     drop(tx);
     let mut sent = Sent::new();
@@ -470,6 +494,8 @@ struct Row {
     calls_per_s: f64,
     outcomes: BTreeMap<String, f64>,
     create_ms: [f64; 3],
+    /// `create_ms` of the requests due after the warm-up.
+    steady_ms: [f64; 3],
     cancel_ms: [Option<f64>; 2],
     engine_us: f64,
     callee_us: f64,
@@ -508,6 +534,7 @@ impl Row {
             "calls_per_s": self.calls_per_s,
             "outcomes": self.outcomes,
             "create_ms": {"p50": self.create_ms[0], "p99": self.create_ms[1], "p999": self.create_ms[2]},
+            "create_after_warmup_ms": {"p50": self.steady_ms[0], "p99": self.steady_ms[1], "p999": self.steady_ms[2]},
             "cancel_ms": {"p50": self.cancel_ms[0], "p99": self.cancel_ms[1]},
             "engine_cpu_us_per_verification": self.engine_us,
             "callee_cpu_us_per_call": self.callee_us,
@@ -638,7 +665,14 @@ senders = [{{ code = "LOAD", status = "active" }}]
         });
         let sent = tokio::task::LocalSet::new().block_on(
             &rt,
-            drive(engine.http, opts.conns, row.rate, row.secs, phone0),
+            drive(
+                engine.http,
+                opts.conns,
+                row.rate,
+                row.secs,
+                opts.warmup(row.secs),
+                phone0,
+            ),
         );
         phone0 += row.rate * row.secs;
         let rss_end_mib = proc_mib(pid, "VmRSS");
@@ -654,6 +688,7 @@ senders = [{{ code = "LOAD", status = "active" }}]
         let delta = after.since(&before);
         let done = delta.calls();
         let q = |p: f64| sent.latency_us.value_at_quantile(p) as f64 / 1e3;
+        let qs = |p: f64| sent.steady_us.value_at_quantile(p) as f64 / 1e3;
         *row = Row {
             requested: row.rate * row.secs,
             created,
@@ -668,6 +703,7 @@ senders = [{{ code = "LOAD", status = "active" }}]
             creates_per_s: created as f64 / sent.wall.as_secs_f64(),
             calls_per_s: done / sent.wall.as_secs_f64(),
             create_ms: [q(0.5), q(0.99), q(0.999)],
+            steady_ms: [qs(0.5), qs(0.99), qs(0.999)],
             cancel_ms: [
                 delta.cancel_quantile_ms(0.5),
                 delta.cancel_quantile_ms(0.99),
@@ -776,15 +812,15 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
     );
     md.push_str(
         "| rate/s | secs | creates/s | calls/s | not 201 | failed calls | create p50 / p99 / p999 ms \
-         | 180->CANCEL p50 / p99 ms | engine CPU µs/verif | SIPp caller µs/call | engine/SIPp \
+         | same after warm-up | 180->CANCEL p50 / p99 ms | engine CPU µs/verif | SIPp caller µs/call | engine/SIPp \
          | dial µs/call | dial/SIPp | peak RSS MiB |\n",
     );
-    md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         let not_201: u64 = r.other_status.values().sum::<u64>() + r.errors;
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.0} | {} | {} | {:.2} / {:.2} / {:.2} | {} / {} | {:.1} | {} | {} | {} | {} | {:.0} |",
+            "| {} | {} | {:.0} | {:.0} | {} | {} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} / {} | {:.1} | {} | {} | {} | {} | {:.0} |",
             r.rate,
             r.secs,
             r.creates_per_s,
@@ -794,6 +830,9 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
             r.create_ms[0],
             r.create_ms[1],
             r.create_ms[2],
+            r.steady_ms[0],
+            r.steady_ms[1],
+            r.steady_ms[2],
             fmt_opt(r.cancel_ms[0], 3),
             fmt_opt(r.cancel_ms[1], 3),
             r.engine_us,
@@ -809,6 +848,11 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
         "\nCPU of SIPp's callee per call during the end-to-end runs: {}. CPU of the load generator per request: {}.",
         rows.iter().map(|r| format!("{:.1} µs at {}/s", r.callee_us, r.rate)).collect::<Vec<_>>().join(", "),
         rows.iter().map(|r| format!("{:.1} µs at {}/s", r.loadgen_us, r.rate)).collect::<Vec<_>>().join(", "),
+    );
+    let _ = writeln!(
+        md,
+        "\n\"Same after warm-up\": the requests due after the first {} s of each rate's run (at most half of it); the columns before it count every request.",
+        opts.warmup_secs
     );
     let _ = writeln!(
         md,
