@@ -166,18 +166,8 @@ fn start(out: &mut Vec<u8>, cap: usize) -> &mut Vec<u8> {
 }
 
 /// Decimal digits without the formatting machinery (CSeq, Content-Length).
-fn put_u32(buf: &mut Vec<u8>, mut n: u32) {
-    let mut digits = [0u8; 10];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.put_slice(&digits[i..]);
+fn put_u32(buf: &mut Vec<u8>, n: u32) {
+    buf.put_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// The INVITE, with an optional `(header name, value)` credentials line.
