@@ -23,7 +23,9 @@
 //!    `histogram_quantile` does), engine CPU per verification (utime+stime
 //!    of the process from /proc, all threads: HTTP, store writer, SIP),
 //!    peak RSS (VmHWM) and RSS half-way through and at the end of the
-//!    run (a slope between them is memory kept per verification);
+//!    run (a slope between them is memory kept per verification), and the
+//!    machine's steal time over the run (/proc/stat: the hypervisor
+//!    running something else while a vCPU had work);
 //! 4. SIPp's own caller (tests/sipp/uac_ring_cancel.xml) through the same
 //!    INVITE/180/CANCEL/487/ACK flow at each rate against a fresh callee:
 //!    its CPU per call (getrusage of the reaped child);
@@ -197,6 +199,30 @@ fn proc_cpu(pid: u32) -> f64 {
     // SAFETY: sysconf has no memory effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     (tick(11) + tick(12)) / hz
+}
+
+/// The machine's CPU time so far from the first line of /proc/stat:
+/// (steal, total) in ticks. Steal is time the hypervisor ran something
+/// else while a vCPU had work: the figures of a run with much of it are
+/// the host's as much as ours.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    (f.get(7).copied().unwrap_or(0), f.iter().sum())
+}
+
+/// Steal as a share of all CPU time between two `machine_ticks`.
+fn steal_share(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let total = after.1.saturating_sub(before.1);
+    after.0.saturating_sub(before.0) as f64 / total.max(1) as f64
 }
 
 /// A field of /proc/<pid>/status in MiB (VmHWM, VmRSS).
@@ -500,6 +526,8 @@ struct Row {
     engine_us: f64,
     callee_us: f64,
     loadgen_us: f64,
+    /// The machine's steal time during the rate's HTTP run, as a share.
+    steal: f64,
     sipp_us: Option<f64>,
     sipp_ok: bool,
     dial_us: Option<f64>,
@@ -539,6 +567,7 @@ impl Row {
             "engine_cpu_us_per_verification": self.engine_us,
             "callee_cpu_us_per_call": self.callee_us,
             "loadgen_cpu_us_per_request": self.loadgen_us,
+            "steal_share": self.steal,
             "sipp_caller_cpu_us_per_call": self.sipp_us,
             "sipp_all_successful": self.sipp_ok,
             "dial_cpu_us_per_call": self.dial_us,
@@ -658,6 +687,7 @@ senders = [{{ code = "LOAD", status = "active" }}]
     for row in rows.iter_mut() {
         let before = Scrape::parse(&engine.metrics_text());
         let (cpu0, callee0) = (proc_cpu(pid), proc_cpu(callee_pid));
+        let ticks0 = machine_ticks();
         let half = Duration::from_millis(row.secs * 500);
         let rss_mid = std::thread::spawn(move || {
             std::thread::sleep(half);
@@ -676,6 +706,7 @@ senders = [{{ code = "LOAD", status = "active" }}]
         );
         phone0 += row.rate * row.secs;
         let rss_end_mib = proc_mib(pid, "VmRSS");
+        let ticks1 = machine_ticks();
         let created = sent.statuses.get(&201).copied().unwrap_or(0);
         // Every accepted verification ends in exactly one call outcome;
         // wait (bounded) for the last calls to finish.
@@ -711,6 +742,7 @@ senders = [{{ code = "LOAD", status = "active" }}]
             engine_us: (proc_cpu(pid) - cpu0) * 1e6 / created.max(1) as f64,
             callee_us: (proc_cpu(callee_pid) - callee0) * 1e6 / done.max(1.0),
             loadgen_us: sent.cpu * 1e6 / row.requested().max(1) as f64,
+            steal: steal_share(ticks0, ticks1),
             hwm_mib: proc_mib(pid, "VmHWM"),
             rss_mid_mib: rss_mid.join().unwrap_or(f64::NAN),
             rss_end_mib,
@@ -848,6 +880,11 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
         "\nCPU of SIPp's callee per call during the end-to-end runs: {}. CPU of the load generator per request: {}.",
         rows.iter().map(|r| format!("{:.1} µs at {}/s", r.callee_us, r.rate)).collect::<Vec<_>>().join(", "),
         rows.iter().map(|r| format!("{:.1} µs at {}/s", r.loadgen_us, r.rate)).collect::<Vec<_>>().join(", "),
+    );
+    let _ = writeln!(
+        md,
+        "\nSteal time (the hypervisor running something else while a vCPU had work) during the end-to-end runs: {}.",
+        rows.iter().map(|r| format!("{:.1}% at {}/s", r.steal * 100.0, r.rate)).collect::<Vec<_>>().join(", "),
     );
     let _ = writeln!(
         md,
