@@ -113,10 +113,7 @@ impl Destinations {
             Destinations::Fixed(to) => out.push_str(to),
             Destinations::Numbered { prefix, width } => {
                 out.push_str(prefix);
-                let mut buf = itoa::Buffer::new();
-                let digits = buf.format(i);
-                out.extend(std::iter::repeat_n('0', width.saturating_sub(digits.len())));
-                out.push_str(digits);
+                crate::pool::push_digits(out, i, *width);
             }
         }
     }

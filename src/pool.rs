@@ -561,8 +561,9 @@ impl Pool {
     }
 }
 
-/// Appends `n` in decimal, zero-padded to at least `width` digits.
-fn push_digits(out: &mut String, n: u64, width: usize) {
+/// Appends `n` in decimal, zero-padded to at least `width` digits (also
+/// `flashcall dial`'s numbered destinations).
+pub(crate) fn push_digits(out: &mut String, n: u64, width: usize) {
     let mut buf = itoa::Buffer::new();
     let digits = buf.format(n);
     for _ in digits.len()..width {

@@ -306,10 +306,20 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     };
 
     let state = Arc::new(AppState::new(&cfg, pool, store.clone(), shared.clone()));
-    // The phone metadata off the request path: the first create would
-    // otherwise wait ~0.3 s for it. Detached; a create arriving sooner
-    // just waits on the same initialisation.
-    drop(tokio::task::spawn_blocking(crate::phone::init));
+    // The phone metadata before the first request, not in it: "flashcall
+    // serving" (below) must mean full speed. Decoded beside the first
+    // requests (~120 ms on the bench machine), it held up every create of
+    // the first ~100 ms after start: at 4,000/s each took over 10 ms, up
+    // to 111 ms (load bench). On a blocking thread, so the SIP thread and
+    // the store, already running, are not held up.
+    let t0 = std::time::Instant::now();
+    match tokio::task::spawn_blocking(crate::phone::init).await {
+        Ok(()) => tracing::info!(ms = t0.elapsed().as_millis() as u64, "phone metadata ready"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "phone metadata: initialisation failed; the first create will retry it"
+        ),
+    }
 
     let retention_ms = i64::from(cfg.store.retention_days) * 86_400_000;
     let housekeeping = tokio::spawn(housekeeping(state.clone(), prom.clone(), retention_ms));
@@ -345,8 +355,9 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     );
     let stop = shared.clone();
     // TCP_NODELAY: a response goes out as it is written. With Nagle on, a
-    // write while an earlier segment of the connection is unacknowledged
-    // waits for the peer's delayed ACK (40 ms on Linux).
+    // write smaller than a segment while earlier data is unacknowledged
+    // waits for the peer's ACK, which a delayed ACK holds back 40-200 ms
+    // on Linux (a response written in more than one write, or pipelined).
     let http_listener = http_listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "http: cannot set TCP_NODELAY");
