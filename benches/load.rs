@@ -24,8 +24,9 @@
 //!    of the process from /proc, all threads: HTTP, store writer, SIP),
 //!    peak RSS (VmHWM) and RSS half-way through and at the end of the
 //!    run (a slope between them is memory kept per verification), and the
-//!    machine's steal time over the run (/proc/stat: the hypervisor
-//!    running something else while a vCPU had work);
+//!    machine's steal time over the run, and over steps 4 and 5 below
+//!    (/proc/stat: the hypervisor running something else while a vCPU had
+//!    work);
 //! 4. SIPp's own caller (tests/sipp/uac_ring_cancel.xml) through the same
 //!    INVITE/180/CANCEL/487/ACK flow at each rate against a fresh callee:
 //!    its CPU per call (getrusage of the reaped child);
@@ -529,10 +530,13 @@ struct Row {
     engine_us: f64,
     callee_us: f64,
     loadgen_us: f64,
-    /// The machine's steal time during the rate's HTTP run (not its SIPp
-    /// and dial runs): a fraction of all CPU time of all vCPUs, idle
-    /// included.
+    /// The machine's steal time during the rate's HTTP run: a fraction of
+    /// all CPU time of all vCPUs, idle included.
     steal: f64,
+    /// The same during its SIPp caller run and its `dial` run: the ratios
+    /// set figures of three runs against each other.
+    sipp_steal: f64,
+    dial_steal: f64,
     sipp_us: Option<f64>,
     sipp_ok: bool,
     dial_us: Option<f64>,
@@ -574,6 +578,8 @@ impl Row {
             "callee_cpu_us_per_call": self.callee_us,
             "loadgen_cpu_us_per_request": self.loadgen_us,
             "steal_share": self.steal,
+            "sipp_steal_share": self.sipp_steal,
+            "dial_steal_share": self.dial_steal,
             "sipp_caller_cpu_us_per_call": self.sipp_us,
             "sipp_all_successful": self.sipp_ok,
             "dial_cpu_us_per_call": self.dial_us,
@@ -773,6 +779,7 @@ fn sip_only(opts: &Opts, row: &mut Row) {
     let per_call = |cpu: f64| cpu * 1e6 / count as f64;
 
     let uas = callee(SIPP_CALLEE_PORT);
+    let ticks0 = machine_ticks();
     let cpu0 = rusage(libc::RUSAGE_CHILDREN);
     let ok = Command::new("sipp")
         .arg("-sf")
@@ -791,11 +798,13 @@ fn sip_only(opts: &Opts, row: &mut Row) {
         .status()
         .is_ok_and(|s| s.success());
     row.sipp_us = Some(per_call(rusage(libc::RUSAGE_CHILDREN) - cpu0));
+    row.sipp_steal = steal_share(ticks0, machine_ticks());
     row.sipp_ok = ok;
     drop(uas);
 
     let uas = callee(DIAL_CALLEE_PORT);
     let out = std::env::temp_dir().join(format!("flashcall-load-dial-{}.json", std::process::id()));
+    let ticks0 = machine_ticks();
     let cpu0 = rusage(libc::RUSAGE_CHILDREN);
     let ok = Command::new(env!("CARGO_BIN_EXE_flashcall"))
         .args(["dial", "--trunk", &format!("127.0.0.1:{DIAL_CALLEE_PORT}")])
@@ -812,6 +821,7 @@ fn sip_only(opts: &Opts, row: &mut Row) {
         .status()
         .is_ok_and(|s| s.success());
     row.dial_us = Some(per_call(rusage(libc::RUSAGE_CHILDREN) - cpu0));
+    row.dial_steal = steal_share(ticks0, machine_ticks());
     row.dial_ok = ok;
     let _ = std::fs::remove_file(&out);
     drop(uas);
@@ -890,8 +900,8 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
     );
     let _ = writeln!(
         md,
-        "\nSteal time (the hypervisor running something else while a vCPU had work; a share of all CPU time, idle included) during the end-to-end runs: {}.",
-        rows.iter().map(|r| format!("{:.1}% at {}/s", r.steal * 100.0, r.rate)).collect::<Vec<_>>().join(", "),
+        "\nSteal time (the hypervisor running something else while a vCPU had work; a share of all CPU time, idle included) during the end-to-end / SIPp caller / dial runs: {}.",
+        rows.iter().map(|r| format!("{:.1}% / {:.1}% / {:.1}% at {}/s", r.steal * 100.0, r.sipp_steal * 100.0, r.dial_steal * 100.0, r.rate)).collect::<Vec<_>>().join(", "),
     );
     let _ = writeln!(
         md,
