@@ -53,6 +53,11 @@ fn block<T>(f: StoreFuture<'_, T>) -> Result<T, StoreError> {
         .block_on(f)
 }
 
+/// A database path in a fresh temp dir of its own.
+fn db(name: &str) -> PathBuf {
+    dir(name).join("f.db")
+}
+
 fn open(path: &Path) -> SqliteStore {
     SqliteStore::open(path, HashSet::from(["p".to_string()])).expect("open")
 }
@@ -106,8 +111,7 @@ fn insert_is_durable_and_reads_back_after_reopen() {
 
 #[test]
 fn updates_expiry_idempotency_and_checks_persist() {
-    let d = dir("updates");
-    let path = d.join("f.db");
+    let path = db("updates");
     let now = now_ms();
     let idem = Idempotent {
         body_sha256: [7; 32],
@@ -172,8 +176,7 @@ fn updates_expiry_idempotency_and_checks_persist() {
 
 #[test]
 fn outbox_rows_follow_status_changes_in_the_same_transaction() {
-    let d = dir("outbox");
-    let path = d.join("f.db");
+    let path = db("outbox");
     let now = now_ms();
     let s = open(&path);
     block(s.insert(v("a", now, now + 600_000), None)).unwrap();
@@ -254,8 +257,7 @@ fn outbox_rows_follow_status_changes_in_the_same_transaction() {
 
 #[test]
 fn interrupted_calls_are_closed_on_reopen_with_their_event() {
-    let d = dir("interrupted");
-    let path = d.join("f.db");
+    let path = db("interrupted");
     let now = now_ms();
     {
         let s = open(&path);
@@ -298,8 +300,7 @@ fn interrupted_calls_are_closed_on_reopen_with_their_event() {
 
 #[test]
 fn newer_schema_is_refused() {
-    let d = dir("newer");
-    let path = d.join("f.db");
+    let path = db("newer");
     drop(open(&path));
     let c = Connection::open(&path).unwrap();
     c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
@@ -350,8 +351,7 @@ fn garbage_and_corrupt_files_are_refused() {
 
 #[test]
 fn read_only_or_full_database_fails_inserts_without_panic() {
-    let d = dir("readonly");
-    let path = d.join("f.db");
+    let path = db("readonly");
     let now = now_ms();
     let s = open(&path);
     block(s.insert(v("ok", now, now + 600_000), None)).unwrap();
@@ -386,8 +386,7 @@ fn read_only_or_full_database_fails_inserts_without_panic() {
 
 #[test]
 fn prune_deletes_old_records_and_what_hangs_off_them() {
-    let d = dir("prune");
-    let path = d.join("f.db");
+    let path = db("prune");
     let now = now_ms();
     let s = open(&path);
     let idem = |id: &str| Idempotent {
@@ -444,8 +443,7 @@ fn event_ids_grow() {
 
 #[test]
 fn scan_streams_in_order_and_stops() {
-    let d = dir("scan");
-    let path = d.join("f.db");
+    let path = db("scan");
     let s = open(&path);
     for i in 0..10 {
         block(s.insert(v(&format!("v{i}"), 100 - i, FAR), None)).unwrap();
@@ -461,8 +459,7 @@ fn scan_streams_in_order_and_stops() {
 
 #[test]
 fn many_concurrent_inserts_group_commit() {
-    let d = dir("group");
-    let path = d.join("f.db");
+    let path = db("group");
     let s = Arc::new(open(&path));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -490,8 +487,7 @@ fn many_concurrent_inserts_group_commit() {
 /// committed; checks and the expiry sweep still work on it, serially.
 #[test]
 fn finished_calls_leave_memory_and_stay_checkable() {
-    let d = dir("evict");
-    let path = d.join("f.db");
+    let path = db("evict");
     let now = now_ms();
     let s = open(&path);
     block(s.insert(v("a", now, now + 600_000), None)).unwrap();
@@ -612,8 +608,7 @@ fn insert_v1(c: &Connection, v: &Verification) {
 
 #[test]
 fn a_version_1_database_migrates_with_its_records_intact() {
-    let d = dir("v1");
-    let path = d.join("f.db");
+    let path = db("v1");
     let now = now_ms();
     let call = |outcome| CallRecord {
         trunk: "main".into(),
@@ -752,8 +747,7 @@ fn a_version_1_database_migrates_with_its_records_intact() {
 
 #[test]
 fn updates_of_one_verification_in_a_batch_write_its_row_once_and_every_event() {
-    let d = dir("coalesce");
-    let path = d.join("f.db");
+    let path = db("coalesce");
     drop(open(&path));
     let conn = connect(&path, OpenFlags::default()).unwrap();
     let hooks = Hooks {
@@ -906,8 +900,7 @@ fn young_updates_wait_for_a_later_commit_unless_a_flush_or_an_older_one_goes_now
 #[test]
 fn the_expiry_sweep_reads_the_partial_index_of_open_records() {
     // A full scan here would read every record ever kept, once a second.
-    let d = dir("expire-plan");
-    let path = d.join("f.db");
+    let path = db("expire-plan");
     drop(open(&path));
     let c = Connection::open(&path).unwrap();
     let plan: Vec<String> = c
@@ -930,8 +923,7 @@ fn the_expiry_sweep_reads_the_partial_index_of_open_records() {
 
 #[test]
 fn nothing_of_a_finished_verification_stays_in_memory_and_expiry_still_finds_it() {
-    let d = dir("expire-batches");
-    let path = d.join("f.db");
+    let path = db("expire-batches");
     let now = now_ms();
     let s = open(&path);
     let idem = |id: &str| Idempotent {
