@@ -11,6 +11,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +27,8 @@ pub struct Engine {
     pub sip: SocketAddr,
     /// Everything the engine logged so far.
     pub log: Arc<Mutex<String>>,
+    /// Set once the log reader has seen the end of the engine's stderr.
+    log_done: Arc<AtomicBool>,
     agent: ureq::Agent,
     pub dir: PathBuf,
 }
@@ -152,19 +155,25 @@ impl Engine {
             .expect("run flashcall serve");
         let stderr = child.stderr.take().expect("piped stderr");
         let log = Arc::new(Mutex::new(String::new()));
+        let log_done = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         {
             let log = log.clone();
+            let log_done = log_done.clone();
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(stderr);
                 let mut line = String::new();
                 while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                    // The line goes into the log before `start` is told, so
+                    // a test that reads the log once `start` returns sees
+                    // every line up to and including "flashcall serving".
+                    log.lock().unwrap().push_str(&line);
                     if line.contains("flashcall serving") {
                         let _ = tx.send(line.clone());
                     }
-                    log.lock().unwrap().push_str(&line);
                     line.clear();
                 }
+                log_done.store(true, Ordering::Release);
             });
         }
         let line = match rx.recv_timeout(Duration::from_secs(20)) {
@@ -187,6 +196,7 @@ impl Engine {
             metrics: addr_after(&line, "metrics=").expect("metrics= in the serving line"),
             sip: addr_after(&line, "sip=").expect("sip= in the serving line"),
             log,
+            log_done,
             agent,
             dir: config.parent().unwrap_or(Path::new(".")).to_path_buf(),
         }
@@ -319,6 +329,12 @@ impl Engine {
         let end = Instant::now() + limit;
         loop {
             if let Ok(Some(s)) = self.child.try_wait() {
+                // The process is gone, but its last lines may still be in
+                // the pipe: wait (within `limit`) until the reader has
+                // them, so the log a caller reads next is complete.
+                while !self.log_done.load(Ordering::Acquire) && Instant::now() < end {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return Some(s);
             }
             if Instant::now() >= end {
