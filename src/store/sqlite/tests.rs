@@ -2,16 +2,13 @@
 
 use super::*;
 
-/// A fresh directory per test (tests run in parallel).
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "flashcall-sqlite-{name}-{}-{}",
-        std::process::id(),
-        rand::thread_rng().next_u32()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
+/// A fresh directory per test (tests run in parallel), removed when the
+/// returned guard drops at the end of the test.
+fn dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("flashcall-sqlite-{name}-"))
+        .tempdir()
+        .expect("temp dir")
 }
 
 fn v(id: &str, created: i64, expires: i64) -> Verification {
@@ -53,9 +50,12 @@ fn block<T>(f: StoreFuture<'_, T>) -> Result<T, StoreError> {
         .block_on(f)
 }
 
-/// A database path in a fresh temp dir of its own.
-fn db(name: &str) -> PathBuf {
-    dir(name).join("f.db")
+/// A database path in a fresh temp dir of its own; keep the guard alive
+/// for as long as the test uses the path.
+fn db(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let d = dir(name);
+    let path = d.path().join("f.db");
+    (d, path)
 }
 
 fn open(path: &Path) -> SqliteStore {
@@ -72,7 +72,7 @@ const FAR: i64 = i64::MAX / 4;
 #[test]
 fn insert_is_durable_and_reads_back_after_reopen() {
     let d = dir("durable");
-    let path = d.join("sub/dir/f.db");
+    let path = d.path().join("sub/dir/f.db");
     let now = now_ms();
     {
         let s = open(&path);
@@ -111,7 +111,7 @@ fn insert_is_durable_and_reads_back_after_reopen() {
 
 #[test]
 fn updates_expiry_idempotency_and_checks_persist() {
-    let path = db("updates");
+    let (_dir, path) = db("updates");
     let now = now_ms();
     let idem = Idempotent {
         body_sha256: [7; 32],
@@ -176,7 +176,7 @@ fn updates_expiry_idempotency_and_checks_persist() {
 
 #[test]
 fn outbox_rows_follow_status_changes_in_the_same_transaction() {
-    let path = db("outbox");
+    let (_dir, path) = db("outbox");
     let now = now_ms();
     let s = open(&path);
     block(s.insert(v("a", now, now + 600_000), None)).unwrap();
@@ -257,7 +257,7 @@ fn outbox_rows_follow_status_changes_in_the_same_transaction() {
 
 #[test]
 fn interrupted_calls_are_closed_on_reopen_with_their_event() {
-    let path = db("interrupted");
+    let (_dir, path) = db("interrupted");
     let now = now_ms();
     {
         let s = open(&path);
@@ -300,7 +300,7 @@ fn interrupted_calls_are_closed_on_reopen_with_their_event() {
 
 #[test]
 fn newer_schema_is_refused() {
-    let path = db("newer");
+    let (_dir, path) = db("newer");
     drop(open(&path));
     let c = Connection::open(&path).unwrap();
     c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
@@ -317,7 +317,7 @@ fn newer_schema_is_refused() {
 #[test]
 fn garbage_and_corrupt_files_are_refused() {
     let d = dir("garbage");
-    let path = d.join("f.db");
+    let path = d.path().join("f.db");
     std::fs::write(
         &path,
         "this is not a database, just some text\n".repeat(200),
@@ -330,15 +330,15 @@ fn garbage_and_corrupt_files_are_refused() {
     assert!(e.to_string().contains("f.db"), "{e}");
 
     // A real header over garbage pages.
-    let path = d.join("g.db");
+    let path = d.path().join("g.db");
     drop(open(&path));
     let mut bytes = std::fs::read(&path).unwrap();
     for b in bytes.iter_mut().skip(100) {
         *b = 0xA5;
     }
     std::fs::write(&path, bytes).unwrap();
-    let _ = std::fs::remove_file(d.join("g.db-wal"));
-    let _ = std::fs::remove_file(d.join("g.db-shm"));
+    let _ = std::fs::remove_file(d.path().join("g.db-wal"));
+    let _ = std::fs::remove_file(d.path().join("g.db-shm"));
     let e = SqliteStore::open(&path, HashSet::new())
         .err()
         .expect("refused");
@@ -351,7 +351,7 @@ fn garbage_and_corrupt_files_are_refused() {
 
 #[test]
 fn read_only_or_full_database_fails_inserts_without_panic() {
-    let path = db("readonly");
+    let (_dir, path) = db("readonly");
     let now = now_ms();
     let s = open(&path);
     block(s.insert(v("ok", now, now + 600_000), None)).unwrap();
@@ -386,7 +386,7 @@ fn read_only_or_full_database_fails_inserts_without_panic() {
 
 #[test]
 fn prune_deletes_old_records_and_what_hangs_off_them() {
-    let path = db("prune");
+    let (_dir, path) = db("prune");
     let now = now_ms();
     let s = open(&path);
     let idem = |id: &str| Idempotent {
@@ -443,7 +443,7 @@ fn event_ids_grow() {
 
 #[test]
 fn scan_streams_in_order_and_stops() {
-    let path = db("scan");
+    let (_dir, path) = db("scan");
     let s = open(&path);
     for i in 0..10 {
         block(s.insert(v(&format!("v{i}"), 100 - i, FAR), None)).unwrap();
@@ -459,7 +459,7 @@ fn scan_streams_in_order_and_stops() {
 
 #[test]
 fn many_concurrent_inserts_group_commit() {
-    let path = db("group");
+    let (_dir, path) = db("group");
     let s = Arc::new(open(&path));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -487,7 +487,7 @@ fn many_concurrent_inserts_group_commit() {
 /// committed; checks and the expiry sweep still work on it, serially.
 #[test]
 fn finished_calls_leave_memory_and_stay_checkable() {
-    let path = db("evict");
+    let (_dir, path) = db("evict");
     let now = now_ms();
     let s = open(&path);
     block(s.insert(v("a", now, now + 600_000), None)).unwrap();
@@ -608,7 +608,7 @@ fn insert_v1(c: &Connection, v: &Verification) {
 
 #[test]
 fn a_version_1_database_migrates_with_its_records_intact() {
-    let path = db("v1");
+    let (_dir, path) = db("v1");
     let now = now_ms();
     let call = |outcome| CallRecord {
         trunk: "main".into(),
@@ -747,7 +747,7 @@ fn a_version_1_database_migrates_with_its_records_intact() {
 
 #[test]
 fn updates_of_one_verification_in_a_batch_write_its_row_once_and_every_event() {
-    let path = db("coalesce");
+    let (_dir, path) = db("coalesce");
     drop(open(&path));
     let conn = connect(&path, OpenFlags::default()).unwrap();
     let hooks = Hooks {
@@ -900,7 +900,7 @@ fn young_updates_wait_for_a_later_commit_unless_a_flush_or_an_older_one_goes_now
 #[test]
 fn the_expiry_sweep_reads_the_partial_index_of_open_records() {
     // A full scan here would read every record ever kept, once a second.
-    let path = db("expire-plan");
+    let (_dir, path) = db("expire-plan");
     drop(open(&path));
     let c = Connection::open(&path).unwrap();
     let plan: Vec<String> = c
@@ -923,7 +923,7 @@ fn the_expiry_sweep_reads_the_partial_index_of_open_records() {
 
 #[test]
 fn nothing_of_a_finished_verification_stays_in_memory_and_expiry_still_finds_it() {
-    let path = db("expire-batches");
+    let (_dir, path) = db("expire-batches");
     let now = now_ms();
     let s = open(&path);
     let idem = |id: &str| Idempotent {
