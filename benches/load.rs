@@ -48,6 +48,9 @@
 //! starts is killed when it ends.
 
 mod common;
+// Both this and `common` hold tests/support/bound.rs: two copies of one
+// small stateless function, so that `common` also serves dial_vs_sipp.
+#[allow(clippy::duplicate_mod)]
 #[path = "../tests/support/mod.rs"]
 mod support;
 

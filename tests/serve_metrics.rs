@@ -402,6 +402,17 @@ fn metrics_parse_name_every_spec_metric_and_add_up() {
     };
     assert_eq!(v["status"], "delivered", "{v}");
     ids.push(tiny_id);
+    // The driver counts a status just after the store makes it visible:
+    // wait (briefly) for the count of the status we just saw.
+    let end = Instant::now() + Duration::from_secs(5);
+    while Scrape::parse(e.metrics_text()).sum(
+        "flashcall_verifications_total",
+        &[("project", "tiny"), ("status", "delivered")],
+    ) < 1.0
+        && Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let s = scrape(&e);
     // (b) every SPEC §6 name with its type and labels.

@@ -6,6 +6,9 @@
 //! every path, panics included. Each test has its own port (15300-15399) so
 //! the tests run in parallel with each other and with `sipp_flows`.
 
+#[path = "support/bound.rs"]
+mod bound;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -101,9 +104,10 @@ fn callee(name: &'static str, scenario: &Path, port: u16, calls: u32, extra: &[&
         .spawn()
         .expect("sipp on PATH (apt-get install sip-tester)");
     let mut sipp = Sipp { child, name };
-    // Give SIPp time to bind; fail fast if it died (bad scenario, port taken).
-    std::thread::sleep(Duration::from_millis(400));
-    if let Some(status) = sipp.child.try_wait().expect("sipp wait") {
+    // `dial`'s socket is connected: it gives up on the port-unreachable of
+    // a port SIPp has not bound yet, so wait for the bind (and fail fast if
+    // SIPp died: bad scenario, port taken).
+    if let Some(status) = bound::wait_udp_bound(&mut sipp.child, port) {
         panic!(
             "SIPp exited at start ({status}) for {}: {}",
             scenario.display(),
@@ -184,7 +188,9 @@ fn ring_cancel_200_calls_at_200_per_second() {
         &shared("uas_ring_cancel.xml"),
         15_300,
         200,
-        &[],
+        // 4 MiB like the benchmarks' callee: with the default 64 KiB, a
+        // SIPp descheduled for a moment drops datagrams.
+        &["-buff_size", "4194304"],
     );
     let out = dial(&[
         "--trunk",
@@ -366,12 +372,10 @@ fn auth_401_with_a_wrong_password_is_refused() {
 
 #[test]
 fn unreachable_trunk_exits_2() {
-    // Bind then drop to find a loopback port nobody listens on.
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A port of this file's range that no test binds: below the ephemeral
+    // range, so no port-0 socket of a parallel test lands on it either
+    // (a bound-then-dropped ephemeral port could be reused meanwhile).
+    let port = 15_399;
     let t0 = Instant::now();
     let out = dial(&[
         "--trunk",

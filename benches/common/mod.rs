@@ -1,9 +1,11 @@
 //! What the SIPp benchmarks (dial_vs_sipp, load) share: a SIPp callee on
 //! loopback, killed and reaped when dropped.
 
+#[path = "../../tests/support/bound.rs"]
+mod bound;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 /// A child process, killed and reaped on drop.
 pub struct Kill(pub Child);
@@ -36,6 +38,9 @@ pub fn callee(port: u16) -> Kill {
         .stderr(Stdio::null())
         .spawn()
         .expect("sipp on PATH (apt-get install sip-tester)");
-    std::thread::sleep(Duration::from_millis(300));
-    Kill(child)
+    let mut child = Kill(child);
+    if let Some(status) = bound::wait_udp_bound(&mut child.0, port) {
+        panic!("SIPp's callee exited at start: {status}");
+    }
+    child
 }

@@ -4,6 +4,7 @@
 //! through ureq, a real HTTP client.
 #![allow(dead_code)] // each test crate uses a different subset
 
+pub mod bound;
 pub mod sipp;
 
 use serde_json::Value;

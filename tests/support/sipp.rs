@@ -44,8 +44,7 @@ impl Sipp {
             messages,
             stats,
         };
-        std::thread::sleep(Duration::from_millis(400));
-        if let Some(status) = s.child.try_wait().unwrap() {
+        if let Some(status) = super::bound::wait_udp_bound(&mut s.child, port) {
             panic!("SIPp exited at start: {status}");
         }
         s

@@ -838,6 +838,9 @@ fn updates_of_one_verification_in_a_batch_write_its_row_once_and_every_event() {
 fn young_updates_wait_for_a_later_commit_unless_a_flush_or_an_older_one_goes_now() {
     let now = Instant::now();
     let old = now - COALESCE - Duration::from_millis(1);
+    // Young however long the test takes to reach `defer_young` (which reads
+    // the clock itself): a stall of COALESCE (2 ms) would age `now`.
+    let young = now + Duration::from_secs(60);
     let update = |id: &str, queued_at| Job {
         op: Op::Update {
             v: Arc::new(v(id, 0, FAR)),
@@ -867,8 +870,8 @@ fn young_updates_wait_for_a_later_commit_unless_a_flush_or_an_older_one_goes_now
     };
     let mut batch = vec![
         update("a", old),
-        update("b", now),
-        update("a", now),
+        update("b", young),
+        update("a", young),
         create("c"),
     ];
     let mut carry = Vec::new();
@@ -877,13 +880,13 @@ fn young_updates_wait_for_a_later_commit_unless_a_flush_or_an_older_one_goes_now
     assert_eq!(ids(&batch), ["u:a", "u:a", "i:c"]);
     assert_eq!(ids(&carry), ["u:b"]);
     // Nobody waiting: nothing to gain by waiting, all go.
-    let mut batch = vec![update("b", now)];
+    let mut batch = vec![update("b", young)];
     let mut carry = Vec::new();
     defer_young(&mut batch, &mut carry);
     assert_eq!((batch.len(), carry.len()), (1, 0));
     // A flush covers everything queued before it.
     let mut batch = vec![
-        update("b", now),
+        update("b", young),
         create("c"),
         Job {
             op: Op::Flush,
