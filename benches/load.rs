@@ -22,6 +22,8 @@
 //!    `flashcall_cancel_delay_seconds` buckets, interpolated as Prometheus'
 //!    `histogram_quantile` does), engine CPU per verification (utime+stime
 //!    of the process from /proc, all threads: HTTP, store writer, SIP),
+//!    the engine's context switches per verification (each a wake-up of
+//!    one of its threads, whose cost `cargo bench --bench wake` measures),
 //!    peak RSS (VmHWM) and RSS half-way through and at the end of the
 //!    run (a slope between them is memory kept per verification), and the
 //!    machine's steal time over the run, and over steps 4 and 5 below
@@ -204,6 +206,29 @@ fn proc_cpu(pid: u32) -> f64 {
     // SAFETY: sysconf has no memory effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     (tick(11) + tick(12)) / hz
+}
+
+/// Context switches so far (voluntary and not) of every live thread of a
+/// process, from /proc/<pid>/task/*/status: how often its threads were
+/// woken, each wake-up a cost of its own (`cargo bench --bench wake`).
+fn proc_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| {
+                    l.starts_with("voluntary_ctxt_switches:")
+                        || l.starts_with("nonvoluntary_ctxt_switches:")
+                })
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 /// The machine's CPU time so far from the first line of /proc/stat:
@@ -531,6 +556,8 @@ struct Row {
     warmup_secs: u64,
     cancel_ms: [Option<f64>; 2],
     engine_us: f64,
+    /// Context switches of the engine's threads per verification.
+    engine_wakes: f64,
     callee_us: f64,
     loadgen_us: f64,
     /// The machine's steal time during the rate's HTTP run: a fraction of
@@ -578,6 +605,7 @@ impl Row {
             "warmup_secs": self.warmup_secs,
             "cancel_ms": {"p50": self.cancel_ms[0], "p99": self.cancel_ms[1]},
             "engine_cpu_us_per_verification": self.engine_us,
+            "engine_wakeups_per_verification": self.engine_wakes,
             "callee_cpu_us_per_call": self.callee_us,
             "loadgen_cpu_us_per_request": self.loadgen_us,
             "steal_share": self.steal,
@@ -702,6 +730,7 @@ senders = [{{ code = "LOAD", status = "active" }}]
     for row in rows.iter_mut() {
         let before = Scrape::parse(&engine.metrics_text());
         let (cpu0, callee0) = (proc_cpu(pid), proc_cpu(callee_pid));
+        let switches0 = proc_switches(pid);
         let ticks0 = machine_ticks();
         let half = Duration::from_millis(row.secs * 500);
         let rss_mid = std::thread::spawn(move || {
@@ -756,6 +785,8 @@ senders = [{{ code = "LOAD", status = "active" }}]
                 delta.cancel_quantile_ms(0.99),
             ],
             engine_us: (proc_cpu(pid) - cpu0) * 1e6 / created.max(1) as f64,
+            engine_wakes: proc_switches(pid).saturating_sub(switches0) as f64
+                / created.max(1) as f64,
             callee_us: (proc_cpu(callee_pid) - callee0) * 1e6 / done.max(1.0),
             loadgen_us: sent.cpu * 1e6 / row.requested().max(1) as f64,
             steal: steal_share(ticks0, ticks1),
@@ -900,6 +931,14 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
         "\nCPU of SIPp's callee per call during the end-to-end runs: {}. CPU of the load generator per request: {}.",
         rows.iter().map(|r| format!("{:.1} µs at {}/s", r.callee_us, r.rate)).collect::<Vec<_>>().join(", "),
         rows.iter().map(|r| format!("{:.1} µs at {}/s", r.loadgen_us, r.rate)).collect::<Vec<_>>().join(", "),
+    );
+    let _ = writeln!(
+        md,
+        "\nEngine context switches (wake-ups of its threads) per verification: {}.",
+        rows.iter()
+            .map(|r| format!("{:.2} at {}/s", r.engine_wakes, r.rate))
+            .collect::<Vec<_>>()
+            .join(", "),
     );
     let _ = writeln!(
         md,
