@@ -22,8 +22,9 @@
 //!    `flashcall_cancel_delay_seconds` buckets, interpolated as Prometheus'
 //!    `histogram_quantile` does), engine CPU per verification (utime+stime
 //!    of the process from /proc, all threads: HTTP, store writer, SIP),
-//!    the engine's context switches per verification (each a wake-up of
-//!    one of its threads, whose cost `cargo bench --bench wake` measures),
+//!    the engine's context switches per verification (voluntary ones are
+//!    wake-ups of its threads, whose cost `cargo bench --bench wake`
+//!    measures; involuntary ones preemptions),
 //!    peak RSS (VmHWM) and RSS half-way through and at the end of the
 //!    run (a slope between them is memory kept per verification), and the
 //!    machine's steal time over the run, and over steps 4 and 5 below
@@ -208,27 +209,31 @@ fn proc_cpu(pid: u32) -> f64 {
     (tick(11) + tick(12)) / hz
 }
 
-/// Context switches so far (voluntary and not) of every live thread of a
-/// process, from /proc/<pid>/task/*/status: how often its threads were
-/// woken, each wake-up a cost of its own (`cargo bench --bench wake`).
-fn proc_switches(pid: u32) -> u64 {
+/// Context switches so far of every live thread of a process, from
+/// /proc/<pid>/task/*/status: (voluntary, involuntary). A voluntary one is
+/// a thread that waited and was woken again, each such wake-up a cost of
+/// its own (`cargo bench --bench wake`); an involuntary one is a thread
+/// preempted while it still had work.
+fn proc_switches(pid: u32) -> (u64, u64) {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
+        return (0, 0);
+    };
+    let field = |status: &str, name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
     };
     tasks
         .filter_map(Result::ok)
         .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .flat_map(|status| {
-            status
-                .lines()
-                .filter(|l| {
-                    l.starts_with("voluntary_ctxt_switches:")
-                        || l.starts_with("nonvoluntary_ctxt_switches:")
-                })
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
+        .fold((0, 0), |(v, n), status| {
+            (
+                v + field(&status, "voluntary_ctxt_switches:"),
+                n + field(&status, "nonvoluntary_ctxt_switches:"),
+            )
         })
-        .sum()
 }
 
 /// The machine's CPU time so far from the first line of /proc/stat:
@@ -556,8 +561,10 @@ struct Row {
     warmup_secs: u64,
     cancel_ms: [Option<f64>; 2],
     engine_us: f64,
-    /// Context switches of the engine's threads per verification.
+    /// Context switches of the engine's threads per verification:
+    /// voluntary (wake-ups after a wait) and involuntary (preemptions).
     engine_wakes: f64,
+    engine_preempts: f64,
     callee_us: f64,
     loadgen_us: f64,
     /// The machine's steal time during the rate's HTTP run: a fraction of
@@ -606,6 +613,7 @@ impl Row {
             "cancel_ms": {"p50": self.cancel_ms[0], "p99": self.cancel_ms[1]},
             "engine_cpu_us_per_verification": self.engine_us,
             "engine_wakeups_per_verification": self.engine_wakes,
+            "engine_preemptions_per_verification": self.engine_preempts,
             "callee_cpu_us_per_call": self.callee_us,
             "loadgen_cpu_us_per_request": self.loadgen_us,
             "steal_share": self.steal,
@@ -764,6 +772,8 @@ senders = [{{ code = "LOAD", status = "active" }}]
         let done = delta.calls();
         let q = |p: f64| sent.latency_us.value_at_quantile(p) as f64 / 1e3;
         let qs = |p: f64| sent.steady_us.value_at_quantile(p) as f64 / 1e3;
+        // Over the same span as the CPU figure below.
+        let switches1 = proc_switches(pid);
         *row = Row {
             requested: row.rate * row.secs,
             created,
@@ -785,8 +795,8 @@ senders = [{{ code = "LOAD", status = "active" }}]
                 delta.cancel_quantile_ms(0.99),
             ],
             engine_us: (proc_cpu(pid) - cpu0) * 1e6 / created.max(1) as f64,
-            engine_wakes: proc_switches(pid).saturating_sub(switches0) as f64
-                / created.max(1) as f64,
+            engine_wakes: switches1.0.saturating_sub(switches0.0) as f64 / created.max(1) as f64,
+            engine_preempts: switches1.1.saturating_sub(switches0.1) as f64 / created.max(1) as f64,
             callee_us: (proc_cpu(callee_pid) - callee0) * 1e6 / done.max(1.0),
             loadgen_us: sent.cpu * 1e6 / row.requested().max(1) as f64,
             steal: steal_share(ticks0, ticks1),
@@ -934,9 +944,9 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
     );
     let _ = writeln!(
         md,
-        "\nEngine context switches (wake-ups of its threads) per verification: {}.",
+        "\nEngine context switches per verification, voluntary (a thread woken after a wait) + involuntary (preempted): {}.",
         rows.iter()
-            .map(|r| format!("{:.2} at {}/s", r.engine_wakes, r.rate))
+            .map(|r| format!("{:.2} + {:.2} at {}/s", r.engine_wakes, r.engine_preempts, r.rate))
             .collect::<Vec<_>>()
             .join(", "),
     );
