@@ -9,6 +9,7 @@ use axum::body::Body;
 use axum::http::Request;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use flashcall::config::Config;
+use flashcall::config::PerPhoneConfig;
 use flashcall::engine::{EngineShared, Trunk};
 use flashcall::http::{router, AppState};
 use flashcall::limits::Limits;
@@ -104,6 +105,19 @@ fn benches(c: &mut Criterion) {
             limits.check_phone(black_box(phone))
         })
     });
+
+    // The housekeeping sweep of the per-phone limiter with the default
+    // limit (3 per 600 s) after 240,000 distinct destinations (60 s at
+    // 4,000/s): every key is within its window, so it scans them all and
+    // keeps them, the work the sweep does at that load every 10 s.
+    let swept = Limits::new(&cfg.projects, &PerPhoneConfig::default());
+    for i in 0..240_000u64 {
+        let _ = swept.check_phone(447_100_000_000 + i);
+    }
+    c.bench_function("limits_sweep_240k_recent_keys", |b| {
+        b.iter(|| swept.sweep())
+    });
+    assert_eq!(swept.tracked_phones(), 240_000, "the sweep kept every key");
 
     let engine = Arc::new(EngineShared::new(vec![Trunk {
         name: "bench".into(),
