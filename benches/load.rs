@@ -218,20 +218,14 @@ fn proc_switches(pid: u32) -> (u64, u64) {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return (0, 0);
     };
-    let field = |status: &str, name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let count = |status: &str, name: &str| status_number(status, name).unwrap_or(0.0) as u64;
     tasks
         .filter_map(Result::ok)
         .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
         .fold((0, 0), |(v, n), status| {
             (
-                v + field(&status, "voluntary_ctxt_switches:"),
-                n + field(&status, "nonvoluntary_ctxt_switches:"),
+                v + count(&status, "voluntary_ctxt_switches"),
+                n + count(&status, "nonvoluntary_ctxt_switches"),
             )
         })
 }
@@ -263,16 +257,22 @@ fn steal_share(before: (u64, u64), after: (u64, u64)) -> f64 {
 /// A field of /proc/<pid>/status in MiB (VmHWM, VmRSS).
 fn proc_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status_number(&status, field).map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The number after `field:` in a /proc status file (its unit, such as
+/// "kB", left off).
+fn status_number(status: &str, field: &str) -> Option<f64> {
     status
         .lines()
         .find_map(|l| {
             l.strip_prefix(field)?
-                .trim_start_matches(':')
+                .strip_prefix(':')?
                 .split_whitespace()
                 .next()
-        })
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+        })?
+        .parse()
+        .ok()
 }
 
 /// CPU time (user + sys) of this thread or of reaped children.

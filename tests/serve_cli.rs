@@ -17,6 +17,17 @@ struct Out {
     stderr: String,
 }
 
+/// Reads a child's pipe to its end on a thread of its own.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut r) = pipe {
+            let _ = r.read_to_end(&mut buf);
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
 /// Runs `flashcall ARGS` in `cwd`, killing it after 20 s.
 fn flashcall(args: &[&str], cwd: &Path) -> Out {
     let mut child = Command::new(env!("CARGO_BIN_EXE_flashcall"))
@@ -31,27 +42,8 @@ fn flashcall(args: &[&str], cwd: &Path) -> Out {
         .expect("run flashcall");
     // Both pipes are drained while we wait: a child writing more than a
     // pipe holds (a long backtrace) would otherwise block until the kill.
-    let drain = |r: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut buf);
-            }
-            String::from_utf8_lossy(&buf).into_owned()
-        })
-    };
-    let stdout = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let end = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
