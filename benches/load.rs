@@ -290,6 +290,10 @@ struct Scrape {
     outcomes: BTreeMap<String, f64>,
     /// Cumulative count per `le` bound of the 180->CANCEL histogram.
     cancel: BTreeMap<u64, f64>,
+    /// The same of the create route's handler time (the engine's
+    /// `flashcall_http_request_duration_seconds`: from the routed request
+    /// to the response built, before hyper writes it).
+    handler: BTreeMap<u64, f64>,
 }
 
 /// `le` bounds as nanoseconds, so they sort; +Inf is u64::MAX.
@@ -327,6 +331,12 @@ impl Scrape {
                 if let Some(le) = label(labels, "le").and_then(le_key) {
                     *s.cancel.entry(le).or_default() += value;
                 }
+            } else if name == "flashcall_http_request_duration_seconds_bucket"
+                && label(labels, "route") == Some("/v1/verifications")
+            {
+                if let Some(le) = label(labels, "le").and_then(le_key) {
+                    *s.handler.entry(le).or_default() += value;
+                }
             }
         }
         s
@@ -345,36 +355,41 @@ impl Scrape {
                 .filter(|(_, v)| *v > 0.0)
                 .collect(),
             cancel: minus(&self.cancel, &before.cancel),
+            handler: minus(&self.handler, &before.handler),
         }
     }
 
-    /// The q-quantile of the cancel delay in ms, linear within a bucket
-    /// (Prometheus' histogram_quantile). None without observations; the
-    /// last finite bound when the quantile lies in +Inf.
     fn cancel_quantile_ms(&self, q: f64) -> Option<f64> {
-        let total = *self.cancel.get(&u64::MAX)?;
-        if total <= 0.0 {
-            return None;
-        }
-        let rank = q * total;
-        let (mut lo, mut below) = (0.0, 0.0);
-        for (&le, &cum) in &self.cancel {
-            if le == u64::MAX {
-                return Some(lo);
-            }
-            let hi = le as f64 / 1e6;
-            if cum >= rank {
-                let share = if cum > below {
-                    (rank - below) / (cum - below)
-                } else {
-                    1.0
-                };
-                return Some(lo + (hi - lo) * share);
-            }
-            (lo, below) = (hi, cum);
-        }
-        Some(lo)
+        quantile_ms(&self.cancel, q)
     }
+}
+
+/// The q-quantile in ms of a histogram's cumulative buckets, linear within
+/// a bucket (Prometheus' histogram_quantile). None without observations;
+/// the last finite bound when the quantile lies in +Inf.
+fn quantile_ms(buckets: &BTreeMap<u64, f64>, q: f64) -> Option<f64> {
+    let total = *buckets.get(&u64::MAX)?;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lo, mut below) = (0.0, 0.0);
+    for (&le, &cum) in buckets {
+        if le == u64::MAX {
+            return Some(lo);
+        }
+        let hi = le as f64 / 1e6;
+        if cum >= rank {
+            let share = if cum > below {
+                (rank - below) / (cum - below)
+            } else {
+                1.0
+            };
+            return Some(lo + (hi - lo) * share);
+        }
+        (lo, below) = (hi, cum);
+    }
+    Some(lo)
 }
 
 /// `a - b` per key.
@@ -392,6 +407,14 @@ struct Sent {
     latency_us: Histogram<u64>,
     /// The same, of requests due after the rate's first `warmup`.
     steady_us: Histogram<u64>,
+    /// The same requests' latency split at the generator's two hand-offs
+    /// (after the warm-up only): due -> queued (the generator's own timer
+    /// and scheduling), queued -> taken by a connection (every connection
+    /// busy with an earlier answer), taken -> answer read (the round trip:
+    /// the engine, loopback TCP, and the generator reading the answer).
+    late_us: Histogram<u64>,
+    wait_us: Histogram<u64>,
+    rtt_us: Histogram<u64>,
     wall: Duration,
     cpu: f64,
 }
@@ -404,6 +427,9 @@ impl Sent {
             first_error: None,
             latency_us: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
             steady_us: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
+            late_us: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
+            wait_us: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
+            rtt_us: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
             wall: Duration::ZERO,
             cpu: 0.0,
         }
@@ -419,6 +445,9 @@ impl Sent {
         }
         let _ = self.latency_us.add(&other.latency_us);
         let _ = self.steady_us.add(&other.steady_us);
+        let _ = self.late_us.add(&other.late_us);
+        let _ = self.wait_us.add(&other.wait_us);
+        let _ = self.rtt_us.add(&other.rtt_us);
     }
 
     fn error(&mut self, e: impl ToString) {
@@ -427,9 +456,9 @@ impl Sent {
     }
 }
 
-/// A request on the schedule: when it was due, whether it was due after
-/// the warm-up, and its body.
-type Job = (tokio::time::Instant, bool, Bytes);
+/// A request on the schedule: when it was due, when the generator queued
+/// it, whether it was due after the warm-up, and its body.
+type Job = (tokio::time::Instant, tokio::time::Instant, bool, Bytes);
 type Queue = Rc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Job>>>;
 
 /// One keep-alive HTTP/1.1 connection taking the next due request from
@@ -440,9 +469,10 @@ async fn connection(addr: std::net::SocketAddr, auth: Rc<str>, queue: Queue) -> 
     let mut sent = Sent::new();
     let mut conn: Option<http1::SendRequest<Full<Bytes>>> = None;
     loop {
-        let Some((due, steady, body)) = queue.lock().await.recv().await else {
+        let Some((due, queued, steady, body)) = queue.lock().await.recv().await else {
             return sent;
         };
+        let taken = tokio::time::Instant::now();
         if conn.as_ref().is_none_or(|c| c.is_closed()) {
             conn = match tokio::net::TcpStream::connect(addr).await {
                 Ok(tcp) => {
@@ -482,10 +512,14 @@ async fn connection(addr: std::net::SocketAddr, auth: Rc<str>, queue: Queue) -> 
                 match resp.into_body().collect().await {
                     Ok(_) => {
                         *sent.statuses.entry(status).or_default() += 1;
-                        let us = (due.elapsed().as_micros() as u64).clamp(1, 120_000_000);
-                        let _ = sent.latency_us.record(us);
+                        let now = tokio::time::Instant::now();
+                        let us = |d: Duration| (d.as_micros() as u64).clamp(1, 120_000_000);
+                        let _ = sent.latency_us.record(us(now - due));
                         if steady {
-                            let _ = sent.steady_us.record(us);
+                            let _ = sent.steady_us.record(us(now - due));
+                            let _ = sent.late_us.record(us(queued - due));
+                            let _ = sent.wait_us.record(us(taken - queued));
+                            let _ = sent.rtt_us.record(us(now - taken));
                         }
                     }
                     Err(e) => sent.error(e),
@@ -526,7 +560,8 @@ async fn drive(
         tokio::time::sleep_until(due).await;
         let body = format!(r#"{{"phone":"+44740{:07}","sender":"LOAD"}}"#, phone0 + i);
         // Unbounded: the schedule never waits for the engine (open loop).
-        let _ = tx.send((due, offset >= warmup, Bytes::from(body)));
+        let queued = tokio::time::Instant::now();
+        let _ = tx.send((due, queued, offset >= warmup, Bytes::from(body)));
     }
     drop(tx);
     let mut sent = Sent::new();
@@ -559,6 +594,14 @@ struct Row {
     steady_ms: [f64; 3],
     /// The warm-up `steady_ms` leaves out, in seconds.
     warmup_secs: u64,
+    /// `steady_ms` split by hop (see `Sent`), p50 / p99 / p999: late in
+    /// the generator, waiting for a free connection, the round trip.
+    late_ms: [f64; 3],
+    wait_ms: [f64; 3],
+    rtt_ms: [f64; 3],
+    /// The engine's own create handler time, p50 / p99 / p999 (from its
+    /// histogram's buckets: coarse, every request of the rate's run).
+    handler_ms: [Option<f64>; 3],
     cancel_ms: [Option<f64>; 2],
     engine_us: f64,
     /// Context switches of the engine's threads per verification:
@@ -610,6 +653,12 @@ impl Row {
             "create_ms": {"p50": self.create_ms[0], "p99": self.create_ms[1], "p999": self.create_ms[2]},
             "create_after_warmup_ms": {"p50": self.steady_ms[0], "p99": self.steady_ms[1], "p999": self.steady_ms[2]},
             "warmup_secs": self.warmup_secs,
+            "create_after_warmup_by_hop_ms": {
+                "generator_late": {"p50": self.late_ms[0], "p99": self.late_ms[1], "p999": self.late_ms[2]},
+                "connection_wait": {"p50": self.wait_ms[0], "p99": self.wait_ms[1], "p999": self.wait_ms[2]},
+                "round_trip": {"p50": self.rtt_ms[0], "p99": self.rtt_ms[1], "p999": self.rtt_ms[2]},
+            },
+            "engine_create_handler_ms": {"p50": self.handler_ms[0], "p99": self.handler_ms[1], "p999": self.handler_ms[2]},
             "cancel_ms": {"p50": self.cancel_ms[0], "p99": self.cancel_ms[1]},
             "engine_cpu_us_per_verification": self.engine_us,
             "engine_wakeups_per_verification": self.engine_wakes,
@@ -772,6 +821,8 @@ senders = [{{ code = "LOAD", status = "active" }}]
         let done = delta.calls();
         let q = |p: f64| sent.latency_us.value_at_quantile(p) as f64 / 1e3;
         let qs = |p: f64| sent.steady_us.value_at_quantile(p) as f64 / 1e3;
+        let q3 =
+            |h: &Histogram<u64>| [0.5, 0.99, 0.999].map(|p| h.value_at_quantile(p) as f64 / 1e3);
         // Over the same span as the CPU figure below.
         let switches1 = proc_switches(pid);
         *row = Row {
@@ -790,6 +841,10 @@ senders = [{{ code = "LOAD", status = "active" }}]
             create_ms: [q(0.5), q(0.99), q(0.999)],
             steady_ms: [qs(0.5), qs(0.99), qs(0.999)],
             warmup_secs: opts.warmup(row.secs).as_secs(),
+            late_ms: q3(&sent.late_us),
+            wait_ms: q3(&sent.wait_us),
+            rtt_ms: q3(&sent.rtt_us),
+            handler_ms: [0.5, 0.99, 0.999].map(|p| quantile_ms(&delta.handler, p)),
             cancel_ms: [
                 delta.cancel_quantile_ms(0.5),
                 delta.cancel_quantile_ms(0.99),
@@ -959,6 +1014,26 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
         md,
         "\n\"Same after warm-up\": the requests due after the first {} of each rate's run (at most half of it; only the first rate follows a fresh start); the columns before it count every request.",
         rows.iter().map(|r| format!("{} s at {}/s", r.warmup_secs, r.rate)).collect::<Vec<_>>().join(", "),
+    );
+    let _ = writeln!(
+        md,
+        "\nThe same requests' create latency by hop, p50 / p99 / p999 ms: late in the generator (due -> queued), waiting for a free connection, the round trip (taken -> answer read); then the engine's own handler time from its histogram (every request, interpolated within coarse buckets): {}.",
+        rows.iter()
+            .map(|r| {
+                let f = |v: [f64; 3]| format!("{:.2} / {:.2} / {:.2}", v[0], v[1], v[2]);
+                format!(
+                    "{}, {}, {}; handler {} / {} / {} at {}/s",
+                    f(r.late_ms),
+                    f(r.wait_ms),
+                    f(r.rtt_ms),
+                    fmt_opt(r.handler_ms[0], 2),
+                    fmt_opt(r.handler_ms[1], 2),
+                    fmt_opt(r.handler_ms[2], 2),
+                    r.rate
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
     );
     let _ = writeln!(
         md,

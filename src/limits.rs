@@ -5,22 +5,27 @@
 //! Why a sweep: governor's keyed limiter never forgets a key by itself, so a
 //! client sending to a million distinct phones would grow it without bound.
 //! [`Limits::sweep`] drops keys whose state is indistinguishable from fresh
-//! (their allowance has fully refilled), which loses nothing. Reaching
-//! `max_tracked` between sweeps makes a request sweep, at most once a
-//! second: when more destinations are within their window than the cap,
-//! forgetting any would lose a limit, so they are tracked past it.
+//! (their allowance has fully refilled), which loses nothing. Housekeeping
+//! sweeps every 10 s, and at its next 1 s tick once a request has found
+//! `max_tracked` reached ([`Limits::take_sweep_wanted`]). Keys are tracked
+//! past the cap meanwhile, and whenever more destinations are within their
+//! window than the cap: forgetting any of those would lose a limit.
+//!
+//! Why not sweep on the request that reaches the cap: a sweep scans every
+//! key (a million at the default cap: milliseconds), and the request path
+//! runs on the one HTTP thread, which would answer nothing meanwhile.
 //!
 //! The clock is a type parameter so tests run on governor's
 //! `FakeRelativeClock` (virtual time) and the engine on the monotonic clock.
 
-use governor::clock::{Clock, DefaultClock, Reference};
+use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::config::{PerPhoneConfig, ProjectConfig};
@@ -68,12 +73,9 @@ pub struct Limits<C: Clock = DefaultClock> {
     projects: HashMap<String, Direct<C>>,
     phone: Option<Keyed<C>>,
     max_tracked: usize,
-    /// When the cap last made a request sweep (see [`Limits::check_phone`]).
-    capped_sweep: Mutex<Option<C::Instant>>,
+    /// A request found `max_tracked` reached since housekeeping last looked.
+    over_cap: AtomicBool,
 }
-
-/// While the cap holds, a request sweeps at most this often.
-const CAPPED_SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 fn nz(n: u32) -> NonZeroU32 {
     NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN)
@@ -112,7 +114,7 @@ impl<C: Clock + Clone> Limits<C> {
             projects,
             phone,
             max_tracked: per_phone.max_tracked,
-            capped_sweep: Mutex::new(None),
+            over_cap: AtomicBool::new(false),
         }
     }
 
@@ -132,30 +134,23 @@ impl<C: Clock + Clone> Limits<C> {
         let Some(l) = &self.phone else {
             return Ok(());
         };
-        if l.len() >= self.max_tracked {
-            // A sweep scans every key. When it frees nothing (more
-            // destinations within their window than the cap: a high rate,
-            // a long `per_secs`), sweeping again at the next request would
-            // scan a million keys per create; so at most once a second,
-            // and the keys are tracked past the cap in between.
-            let now = self.clock.now();
-            let due = {
-                let mut last = self.capped_sweep.lock().unwrap_or_else(|e| e.into_inner());
-                let due = last
-                    .is_none_or(|t| Duration::from(now.duration_since(t)) >= CAPPED_SWEEP_EVERY);
-                if due {
-                    *last = Some(now);
-                }
-                due
-            };
-            if due {
-                l.retain_recent();
-            }
+        // Only a flag here: the sweep runs in housekeeping, off the HTTP
+        // thread (module docs). Relaxed: it orders nothing else, and a
+        // sweep a tick late only keeps keys a second longer.
+        if l.len() >= self.max_tracked && !self.over_cap.load(Ordering::Relaxed) {
+            self.over_cap.store(true, Ordering::Relaxed);
         }
         l.check_key(&phone).map_err(|nu| Limited {
             scope: Scope::Phone,
             retry_after: nu.wait_time_from(self.clock.now()),
         })
+    }
+
+    /// Whether a request found `max_tracked` reached since the last call
+    /// (the flag is cleared): housekeeping then sweeps without waiting
+    /// for its 10 s turn.
+    pub fn take_sweep_wanted(&self) -> bool {
+        self.over_cap.swap(false, Ordering::Relaxed)
     }
 
     /// Forgets destinations whose allowance has fully refilled.
@@ -280,31 +275,42 @@ mod tests {
     }
 
     #[test]
-    fn hard_cap_sweeps_before_growing() {
+    fn below_the_cap_no_sweep_is_asked_for() {
         let clock = FakeRelativeClock::default();
         let l = at_cap(&clock);
-        // Refilled at 10 s, forgettable one interval later.
-        clock.advance(Duration::from_secs(21));
-        l.check_phone(1000).unwrap();
-        assert_eq!(l.tracked_phones(), 1);
+        // The hundredth key was checked with 99 tracked.
+        assert!(!l.take_sweep_wanted());
     }
 
     #[test]
-    fn at_the_cap_a_request_sweeps_at_most_once_a_second() {
+    fn at_the_cap_a_request_asks_for_a_sweep_and_keeps_every_limit() {
         let clock = FakeRelativeClock::default();
         let l = at_cap(&clock);
-        // At the cap and nothing forgettable yet: this one sweeps (in
-        // vain) and is tracked past the cap.
-        clock.advance(Duration::from_millis(19_500));
+        // At the cap, a destination within its window is still limited,
+        // and a new one is tracked past the cap: the request does not
+        // sweep itself.
+        assert_eq!(l.check_phone(7).unwrap_err().scope, Scope::Phone);
         l.check_phone(1000).unwrap();
         assert_eq!(l.tracked_phones(), 101);
-        // Forgettable now, but the last sweep was 0.7 s ago: no scan.
-        clock.advance(Duration::from_millis(700));
+        assert!(l.take_sweep_wanted());
+        assert!(!l.take_sweep_wanted(), "taken once");
+        // Housekeeping's sweep before any allowance refilled forgets
+        // nothing (that would reset a limit).
+        clock.advance(Duration::from_millis(19_500));
+        l.sweep();
+        assert_eq!(l.tracked_phones(), 101);
+        // Refilled at 10 s, forgettable one interval later.
+        clock.advance(Duration::from_millis(1_500));
         l.check_phone(1001).unwrap();
-        assert_eq!(l.tracked_phones(), 102);
-        // A second after it: the next request sweeps the first hundred.
-        clock.advance(Duration::from_millis(400));
+        assert!(l.take_sweep_wanted());
+        l.sweep();
+        assert_eq!(l.tracked_phones(), 1);
+        assert!(
+            l.check_phone(1001).is_err(),
+            "the key checked since the sweep kept its limit"
+        );
+        // Back under the cap: nothing more is asked for.
         l.check_phone(1002).unwrap();
-        assert_eq!(l.tracked_phones(), 3);
+        assert!(!l.take_sweep_wanted());
     }
 }

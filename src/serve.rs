@@ -443,9 +443,10 @@ fn local(l: &tokio::net::TcpListener, configured: SocketAddr) -> SocketAddr {
 /// the creates waiting on it) is never held for long.
 const PRUNE_BATCH: usize = 1_000;
 
-/// Once a second: expire verifications past their TTL; every 10 s: forget
-/// idle limiter keys and run the metrics exporter's upkeep; every 60 s:
-/// prune records older than the retention.
+/// Once a second: expire verifications past their TTL; every 10 s, and at
+/// the next tick after a request found `limits.per_phone.max_tracked`
+/// reached: forget idle limiter keys; every 10 s: run the metrics
+/// exporter's upkeep; every 60 s: prune records older than the retention.
 async fn housekeeping(st: Arc<AppState>, prom: PrometheusHandle, retention_ms: i64) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
@@ -465,15 +466,21 @@ async fn housekeeping(st: Arc<AppState>, prom: PrometheusHandle, retention_ms: i
             Ok(Err(e)) => tracing::error!(error = %e, "expiry sweep failed"),
             Err(e) => tracing::error!(error = %e, "expiry sweep panicked"),
         }
-        if n % 10 == 0 {
+        // Taken every tick, so a request's ask is never left for the
+        // next one after a 10 s sweep already served it.
+        let over_cap = st.limits.take_sweep_wanted();
+        if over_cap || n % 10 == 0 {
             // Also off the async workers: the sweep visits every tracked
             // destination (240,000 after a minute at 4,000/s: 0.74 ms warm
-            // in `cargo bench --bench serve`, more with cold caches), and
-            // the one HTTP thread would answer nothing meanwhile.
+            // in `cargo bench --bench serve`, more with cold caches; up to
+            // the cap, a million by default), and the one HTTP thread
+            // would answer nothing meanwhile.
             let sweeper = st.clone();
             if let Err(e) = tokio::task::spawn_blocking(move || sweeper.limits.sweep()).await {
                 tracing::error!(error = %e, "per-phone limiter sweep panicked");
             }
+        }
+        if n % 10 == 0 {
             prom.run_upkeep();
         }
         if n % 60 == 1 {
