@@ -30,6 +30,10 @@ pub const SIP_PARSE_ERRORS: &str = "flashcall_sip_parse_errors_total";
 pub const TRUNK_QUEUE: &str = "flashcall_trunk_queue_depth";
 pub const SIP_STRAY: &str = "flashcall_sip_stray_responses_total";
 pub const WEBHOOK_DELIVERIES: &str = "flashcall_webhook_deliveries_total";
+/// Destinations the per-phone limiter remembers, set by housekeeping each
+/// second: an operator sees it near `limits.per_phone.max_tracked` before
+/// keys are tracked past the cap.
+pub const LIMITER_TRACKED: &str = "flashcall_limiter_tracked_phones";
 /// The `result` label values of [`WEBHOOK_DELIVERIES`]: `failed` counts
 /// every failed attempt (non-2xx, timeout, connect error), `given_up` each
 /// event abandoned after `max_age_hours`, `gone` each 410 answer and each
@@ -97,6 +101,10 @@ pub fn describe(projects: &[String], trunks: &[String]) {
     describe_gauge!(TRUNK_QUEUE, "INVITEs waiting for a CPS slot, by trunk");
     describe_counter!(SIP_STRAY, "SIP responses matching no transaction");
     describe_counter!(WEBHOOK_DELIVERIES, "Webhook delivery attempts by result");
+    describe_gauge!(
+        LIMITER_TRACKED,
+        "Destinations the per-phone limiter remembers"
+    );
 
     let by_project = projects
         .iter()
@@ -138,6 +146,7 @@ pub fn describe(projects: &[String], trunks: &[String]) {
         counter!(WEBHOOK_DELIVERIES, "result" => r).absolute(0);
     }
     gauge!(CALLS_IN_FLIGHT).set(0.0);
+    gauge!(LIMITER_TRACKED).set(0.0);
     counter!(SIP_PARSE_ERRORS).absolute(0);
     counter!(SIP_STRAY).absolute(0);
     let _ = histogram!(POST_DIAL_DELAY);
@@ -287,6 +296,10 @@ pub fn sip_response(trunk: &str, code: u16) -> Counter {
 pub fn pool(numbers: usize, coverage: f64) {
     gauge!(POOL_NUMBERS).set(numbers as f64);
     gauge!(POOL_COVERAGE).set(coverage);
+}
+
+pub fn limiter_tracked(phones: usize) {
+    gauge!(LIMITER_TRACKED).set(phones as f64);
 }
 
 pub fn webhook_delivery(result: &'static str) {

@@ -445,8 +445,8 @@ const PRUNE_BATCH: usize = 1_000;
 
 /// Once a second: expire verifications past their TTL; every 10 s, and at
 /// the next tick after a request found `limits.per_phone.max_tracked`
-/// reached: forget idle limiter keys; every 10 s: run the metrics
-/// exporter's upkeep; every 60 s: prune records older than the retention.
+/// reached: forget idle limiter keys; every second: report how many are
+/// tracked; every 10 s: run the metrics exporter's upkeep; every 60 s: prune records older than the retention.
 async fn housekeeping(st: Arc<AppState>, prom: PrometheusHandle, retention_ms: i64) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
@@ -480,6 +480,7 @@ async fn housekeeping(st: Arc<AppState>, prom: PrometheusHandle, retention_ms: i
                 tracing::error!(error = %e, "per-phone limiter sweep panicked");
             }
         }
+        crate::metrics::limiter_tracked(st.limits.tracked_phones());
         if n % 10 == 0 {
             prom.run_upkeep();
         }

@@ -414,8 +414,25 @@ fn metrics_parse_name_every_spec_metric_and_add_up() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
+    // Housekeeping reports the limiter's size each second: the five
+    // destinations checked against the per-phone limit (the tiny
+    // project's 429 was refused before its phone was counted).
+    let end = Instant::now() + Duration::from_secs(5);
+    while Scrape::parse(e.metrics_text()).sum("flashcall_limiter_tracked_phones", &[]) != 5.0
+        && Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     let s = scrape(&e);
     // (b) every SPEC §6 name with its type and labels.
+    s.assert_family("flashcall_limiter_tracked_phones", "gauge", &[]);
+    assert_eq!(
+        s.sum("flashcall_limiter_tracked_phones", &[]),
+        5.0,
+        "{}",
+        s.text
+    );
     for (name, ty, labels) in SPEC {
         s.assert_family(name, ty, labels);
     }
