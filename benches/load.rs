@@ -294,6 +294,9 @@ struct Scrape {
     /// `flashcall_http_request_duration_seconds`: from the routed request
     /// to the response built, before hyper writes it).
     handler: BTreeMap<u64, f64>,
+    /// `flashcall_sip_receive_drops_total`: datagrams the kernel dropped
+    /// for the engine's SIP socket (its queue was full).
+    sip_drops: f64,
 }
 
 /// `le` bounds as nanoseconds, so they sort; +Inf is u64::MAX.
@@ -331,6 +334,8 @@ impl Scrape {
                 if let Some(le) = label(labels, "le").and_then(le_key) {
                     *s.cancel.entry(le).or_default() += value;
                 }
+            } else if name == "flashcall_sip_receive_drops_total" {
+                s.sip_drops += value;
             } else if name == "flashcall_http_request_duration_seconds_bucket"
                 && label(labels, "route") == Some("/v1/verifications")
             {
@@ -356,6 +361,7 @@ impl Scrape {
                 .collect(),
             cancel: minus(&self.cancel, &before.cancel),
             handler: minus(&self.handler, &before.handler),
+            sip_drops: self.sip_drops - before.sip_drops,
         }
     }
 
@@ -602,6 +608,10 @@ struct Row {
     /// The engine's own create handler time, p50 / p99 / p999 (from its
     /// histogram's buckets: coarse, every request of the rate's run).
     handler_ms: [Option<f64>; 3],
+    /// Datagrams the kernel dropped for the engine's SIP socket during the
+    /// rate's run, and for `dial`'s (from its summary; None if unread).
+    engine_sip_drops: f64,
+    dial_sip_drops: Option<u64>,
     cancel_ms: [Option<f64>; 2],
     engine_us: f64,
     /// Context switches of the engine's threads per verification:
@@ -658,6 +668,8 @@ impl Row {
                 "connection_wait": {"p50": self.wait_ms[0], "p99": self.wait_ms[1], "p999": self.wait_ms[2]},
                 "round_trip": {"p50": self.rtt_ms[0], "p99": self.rtt_ms[1], "p999": self.rtt_ms[2]},
             },
+            "engine_sip_receive_drops": self.engine_sip_drops,
+            "dial_sip_receive_drops": self.dial_sip_drops,
             "engine_create_handler_ms": {"p50": self.handler_ms[0], "p99": self.handler_ms[1], "p999": self.handler_ms[2]},
             "cancel_ms": {"p50": self.cancel_ms[0], "p99": self.cancel_ms[1]},
             "engine_cpu_us_per_verification": self.engine_us,
@@ -845,6 +857,7 @@ senders = [{{ code = "LOAD", status = "active" }}]
             wait_ms: q3(&sent.wait_us),
             rtt_ms: q3(&sent.rtt_us),
             handler_ms: [0.5, 0.99, 0.999].map(|p| quantile_ms(&delta.handler, p)),
+            engine_sip_drops: delta.sip_drops,
             cancel_ms: [
                 delta.cancel_quantile_ms(0.5),
                 delta.cancel_quantile_ms(0.99),
@@ -922,6 +935,10 @@ fn sip_only(opts: &Opts, row: &mut Row) {
     row.dial_us = Some(per_call(rusage(libc::RUSAGE_CHILDREN) - cpu0));
     row.dial_steal = steal_share(ticks0, machine_ticks());
     row.dial_ok = ok;
+    row.dial_sip_drops = std::fs::read_to_string(&out).ok().and_then(|t| {
+        let last = t.lines().last()?;
+        serde_json::from_str::<Value>(last).ok()?["summary"]["receive_drops"].as_u64()
+    });
     let _ = std::fs::remove_file(&out);
     drop(uas);
     eprintln!("load: SIP only at {}/s: {}", row.rate, row.json());
@@ -1034,6 +1051,19 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
             })
             .collect::<Vec<_>>()
             .join("; "),
+    );
+    let _ = writeln!(
+        md,
+        "\nSIP datagrams the kernel dropped for a full receive queue, the engine's socket during the end-to-end run / `dial`'s: {}.",
+        rows.iter()
+            .map(|r| format!(
+                "{:.0} / {} at {}/s",
+                r.engine_sip_drops,
+                r.dial_sip_drops.map_or("-".to_string(), |d| d.to_string()),
+                r.rate
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
     );
     let _ = writeln!(
         md,

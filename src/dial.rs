@@ -355,6 +355,7 @@ pub async fn run(opts: DialOptions) -> anyhow::Result<bool> {
         "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
         "early_media_packets": rtp.rtp_packets.load(std::sync::atomic::Ordering::Relaxed),
         "malformed_datagrams": stats.malformed,
+        "receive_drops": stats.receive_drops,
         "datagrams_in": stats.datagrams_in,
         "datagrams_out": stats.datagrams_out,
         "stray_responses": ep.stats().stray_responses,

@@ -253,6 +253,9 @@ struct Driver {
     swap: Vec<CallCmd>,
     /// `flashcall_sip_responses_total` handles by (trunk index, code).
     responses: HashMap<(usize, u16), metrics::Counter>,
+    /// When a receive-queue overflow was last logged (at most once a
+    /// minute; the counter has every one).
+    drops_logged: Option<Instant>,
 }
 
 impl Driver {
@@ -439,6 +442,23 @@ impl udp::App for Driver {
     fn waker(&self) -> Option<Arc<Notify>> {
         Some(self.shared.notify.clone())
     }
+
+    fn on_receive_drops(&mut self, n: u64) {
+        self.metrics.receive_drops.increment(n);
+        let now = Instant::now();
+        if self
+            .drops_logged
+            .is_none_or(|t| now >= t + Duration::from_secs(60))
+        {
+            self.drops_logged = Some(now);
+            tracing::warn!(
+                dropped = n,
+                "the SIP socket's receive queue overflowed: the kernel dropped datagrams \
+                 (counted in flashcall_sip_receive_drops_total); calls rely on \
+                 retransmissions, and the machine or the SIP thread is overloaded"
+            );
+        }
+    }
 }
 
 /// Runs the SIP driver until shutdown; returns how many calls were still
@@ -499,6 +519,7 @@ pub async fn run(
         epoch: (Instant::now(), now_ms()),
         metrics: CallMetrics::new(),
         stats_seen: Default::default(),
+        drops_logged: None,
         shutdown_at: None,
         swap: Vec::new(),
         responses: HashMap::new(),

@@ -29,6 +29,9 @@ pub const HTTP_DURATION: &str = "flashcall_http_request_duration_seconds";
 pub const SIP_PARSE_ERRORS: &str = "flashcall_sip_parse_errors_total";
 pub const TRUNK_QUEUE: &str = "flashcall_trunk_queue_depth";
 pub const SIP_STRAY: &str = "flashcall_sip_stray_responses_total";
+/// Datagrams the kernel dropped for the SIP socket (its receive queue was
+/// full: the SIP thread fell behind); a retransmission may bring them back.
+pub const SIP_RECEIVE_DROPS: &str = "flashcall_sip_receive_drops_total";
 pub const WEBHOOK_DELIVERIES: &str = "flashcall_webhook_deliveries_total";
 /// Destinations the per-phone limiter remembers, set by housekeeping each
 /// second: an operator sees it near `limits.per_phone.max_tracked` before
@@ -100,6 +103,10 @@ pub fn describe(projects: &[String], trunks: &[String]) {
     describe_counter!(SIP_PARSE_ERRORS, "Malformed SIP datagrams dropped");
     describe_gauge!(TRUNK_QUEUE, "INVITEs waiting for a CPS slot, by trunk");
     describe_counter!(SIP_STRAY, "SIP responses matching no transaction");
+    describe_counter!(
+        SIP_RECEIVE_DROPS,
+        "SIP datagrams the kernel dropped: the socket's receive queue was full"
+    );
     describe_counter!(WEBHOOK_DELIVERIES, "Webhook delivery attempts by result");
     describe_gauge!(
         LIMITER_TRACKED,
@@ -149,6 +156,7 @@ pub fn describe(projects: &[String], trunks: &[String]) {
     gauge!(LIMITER_TRACKED).set(0.0);
     counter!(SIP_PARSE_ERRORS).absolute(0);
     counter!(SIP_STRAY).absolute(0);
+    counter!(SIP_RECEIVE_DROPS).absolute(0);
     let _ = histogram!(POST_DIAL_DELAY);
     let _ = histogram!(CANCEL_DELAY);
 }
@@ -186,6 +194,7 @@ pub struct CallMetrics {
     pub cancel: Histogram,
     pub parse_errors: Counter,
     pub stray: Counter,
+    pub receive_drops: Counter,
 }
 
 impl CallMetrics {
@@ -196,6 +205,7 @@ impl CallMetrics {
             cancel: histogram!(CANCEL_DELAY),
             parse_errors: counter!(SIP_PARSE_ERRORS),
             stray: counter!(SIP_STRAY),
+            receive_drops: counter!(SIP_RECEIVE_DROPS),
         }
     }
 }

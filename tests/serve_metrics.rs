@@ -427,6 +427,14 @@ fn metrics_parse_name_every_spec_metric_and_add_up() {
     let s = scrape(&e);
     // (b) every SPEC §6 name with its type and labels.
     s.assert_family("flashcall_limiter_tracked_phones", "gauge", &[]);
+    // Registered at 0 from the start; a few calls overflow no queue.
+    s.assert_family("flashcall_sip_receive_drops_total", "counter", &[]);
+    assert_eq!(
+        s.sum("flashcall_sip_receive_drops_total", &[]),
+        0.0,
+        "{}",
+        s.text
+    );
     assert_eq!(
         s.sum("flashcall_limiter_tracked_phones", &[]),
         5.0,

@@ -42,7 +42,10 @@
 //!   calls go through [`UdpSocket::try_io`] so tokio's readiness stays right.
 //! * A larger kernel receive buffer, so a burst that arrives while the loop
 //!   sleeps out a tick (or is descheduled by other work on the machine) waits
-//!   in the queue instead of being dropped.
+//!   in the queue instead of being dropped. What the kernel drops all the
+//!   same is counted from SO_RXQ_OVFL and reported to the app
+//!   ([`App::on_receive_drops`]): a lost 180 costs a retransmission, and
+//!   an operator must be able to see that the SIP thread fell behind.
 
 use rand::rngs::StdRng;
 use std::io::{self, ErrorKind};
@@ -64,6 +67,10 @@ pub trait App {
     fn on_event(&mut self, ep: &mut Endpoint<StdRng>, event: Event);
     /// ICMP port unreachable came back for something we sent.
     fn on_refused(&mut self) {}
+    /// The kernel dropped `n` more datagrams for this socket because its
+    /// receive queue was full (SO_RXQ_OVFL): lost before the loop saw
+    /// them; a retransmission may still bring their content.
+    fn on_receive_drops(&mut self, _n: u64) {}
     /// The loop ends once this is true.
     fn done(&self, ep: &Endpoint<StdRng>) -> bool;
     /// Woken from outside (new work queued by another task): the loop then
@@ -82,6 +89,8 @@ pub struct DriverStats {
     /// ICMP port unreachable reported on the socket.
     pub refused: u64,
     pub malformed: u64,
+    /// Datagrams the kernel dropped because the receive queue was full.
+    pub receive_drops: u64,
     /// Loop turns (wake-ups), to see the coalescing at work.
     pub turns: u64,
 }
@@ -132,11 +141,12 @@ pub async fn run(
     window: Duration,
 ) -> DriverStats {
     let mut stats = DriverStats::default();
-    if let Err(e) = socket2::SockRef::from(socket).set_recv_buffer_size(RECV_BUFFER) {
-        tracing::debug!(error = %e, "could not enlarge the SIP socket's receive buffer");
-    }
+    enlarge_recv_buffer(socket);
     if let Err(e) = enable_timestamps(socket.as_raw_fd()) {
         tracing::debug!(error = %e, "no kernel receive timestamps; delays start at handling");
+    }
+    if let Err(e) = enable_drop_count(socket.as_raw_fd()) {
+        tracing::debug!(error = %e, "no kernel drop count; receive queue overflows go uncounted");
     }
     // One contiguous allocation; calloc'd zero pages cost nothing until a
     // datagram lands in them, so 32 x 64 KiB is cheap.
@@ -146,7 +156,7 @@ pub async fn run(
     // without an address, which lets the kernel use the socket's cached
     // route instead of a routing lookup per datagram.
     let peer = socket.peer_addr().ok();
-    let mut refused_seen = 0;
+    let (mut refused_seen, mut drops_seen) = (0, 0);
     let waker = app.waker();
     // Datagrams in the current and the previous load window.
     let mut window_start = Instant::now();
@@ -155,6 +165,10 @@ pub async fn run(
         stats.turns += 1;
         let now = Instant::now();
         let received = drain(socket, ep, &mut rx, &mut stats);
+        if stats.receive_drops > drops_seen {
+            app.on_receive_drops(stats.receive_drops - drops_seen);
+            drops_seen = stats.receive_drops;
+        }
         window_in = window_in.saturating_add(received as u32);
         if now >= window_start + LOAD_WINDOW {
             busy = window_in > COALESCE_ABOVE;
@@ -250,6 +264,13 @@ fn drain(
                         tracing::debug!(%from, error = %e, "dropped malformed datagram");
                     }
                 }
+                // The kernel's drop count rides on every datagram queued
+                // after the first drop; the last one of the batch has the
+                // newest. Cumulative u32, so the difference wraps.
+                if let Some(d) = n.checked_sub(1).and_then(|last| rx.drops(last)) {
+                    stats.receive_drops += u64::from(d.wrapping_sub(rx.drops_seen));
+                    rx.drops_seen = d;
+                }
                 total += n;
                 if n < BATCH {
                     // A short batch means the queue is empty: skip the
@@ -324,9 +345,68 @@ async fn flush(
 /// Buffers and addresses for one recvmmsg call. Only plain data is kept
 /// between calls (the `mmsghdr` array with its raw pointers is rebuilt on the
 /// stack each call), so the driver's future stays `Send`.
-/// Room for one control message per datagram: a `timespec` behind a
-/// `cmsghdr` takes 32 bytes on 64-bit Linux; u64s keep it aligned.
+/// Room for the control messages of one datagram: a `timespec` behind a
+/// `cmsghdr` takes 32 bytes on 64-bit Linux, the drop count's u32 24;
+/// u64s keep it aligned.
 const CTRL_WORDS: usize = 8;
+
+/// Asks for the receive buffer the module docs explain; past
+/// `net.core.rmem_max` only a privileged process gets it (SO_RCVBUFFORCE),
+/// and otherwise the operator is told, once per socket, what caps it: a
+/// small queue drops bursts (counted, see [`App::on_receive_drops`]).
+fn enlarge_recv_buffer(socket: &UdpSocket) {
+    let sock = socket2::SockRef::from(socket);
+    if let Err(e) = sock.set_recv_buffer_size(RECV_BUFFER) {
+        tracing::debug!(error = %e, "could not enlarge the SIP socket's receive buffer");
+    }
+    // Linux reports twice what was set (the doubling covers its own
+    // bookkeeping), so half of it is what compares with the ask.
+    let granted = || sock.recv_buffer_size().map_or(0, |n| n / 2);
+    if granted() >= RECV_BUFFER {
+        return;
+    }
+    let size = RECV_BUFFER as libc::c_int;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `size`.
+    let forced = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    let got = granted();
+    if !forced || got < RECV_BUFFER {
+        tracing::warn!(
+            granted_kib = got / 1024,
+            wanted_kib = RECV_BUFFER / 1024,
+            "the SIP socket's receive buffer is smaller than wanted: net.core.rmem_max caps \
+             it; raise it (sysctl -w net.core.rmem_max={RECV_BUFFER}) or run with \
+             CAP_NET_ADMIN, so that bursts are queued rather than dropped"
+        );
+    }
+}
+
+/// Asks the kernel to report, with each datagram, how many it dropped for
+/// this socket so far (`SO_RXQ_OVFL`, a control message by recvmmsg).
+fn enable_drop_count(fd: i32) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `on`.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RXQ_OVFL,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// Asks the kernel to stamp each received datagram with its arrival time
 /// (`SO_TIMESTAMPNS`, delivered as a control message by recvmmsg).
@@ -358,6 +438,8 @@ struct RecvBatch {
     lens: [usize; BATCH],
     addr_lens: [libc::socklen_t; BATCH],
     truncated: [bool; BATCH],
+    /// The kernel's cumulative drop count as last reported.
+    drops_seen: u32,
 }
 
 impl RecvBatch {
@@ -371,14 +453,12 @@ impl RecvBatch {
             truncated: [false; BATCH],
             ctrl: [[0; CTRL_WORDS]; BATCH],
             ctrl_lens: [0; BATCH],
+            drops_seen: 0,
         }
     }
 
-    /// When datagram `i` arrived, on the monotonic clock: its kernel stamp
-    /// (wall clock) moved back from `mono` by its age at `wall`. None
-    /// without a stamp, or with an age no queue explains (over 10 s: the
-    /// wall clock was stepped), when the caller's `now` is the best guess.
-    fn arrival(&self, i: usize, wall: SystemTime, mono: Instant) -> Option<Instant> {
+    /// Datagram `i`'s control message of `level`/`kind`, read as a `T`.
+    fn control<T: Copy>(&self, i: usize, level: i32, kind: i32) -> Option<T> {
         // SAFETY: msghdr is plain old data; all-zero is valid.
         let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
         h.msg_control = self.ctrl[i].as_ptr() as *mut libc::c_void;
@@ -388,26 +468,42 @@ impl RecvBatch {
         let mut c = unsafe { libc::CMSG_FIRSTHDR(&h) };
         while !c.is_null() {
             // SAFETY: non-null cmsg pointers from the macros point into the
-            // buffer; the header is read unaligned-safe via the u64 buffer.
+            // buffer, which is u64-aligned.
             let hdr = unsafe { &*c };
-            if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_TIMESTAMPNS {
-                // SAFETY: an SCM_TIMESTAMPNS message carries a timespec.
-                let ts: libc::timespec =
-                    unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(c).cast()) };
-                let at = UNIX_EPOCH
-                    + Duration::new(
-                        u64::try_from(ts.tv_sec).ok()?,
-                        u32::try_from(ts.tv_nsec).ok()?,
-                    );
-                // A stamp after `wall` (clock noise) is an age of zero.
-                let age = wall.duration_since(at).unwrap_or(Duration::ZERO);
-                return (age <= Duration::from_secs(10))
-                    .then(|| mono.checked_sub(age).unwrap_or(mono));
+            let len = hdr.cmsg_len as usize;
+            // SAFETY: CMSG_LEN is arithmetic on its argument.
+            let want = unsafe { libc::CMSG_LEN(std::mem::size_of::<T>() as u32) } as usize;
+            if hdr.cmsg_level == level && hdr.cmsg_type == kind && len >= want {
+                // SAFETY: the kernel wrote a `T` behind this header (its
+                // length says so); read_unaligned needs no alignment.
+                return Some(unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(c).cast()) });
             }
             // SAFETY: as above.
             c = unsafe { libc::CMSG_NXTHDR(&h, c) };
         }
         None
+    }
+
+    /// The kernel's count of datagrams dropped for the socket before
+    /// datagram `i` was queued; None until the first drop.
+    fn drops(&self, i: usize) -> Option<u32> {
+        self.control(i, libc::SOL_SOCKET, libc::SO_RXQ_OVFL)
+    }
+
+    /// When datagram `i` arrived, on the monotonic clock: its kernel stamp
+    /// (wall clock) moved back from `mono` by its age at `wall`. None
+    /// without a stamp, or with an age no queue explains (over 10 s: the
+    /// wall clock was stepped), when the caller's `now` is the best guess.
+    fn arrival(&self, i: usize, wall: SystemTime, mono: Instant) -> Option<Instant> {
+        let ts: libc::timespec = self.control(i, libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS)?;
+        let at = UNIX_EPOCH
+            + Duration::new(
+                u64::try_from(ts.tv_sec).ok()?,
+                u32::try_from(ts.tv_nsec).ok()?,
+            );
+        // A stamp after `wall` (clock noise) is an age of zero.
+        let age = wall.duration_since(at).unwrap_or(Duration::ZERO);
+        (age <= Duration::from_secs(10)).then(|| mono.checked_sub(age).unwrap_or(mono))
     }
 
     /// One non-blocking recvmmsg(2); returns how many datagrams arrived.
@@ -711,5 +807,112 @@ mod tests {
         let mut empty = RecvBatch::new();
         empty.ctrl_lens[0] = 0;
         assert_eq!(empty.arrival(0, SystemTime::now(), mono), None);
+    }
+
+    /// A receive queue too small for a burst: the kernel drops the rest,
+    /// and the next datagram queued carries how many (SO_RXQ_OVFL).
+    #[tokio::test]
+    async fn kernel_drops_ride_on_the_next_datagram() {
+        let a = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = a.local_addr().expect("addr");
+        enable_drop_count(a.as_raw_fd()).expect("SO_RXQ_OVFL");
+        // The kernel's floor (a few KiB): room for a handful of datagrams.
+        socket2::SockRef::from(&a)
+            .set_recv_buffer_size(1)
+            .expect("SO_RCVBUF");
+        const SENT: usize = 200;
+        for _ in 0..SENT {
+            b.send_to(&[b'x'; 200], to).expect("send");
+        }
+        let mut rx = RecvBatch::new();
+        let mut queued = 0;
+        loop {
+            match rx.recv(a.as_raw_fd()) {
+                Ok(n) => {
+                    // No drop had happened when these were queued.
+                    assert!((0..n).all(|i| rx.drops(i).is_none()));
+                    queued += n;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(queued > 0 && queued < SENT, "{queued} of {SENT} queued");
+        b.send_to(b"after", to).expect("send");
+        a.readable().await.expect("readable");
+        assert_eq!(rx.recv(a.as_raw_fd()).expect("recv"), 1);
+        assert_eq!(rx.drops(0), Some((SENT - queued) as u32));
+    }
+
+    /// The driver counts those drops and tells the app once per report:
+    /// a burst overflows a small queue before the loop runs, then the app
+    /// sends one more datagram, which carries the kernel's count.
+    #[tokio::test]
+    async fn the_driver_reports_kernel_drops_to_the_app() {
+        struct Flooded {
+            peer: std::net::UdpSocket,
+            to: SocketAddr,
+            turns: u32,
+            drops: u64,
+            reports: u32,
+            until: Instant,
+        }
+        impl App for Flooded {
+            fn poll(&mut self, now: Instant, _ep: &mut Endpoint<StdRng>) -> Option<Instant> {
+                self.turns += 1;
+                // The first turn took the queued burst; now one more.
+                if self.turns == 2 {
+                    self.peer.send_to(b"after", self.to).expect("send");
+                }
+                Some(now + Duration::from_millis(1))
+            }
+            fn on_event(&mut self, _ep: &mut Endpoint<StdRng>, _event: Event) {}
+            fn on_receive_drops(&mut self, n: u64) {
+                self.drops += n;
+                self.reports += 1;
+            }
+            fn done(&self, _ep: &Endpoint<StdRng>) -> bool {
+                self.drops > 0 || Instant::now() >= self.until
+            }
+        }
+        let a = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = a.local_addr().expect("addr");
+        // What `run` turns on, before the burst, with the smallest queue
+        // (`run` then enlarges it, after the drops).
+        enable_drop_count(a.as_raw_fd()).expect("SO_RXQ_OVFL");
+        socket2::SockRef::from(&a)
+            .set_recv_buffer_size(1)
+            .expect("SO_RCVBUF");
+        const SENT: u64 = 200;
+        for _ in 0..SENT {
+            peer.send_to(&[b'x'; 200], to).expect("send");
+        }
+        let mut ep = Endpoint::new(
+            crate::sip::EndpointConfig {
+                timers: Default::default(),
+                local: to,
+                public_host: "127.0.0.1".into(),
+                user_agent: "test".into(),
+                media: to,
+            },
+            <StdRng as rand::SeedableRng>::seed_from_u64(1),
+        );
+        let mut app = Flooded {
+            peer,
+            to,
+            turns: 0,
+            drops: 0,
+            reports: 0,
+            until: Instant::now() + Duration::from_secs(5),
+        };
+        let stats = run(&a, &mut ep, &mut app, COALESCE).await;
+        // Every datagram that got in (the burst's first few and the last
+        // one) was garbage to the parser; the rest were dropped.
+        assert_eq!(stats.malformed, stats.datagrams_in);
+        assert_eq!(app.drops, SENT + 1 - stats.datagrams_in, "{stats:?}");
+        assert_eq!(stats.receive_drops, app.drops);
+        assert_eq!(app.reports, 1);
     }
 }
