@@ -297,6 +297,10 @@ struct Scrape {
     /// `flashcall_sip_receive_drops_total`: datagrams the kernel dropped
     /// for the engine's SIP socket (its queue was full).
     sip_drops: f64,
+    /// The store writer's group commits: duration buckets (their +Inf is
+    /// the number of commits) and the writes they committed.
+    commit: BTreeMap<u64, f64>,
+    writes: f64,
 }
 
 /// `le` bounds as nanoseconds, so they sort; +Inf is u64::MAX.
@@ -336,6 +340,12 @@ impl Scrape {
                 }
             } else if name == "flashcall_sip_receive_drops_total" {
                 s.sip_drops += value;
+            } else if name == "flashcall_store_writes_total" {
+                s.writes += value;
+            } else if name == "flashcall_store_commit_seconds_bucket" {
+                if let Some(le) = label(labels, "le").and_then(le_key) {
+                    *s.commit.entry(le).or_default() += value;
+                }
             } else if name == "flashcall_http_request_duration_seconds_bucket"
                 && label(labels, "route") == Some("/v1/verifications")
             {
@@ -362,6 +372,8 @@ impl Scrape {
             cancel: minus(&self.cancel, &before.cancel),
             handler: minus(&self.handler, &before.handler),
             sip_drops: self.sip_drops - before.sip_drops,
+            commit: minus(&self.commit, &before.commit),
+            writes: self.writes - before.writes,
         }
     }
 
@@ -612,6 +624,11 @@ struct Row {
     /// rate's run, and for `dial`'s (from its summary; None if unread).
     engine_sip_drops: f64,
     dial_sip_drops: Option<u64>,
+    /// The store writer over the rate's run: commits per second, writes
+    /// per commit, commit time p50 / p99 (ms, from coarse buckets).
+    commits_per_s: f64,
+    writes_per_commit: f64,
+    commit_ms: [Option<f64>; 2],
     cancel_ms: [Option<f64>; 2],
     engine_us: f64,
     /// Context switches of the engine's threads per verification:
@@ -669,6 +686,9 @@ impl Row {
                 "round_trip": {"p50": self.rtt_ms[0], "p99": self.rtt_ms[1], "p999": self.rtt_ms[2]},
             },
             "engine_sip_receive_drops": self.engine_sip_drops,
+            "store_commits_per_s": self.commits_per_s,
+            "store_writes_per_commit": self.writes_per_commit,
+            "store_commit_ms": {"p50": self.commit_ms[0], "p99": self.commit_ms[1]},
             "dial_sip_receive_drops": self.dial_sip_drops,
             "engine_create_handler_ms": {"p50": self.handler_ms[0], "p99": self.handler_ms[1], "p999": self.handler_ms[2]},
             "cancel_ms": {"p50": self.cancel_ms[0], "p99": self.cancel_ms[1]},
@@ -858,6 +878,11 @@ senders = [{{ code = "LOAD", status = "active" }}]
             rtt_ms: q3(&sent.rtt_us),
             handler_ms: [0.5, 0.99, 0.999].map(|p| quantile_ms(&delta.handler, p)),
             engine_sip_drops: delta.sip_drops,
+            commits_per_s: delta.commit.get(&u64::MAX).copied().unwrap_or(0.0)
+                / sent.wall.as_secs_f64(),
+            writes_per_commit: delta.writes
+                / delta.commit.get(&u64::MAX).copied().unwrap_or(0.0).max(1.0),
+            commit_ms: [0.5, 0.99].map(|p| quantile_ms(&delta.commit, p)),
             cancel_ms: [
                 delta.cancel_quantile_ms(0.5),
                 delta.cancel_quantile_ms(0.99),
@@ -1051,6 +1076,21 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
             })
             .collect::<Vec<_>>()
             .join("; "),
+    );
+    let _ = writeln!(
+        md,
+        "\nThe store writer's group commits (each create waits for one): {}.",
+        rows.iter()
+            .map(|r| format!(
+                "{:.0}/s of {:.1} writes each, taking p50 {} / p99 {} ms at {}/s",
+                r.commits_per_s,
+                r.writes_per_commit,
+                fmt_opt(r.commit_ms[0], 2),
+                fmt_opt(r.commit_ms[1], 2),
+                r.rate
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
     );
     let _ = writeln!(
         md,

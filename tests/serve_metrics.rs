@@ -427,6 +427,20 @@ fn metrics_parse_name_every_spec_metric_and_add_up() {
     let s = scrape(&e);
     // (b) every SPEC §6 name with its type and labels.
     s.assert_family("flashcall_limiter_tracked_phones", "gauge", &[]);
+    // The SQLite store's writer: every create and status change went
+    // through a commit (each create waits for one).
+    s.assert_family("flashcall_store_commit_seconds", "histogram", &[]);
+    let commits = s.sum("flashcall_store_commit_seconds_count", &[]);
+    let writes = s.sum("flashcall_store_writes_total", &[]);
+    assert!(commits >= 1.0, "{}", s.text);
+    // 5 creates, 4 + 1 + 1 status changes at least, 2 checks.
+    assert!(writes >= 13.0, "{}", s.text);
+    assert_eq!(
+        s.sum("flashcall_store_commit_failures_total", &[]),
+        0.0,
+        "{}",
+        s.text
+    );
     // Registered at 0 from the start; a few calls overflow no queue.
     s.assert_family("flashcall_sip_receive_drops_total", "counter", &[]);
     assert_eq!(

@@ -48,6 +48,9 @@ async fn call(app: &axum::Router, method: &str, path: &str, body: &str) -> (u16,
 async fn unwritable_store_answers_503_never_201() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("store-http-503");
     let _ = std::fs::remove_dir_all(&dir);
+    // The engine's recorder, before the store's writer takes its metric
+    // handles (this binary holds only this test, so one global is fine).
+    let prom = flashcall::metrics::install().expect("recorder");
     let cfg = Config::parse(CONFIG, Path::new("t.toml"), |_| None).expect("config");
     let engine = Arc::new(EngineShared::new(vec![Trunk {
         name: "t".into(),
@@ -106,6 +109,21 @@ async fn unwritable_store_answers_503_never_201() {
         assert!(saw_503, "{fault:?}: a create must fail");
         assert!(sqlite.len() >= before);
     }
+    // Each fault's failed commits are counted, beside the one that worked.
+    let text = prom.render();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        value("flashcall_store_commit_failures_total") >= 2.0,
+        "{text}"
+    );
+    assert!(
+        value("flashcall_store_commit_seconds_count") >= 3.0,
+        "{text}"
+    );
     // A check cannot be made durable either: 503, not a `verified`.
     let (s, resp) = call(
         &app,

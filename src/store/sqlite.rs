@@ -979,6 +979,7 @@ fn writer(
     // Kept across commits: a fresh Vec grew (and moved its jobs) several
     // times per commit.
     let mut batch: Vec<Job> = Vec::with_capacity(256);
+    let metrics = crate::metrics::StoreMetrics::new();
     loop {
         let failing = !retry.is_empty();
         batch.append(&mut retry);
@@ -1017,16 +1018,25 @@ fn writer(
             }
         }
         hooks.wrote.set(false);
+        let started = Instant::now();
         let result = {
             // Held off while the checkpointer finishes a WAL restart.
             let _gate = gate.lock().unwrap_or_else(|e| e.into_inner());
             commit(&conn, &hooks, &batch)
         };
-        committed_at = Some(Instant::now());
+        let now = Instant::now();
+        committed_at = Some(now);
+        // The gate's wait included: a create waits for that too.
+        metrics.commit.record((now - started).as_secs_f64());
         match result {
             Ok(results) => {
                 inner.commits.fetch_add(1, Ordering::Relaxed);
                 inner.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                let writes = batch
+                    .iter()
+                    .filter(|j| !matches!(j.op, Op::Flush | Op::Fault(_)))
+                    .count();
+                metrics.writes.increment(writes as u64);
                 if hooks.wrote.get() {
                     hooks.wake.notify_one();
                 }
@@ -1049,6 +1059,7 @@ fn writer(
             }
             Err(e) => {
                 let n = batch.len();
+                metrics.failures.increment(1);
                 failing_since.get_or_insert_with(Instant::now);
                 // One clear line per failure streak, then one every 10 s.
                 if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
