@@ -25,7 +25,8 @@
 //! - `engine` — the SIP side of `serve`: trunk queues paced by CPS, the
 //!   driver thread, outcomes into the store.
 //! - `http` — the API router, handlers, problem+json errors.
-//! - `metrics` — every metric name, the recorder, per-call handles.
+//! - `metrics` — every metric name, the recorder, the handles the SIP
+//!   driver and the store writer keep.
 //! - `sandbox` — the loopback callee behind the default config.
 //! - `serve` — wires it all up; graceful shutdown; `check-config`.
 //! - `webhook` — Standard Webhooks signing and the outbox delivery worker.

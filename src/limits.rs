@@ -6,14 +6,17 @@
 //! client sending to a million distinct phones would grow it without bound.
 //! [`Limits::sweep`] drops keys whose state is indistinguishable from fresh
 //! (their allowance has fully refilled), which loses nothing. Housekeeping
-//! sweeps every 10 s, and at its next 1 s tick once a request has found
-//! `max_tracked` reached ([`Limits::take_sweep_wanted`]). Keys are tracked
-//! past the cap meanwhile, and whenever more destinations are within their
-//! window than the cap: forgetting any of those would lose a limit.
+//! sweeps every 10 s, and at each 1 s tick while `max_tracked` is reached
+//! ([`Limits::at_cap`]). Keys are tracked past the cap meanwhile, and
+//! whenever more destinations are within their window than the cap:
+//! forgetting any of those would lose a limit.
 //!
 //! Why not sweep on the request that reaches the cap: a sweep scans every
 //! key (a million at the default cap: milliseconds), and the request path
-//! runs on the one HTTP thread, which would answer nothing meanwhile.
+//! runs on the one HTTP thread, which would answer nothing meanwhile. Run
+//! elsewhere, the sweep write-locks one of the map's shards at a time, so
+//! a create to a phone in that shard still waits for an eighth or so of
+//! the scan (shards: 4 per core, rounded up to a power of two).
 //!
 //! The clock is a type parameter so tests run on governor's
 //! `FakeRelativeClock` (virtual time) and the engine on the monotonic clock.
@@ -25,7 +28,6 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::config::{PerPhoneConfig, ProjectConfig};
@@ -73,8 +75,6 @@ pub struct Limits<C: Clock = DefaultClock> {
     projects: HashMap<String, Direct<C>>,
     phone: Option<Keyed<C>>,
     max_tracked: usize,
-    /// A request found `max_tracked` reached since housekeeping last looked.
-    over_cap: AtomicBool,
 }
 
 fn nz(n: u32) -> NonZeroU32 {
@@ -114,7 +114,6 @@ impl<C: Clock + Clone> Limits<C> {
             projects,
             phone,
             max_tracked: per_phone.max_tracked,
-            over_cap: AtomicBool::new(false),
         }
     }
 
@@ -134,23 +133,18 @@ impl<C: Clock + Clone> Limits<C> {
         let Some(l) = &self.phone else {
             return Ok(());
         };
-        // Only a flag here: the sweep runs in housekeeping, off the HTTP
-        // thread (module docs). Relaxed: it orders nothing else, and a
-        // sweep a tick late only keeps keys a second longer.
-        if l.len() >= self.max_tracked && !self.over_cap.load(Ordering::Relaxed) {
-            self.over_cap.store(true, Ordering::Relaxed);
-        }
+        // No sweep here, at the cap either: housekeeping does it (module
+        // docs).
         l.check_key(&phone).map_err(|nu| Limited {
             scope: Scope::Phone,
             retry_after: nu.wait_time_from(self.clock.now()),
         })
     }
 
-    /// Whether a request found `max_tracked` reached since the last call
-    /// (the flag is cleared): housekeeping then sweeps without waiting
-    /// for its 10 s turn.
-    pub fn take_sweep_wanted(&self) -> bool {
-        self.over_cap.swap(false, Ordering::Relaxed)
+    /// Whether `max_tracked` destinations are remembered: housekeeping
+    /// then sweeps without waiting for its 10 s turn.
+    pub fn at_cap(&self) -> bool {
+        self.tracked_phones() >= self.max_tracked
     }
 
     /// Forgets destinations whose allowance has fully refilled.
@@ -275,42 +269,31 @@ mod tests {
     }
 
     #[test]
-    fn below_the_cap_no_sweep_is_asked_for() {
+    fn a_request_at_the_cap_keeps_every_limit_and_leaves_the_sweep_to_housekeeping() {
         let clock = FakeRelativeClock::default();
         let l = at_cap(&clock);
-        // The hundredth key was checked with 99 tracked.
-        assert!(!l.take_sweep_wanted());
-    }
-
-    #[test]
-    fn at_the_cap_a_request_asks_for_a_sweep_and_keeps_every_limit() {
-        let clock = FakeRelativeClock::default();
-        let l = at_cap(&clock);
+        assert!(l.at_cap());
         // At the cap, a destination within its window is still limited,
         // and a new one is tracked past the cap: the request does not
         // sweep itself.
         assert_eq!(l.check_phone(7).unwrap_err().scope, Scope::Phone);
         l.check_phone(1000).unwrap();
         assert_eq!(l.tracked_phones(), 101);
-        assert!(l.take_sweep_wanted());
-        assert!(!l.take_sweep_wanted(), "taken once");
         // Housekeeping's sweep before any allowance refilled forgets
         // nothing (that would reset a limit).
         clock.advance(Duration::from_millis(19_500));
         l.sweep();
         assert_eq!(l.tracked_phones(), 101);
+        assert!(l.at_cap());
         // Refilled at 10 s, forgettable one interval later.
         clock.advance(Duration::from_millis(1_500));
         l.check_phone(1001).unwrap();
-        assert!(l.take_sweep_wanted());
         l.sweep();
         assert_eq!(l.tracked_phones(), 1);
+        assert!(!l.at_cap());
         assert!(
             l.check_phone(1001).is_err(),
             "the key checked since the sweep kept its limit"
         );
-        // Back under the cap: nothing more is asked for.
-        l.check_phone(1002).unwrap();
-        assert!(!l.take_sweep_wanted());
     }
 }

@@ -37,10 +37,11 @@ pub const WEBHOOK_DELIVERIES: &str = "flashcall_webhook_deliveries_total";
 /// second: an operator sees it near `limits.per_phone.max_tracked` before
 /// keys are tracked past the cap.
 pub const LIMITER_TRACKED: &str = "flashcall_limiter_tracked_phones";
-/// The durable store's writer: how long each group commit took (its
-/// count is the number of commits), the writes committed (inserts, status
-/// changes, checks, webhook deliveries, prunes), and the commits that failed (a full disk, a read-only database). A
-/// create waits for one commit, so this is most of its latency.
+/// The durable store's writer: how long each successful group commit took
+/// (its count is the number of commits), the writes committed (inserts,
+/// status changes, checks, webhook deliveries, prunes), and the commits
+/// that failed (a full disk, a read-only database). A create waits for
+/// one commit, so this is most of its latency.
 pub const STORE_COMMIT: &str = "flashcall_store_commit_seconds";
 pub const STORE_WRITES: &str = "flashcall_store_writes_total";
 pub const STORE_COMMIT_FAILURES: &str = "flashcall_store_commit_failures_total";
@@ -66,12 +67,12 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
         0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
     ];
-    // Finer around 10 ms, the create p99 target, so that the load
-    // benchmark can read the engine's own p99 there.
     // A group commit takes ~0.1-1 ms on an idle disk.
     let commit = [
         0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
     ];
+    // Finer around 10 ms, the create p99 target, so that the load
+    // benchmark can read the engine's own p99 there.
     let http = [
         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
         1.0,
@@ -127,7 +128,8 @@ pub fn describe(projects: &[String], trunks: &[String]) {
     );
     describe_counter!(
         STORE_WRITES,
-        "Writes the durable store committed: inserts, status changes, checks, webhook deliveries, prunes"
+        "Writes the durable store committed: inserts, status changes, checks, \
+         webhook deliveries, prunes"
     );
     describe_counter!(STORE_COMMIT_FAILURES, "Durable store commits that failed");
     describe_gauge!(

@@ -443,10 +443,11 @@ fn local(l: &tokio::net::TcpListener, configured: SocketAddr) -> SocketAddr {
 /// the creates waiting on it) is never held for long.
 const PRUNE_BATCH: usize = 1_000;
 
-/// Once a second: expire verifications past their TTL; every 10 s, and at
-/// the next tick after a request found `limits.per_phone.max_tracked`
-/// reached: forget idle limiter keys; every second: report how many are
-/// tracked; every 10 s: run the metrics exporter's upkeep; every 60 s: prune records older than the retention.
+/// Once a second: expire verifications past their TTL; every 10 s, and
+/// every second while `limits.per_phone.max_tracked` is reached: forget
+/// idle limiter keys; every second: report how many are tracked; every
+/// 10 s: run the metrics exporter's upkeep; every 60 s: prune records
+/// older than the retention.
 async fn housekeeping(st: Arc<AppState>, prom: PrometheusHandle, retention_ms: i64) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
@@ -466,10 +467,7 @@ async fn housekeeping(st: Arc<AppState>, prom: PrometheusHandle, retention_ms: i
             Ok(Err(e)) => tracing::error!(error = %e, "expiry sweep failed"),
             Err(e) => tracing::error!(error = %e, "expiry sweep panicked"),
         }
-        // Taken every tick, so a request's ask is never left for the
-        // next one after a 10 s sweep already served it.
-        let over_cap = st.limits.take_sweep_wanted();
-        if over_cap || n % 10 == 0 {
+        if n % 10 == 0 || st.limits.at_cap() {
             // Also off the async workers: the sweep visits every tracked
             // destination (240,000 after a minute at 4,000/s: 0.74 ms warm
             // in `cargo bench --bench serve`, more with cold caches; up to

@@ -109,7 +109,9 @@ async fn unwritable_store_answers_503_never_201() {
         assert!(saw_503, "{fault:?}: a create must fail");
         assert!(sqlite.len() >= before);
     }
-    // Each fault's failed commits are counted, beside the one that worked.
+    // Each fault's failed commits are counted; the commits that worked
+    // (the first create, and any that fitted before the disk was full)
+    // are timed.
     let text = prom.render();
     let value = |name: &str| {
         text.lines()
@@ -121,7 +123,7 @@ async fn unwritable_store_answers_503_never_201() {
         "{text}"
     );
     assert!(
-        value("flashcall_store_commit_seconds_count") >= 3.0,
+        value("flashcall_store_commit_seconds_count") >= 1.0,
         "{text}"
     );
     // A check cannot be made durable either: 503, not a `verified`.

@@ -366,18 +366,20 @@ fn enlarge_recv_buffer(socket: &UdpSocket) {
         return;
     }
     let size = RECV_BUFFER as libc::c_int;
+    // Refused (EPERM) without CAP_NET_ADMIN; what was granted is read
+    // back either way.
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `size`.
-    let forced = unsafe {
+    unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVBUFFORCE,
             (&size as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } == 0;
+        );
+    }
     let got = granted();
-    if !forced || got < RECV_BUFFER {
+    if got < RECV_BUFFER {
         tracing::warn!(
             granted_kib = got / 1024,
             wanted_kib = RECV_BUFFER / 1024,
@@ -825,6 +827,9 @@ mod tests {
         for _ in 0..SENT {
             b.send_to(&[b'x'; 200], to).expect("send");
         }
+        // Loopback delivery can be left to ksoftirqd on a busy machine:
+        // let the burst land (queued or dropped) before reading.
+        std::thread::sleep(Duration::from_millis(50));
         let mut rx = RecvBatch::new();
         let mut queued = 0;
         loop {
@@ -840,9 +845,22 @@ mod tests {
         }
         assert!(queued > 0 && queued < SENT, "{queued} of {SENT} queued");
         b.send_to(b"after", to).expect("send");
-        a.readable().await.expect("readable");
-        assert_eq!(rx.recv(a.as_raw_fd()).expect("recv"), 1);
-        assert_eq!(rx.drops(0), Some((SENT - queued) as u32));
+        // Read until it: a straggler of the burst would come first.
+        let drops = loop {
+            a.readable().await.expect("readable");
+            match rx.recv(a.as_raw_fd()) {
+                Ok(n) => {
+                    if let Some(i) = (0..n).find(|&i| rx.get(i).1 == b"after") {
+                        queued += i;
+                        break rx.drops(i);
+                    }
+                    queued += n;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(drops, Some((SENT - queued) as u32));
     }
 
     /// The driver counts those drops and tells the app once per report:
@@ -889,6 +907,8 @@ mod tests {
         for _ in 0..SENT {
             peer.send_to(&[b'x'; 200], to).expect("send");
         }
+        // As above: the whole burst landed before the loop reads.
+        std::thread::sleep(Duration::from_millis(50));
         let mut ep = Endpoint::new(
             crate::sip::EndpointConfig {
                 timers: Default::default(),

@@ -1026,15 +1026,18 @@ fn writer(
         };
         let now = Instant::now();
         committed_at = Some(now);
-        // The gate's wait included: a create waits for that too.
-        metrics.commit.record((now - started).as_secs_f64());
         match result {
             Ok(results) => {
                 inner.commits.fetch_add(1, Ordering::Relaxed);
                 inner.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                // The gate's wait included: a create waits for that too.
+                metrics.commit.record((now - started).as_secs_f64());
+                // A job can fail alone inside a commit that holds (a
+                // duplicate id): only what was written counts.
                 let writes = batch
                     .iter()
-                    .filter(|j| !matches!(j.op, Op::Flush | Op::Fault(_)))
+                    .zip(&results)
+                    .filter(|(j, r)| r.is_ok() && !matches!(j.op, Op::Flush | Op::Fault(_)))
                     .count();
                 metrics.writes.increment(writes as u64);
                 if hooks.wrote.get() {
