@@ -365,19 +365,13 @@ fn enlarge_recv_buffer(socket: &UdpSocket) {
     if granted() >= RECV_BUFFER {
         return;
     }
-    let size = RECV_BUFFER as libc::c_int;
     // Refused (EPERM) without CAP_NET_ADMIN; what was granted is read
     // back either way.
-    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `size`.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    let _ = set_socket_int(
+        socket.as_raw_fd(),
+        libc::SO_RCVBUFFORCE,
+        RECV_BUFFER as libc::c_int,
+    );
     let got = granted();
     if got < RECV_BUFFER {
         tracing::warn!(
@@ -390,17 +384,15 @@ fn enlarge_recv_buffer(socket: &UdpSocket) {
     }
 }
 
-/// Asks the kernel to report, with each datagram, how many it dropped for
-/// this socket so far (`SO_RXQ_OVFL`, a control message by recvmmsg).
-fn enable_drop_count(fd: i32) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `on`.
+/// An integer `SOL_SOCKET` option that socket2 has no setter for.
+fn set_socket_int(fd: i32, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `value`.
     let r = unsafe {
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_RXQ_OVFL,
-            (&on as *const libc::c_int).cast(),
+            option,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -410,24 +402,16 @@ fn enable_drop_count(fd: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Asks the kernel to report, with each datagram, how many it dropped for
+/// this socket so far (`SO_RXQ_OVFL`, a control message by recvmmsg).
+fn enable_drop_count(fd: i32) -> io::Result<()> {
+    set_socket_int(fd, libc::SO_RXQ_OVFL, 1)
+}
+
 /// Asks the kernel to stamp each received datagram with its arrival time
 /// (`SO_TIMESTAMPNS`, delivered as a control message by recvmmsg).
 fn enable_timestamps(fd: i32) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `on`.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TIMESTAMPNS,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    set_socket_int(fd, libc::SO_TIMESTAMPNS, 1)
 }
 
 /// The receive side of recvmmsg: buffers, senders, and the kernel's arrival
