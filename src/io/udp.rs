@@ -795,25 +795,34 @@ mod tests {
         assert_eq!(empty.arrival(0, SystemTime::now(), mono), None);
     }
 
+    /// Datagrams in a burst at [`flooded`]'s socket.
+    const SENT: usize = 200;
+
+    /// A socket counting drops (what `run` turns on) with the smallest
+    /// receive queue the kernel allows (a few KiB: room for a handful of
+    /// datagrams), after a burst of [`SENT`] from the peer returned.
+    async fn flooded() -> (UdpSocket, std::net::UdpSocket, SocketAddr) {
+        let a = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = a.local_addr().expect("addr");
+        enable_drop_count(a.as_raw_fd()).expect("SO_RXQ_OVFL");
+        socket2::SockRef::from(&a)
+            .set_recv_buffer_size(1)
+            .expect("SO_RCVBUF");
+        for _ in 0..SENT {
+            peer.send_to(&[b'x'; 200], to).expect("send");
+        }
+        // Loopback delivery can be left to ksoftirqd on a busy machine:
+        // let the burst land (queued or dropped) before anyone reads.
+        std::thread::sleep(Duration::from_millis(50));
+        (a, peer, to)
+    }
+
     /// A receive queue too small for a burst: the kernel drops the rest,
     /// and the next datagram queued carries how many (SO_RXQ_OVFL).
     #[tokio::test]
     async fn kernel_drops_ride_on_the_next_datagram() {
-        let a = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        let b = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let to = a.local_addr().expect("addr");
-        enable_drop_count(a.as_raw_fd()).expect("SO_RXQ_OVFL");
-        // The kernel's floor (a few KiB): room for a handful of datagrams.
-        socket2::SockRef::from(&a)
-            .set_recv_buffer_size(1)
-            .expect("SO_RCVBUF");
-        const SENT: usize = 200;
-        for _ in 0..SENT {
-            b.send_to(&[b'x'; 200], to).expect("send");
-        }
-        // Loopback delivery can be left to ksoftirqd on a busy machine:
-        // let the burst land (queued or dropped) before reading.
-        std::thread::sleep(Duration::from_millis(50));
+        let (a, b, to) = flooded().await;
         let mut rx = RecvBatch::new();
         let mut queued = 0;
         loop {
@@ -878,21 +887,8 @@ mod tests {
                 self.drops > 0 || Instant::now() >= self.until
             }
         }
-        let a = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let to = a.local_addr().expect("addr");
-        // What `run` turns on, before the burst, with the smallest queue
-        // (`run` then enlarges it, after the drops).
-        enable_drop_count(a.as_raw_fd()).expect("SO_RXQ_OVFL");
-        socket2::SockRef::from(&a)
-            .set_recv_buffer_size(1)
-            .expect("SO_RCVBUF");
-        const SENT: u64 = 200;
-        for _ in 0..SENT {
-            peer.send_to(&[b'x'; 200], to).expect("send");
-        }
-        // As above: the whole burst landed before the loop reads.
-        std::thread::sleep(Duration::from_millis(50));
+        // `run` enlarges the queue when it starts, after the drops.
+        let (a, peer, to) = flooded().await;
         let mut ep = Endpoint::new(
             crate::sip::EndpointConfig {
                 timers: Default::default(),
@@ -915,7 +911,7 @@ mod tests {
         // Every datagram that got in (the burst's first few and the last
         // one) was garbage to the parser; the rest were dropped.
         assert_eq!(stats.malformed, stats.datagrams_in);
-        assert_eq!(app.drops, SENT + 1 - stats.datagrams_in, "{stats:?}");
+        assert_eq!(app.drops, SENT as u64 + 1 - stats.datagrams_in, "{stats:?}");
         assert_eq!(stats.receive_drops, app.drops);
         assert_eq!(app.reports, 1);
     }
