@@ -1032,21 +1032,19 @@ fn writer(
                 inner.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 // The gate's wait included: a create waits for that too.
                 metrics.commit.record((now - started).as_secs_f64());
-                // A job can fail alone inside a commit that holds (a
-                // duplicate id): only what was written counts.
-                let writes = batch
-                    .iter()
-                    .zip(&results)
-                    .filter(|(j, r)| r.is_ok() && !matches!(j.op, Op::Flush | Op::Fault(_)))
-                    .count();
-                metrics.writes.increment(writes as u64);
                 if hooks.wrote.get() {
                     hooks.wake.notify_one();
                 }
                 if failing_since.take().is_some() {
                     tracing::info!("store: commits succeed again");
                 }
+                // A job can fail alone inside a commit that holds (a
+                // duplicate id): only what was written counts.
+                let mut writes = 0u64;
                 for (job, r) in batch.drain(..).zip(results) {
+                    if r.is_ok() && !matches!(job.op, Op::Flush | Op::Fault(_)) {
+                        writes += 1;
+                    }
                     if let (Op::Update { v, .. }, Ok(_)) = (&job.op, &r) {
                         inner.settle(&v.id);
                     }
@@ -1059,6 +1057,7 @@ fn writer(
                         w.send(r);
                     }
                 }
+                metrics.writes.increment(writes);
             }
             Err(e) => {
                 let n = batch.len();
