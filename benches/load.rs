@@ -990,6 +990,11 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}, {mem} RAM")
 }
 
+/// One entry per rate, joined: the report's per-rate sentences.
+fn per_rate(rows: &[Row], sep: &str, f: impl Fn(&Row) -> String) -> String {
+    rows.iter().map(f).collect::<Vec<_>>().join(sep)
+}
+
 /// Step 6: stdout, target/load-bench.{json,md}.
 fn report(opts: &Opts, target: &Path, rows: &[Row]) {
     let fmt_opt =
@@ -1038,32 +1043,28 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
     let _ = writeln!(
         md,
         "\nCPU of SIPp's callee per call during the end-to-end runs: {}. CPU of the load generator per request: {}.",
-        rows.iter().map(|r| format!("{:.1} µs at {}/s", r.callee_us, r.rate)).collect::<Vec<_>>().join(", "),
-        rows.iter().map(|r| format!("{:.1} µs at {}/s", r.loadgen_us, r.rate)).collect::<Vec<_>>().join(", "),
+        per_rate(rows, ", ", |r| format!("{:.1} µs at {}/s", r.callee_us, r.rate)),
+        per_rate(rows, ", ", |r| format!("{:.1} µs at {}/s", r.loadgen_us, r.rate)),
     );
     let _ = writeln!(
         md,
         "\nEngine context switches per verification, voluntary (a thread woken after a wait) + involuntary (preempted): {}.",
-        rows.iter()
-            .map(|r| format!("{:.2} + {:.2} at {}/s", r.engine_wakes, r.engine_preempts, r.rate))
-            .collect::<Vec<_>>()
-            .join(", "),
+        per_rate(rows, ", ", |r| format!("{:.2} + {:.2} at {}/s", r.engine_wakes, r.engine_preempts, r.rate)),
     );
     let _ = writeln!(
         md,
         "\nSteal time (the hypervisor running something else while a vCPU had work; a share of all CPU time, idle included) during the end-to-end / SIPp caller / dial runs: {}.",
-        rows.iter().map(|r| format!("{:.1}% / {:.1}% / {:.1}% at {}/s", r.steal * 100.0, r.sipp_steal * 100.0, r.dial_steal * 100.0, r.rate)).collect::<Vec<_>>().join(", "),
+        per_rate(rows, ", ", |r| format!("{:.1}% / {:.1}% / {:.1}% at {}/s", r.steal * 100.0, r.sipp_steal * 100.0, r.dial_steal * 100.0, r.rate)),
     );
     let _ = writeln!(
         md,
         "\n\"Same after warm-up\": the requests due after the first {} of each rate's run (at most half of it; only the first rate follows a fresh start); the columns before it count every request.",
-        rows.iter().map(|r| format!("{} s at {}/s", r.warmup_secs, r.rate)).collect::<Vec<_>>().join(", "),
+        per_rate(rows, ", ", |r| format!("{} s at {}/s", r.warmup_secs, r.rate)),
     );
     let _ = writeln!(
         md,
         "\nThe same requests' create latency by hop, p50 / p99 / p999 ms: late in the generator (due -> queued), waiting for a free connection, the round trip (taken -> answer read); then the engine's own handler time from its histogram (every request, interpolated within coarse buckets): {}.",
-        rows.iter()
-            .map(|r| {
+        per_rate(rows, "; ", |r| {
                 let f = |v: [f64; 3]| format!("{:.2} / {:.2} / {:.2}", v[0], v[1], v[2]);
                 format!(
                     "{}, {}, {}; handler {} / {} / {} at {}/s",
@@ -1075,48 +1076,37 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
                     fmt_opt(r.handler_ms[2], 2),
                     r.rate
                 )
-            })
-            .collect::<Vec<_>>()
-            .join("; "),
+            }),
     );
     let _ = writeln!(
         md,
         "\nThe store writer's group commits (each create waits for one): {}.",
-        rows.iter()
-            .map(|r| format!(
-                "{:.0}/s of {:.1} writes each, taking p50 {} / p99 {} ms at {}/s",
-                r.commits_per_s,
-                r.writes_per_commit,
-                fmt_opt(r.commit_ms[0], 2),
-                fmt_opt(r.commit_ms[1], 2),
-                r.rate
-            ))
-            .collect::<Vec<_>>()
-            .join(", "),
+        per_rate(rows, ", ", |r| format!(
+            "{:.0}/s of {:.1} writes each, taking p50 {} / p99 {} ms at {}/s",
+            r.commits_per_s,
+            r.writes_per_commit,
+            fmt_opt(r.commit_ms[0], 2),
+            fmt_opt(r.commit_ms[1], 2),
+            r.rate
+        )),
     );
     let _ = writeln!(
         md,
         "\nSIP datagrams the kernel dropped for a full receive queue, the engine's socket during the end-to-end run / `dial`'s: {}.",
-        rows.iter()
-            .map(|r| format!(
+        per_rate(rows, ", ", |r| format!(
                 "{:.0} / {} at {}/s",
                 r.engine_sip_drops,
                 r.dial_sip_drops.map_or("-".to_string(), |d| d.to_string()),
                 r.rate
-            ))
-            .collect::<Vec<_>>()
-            .join(", "),
+            )),
     );
     let _ = writeln!(
         md,
         "\nEngine RSS half-way through each rate's run and at its end: {}.",
-        rows.iter()
-            .map(|r| format!(
-                "{:.0} -> {:.0} MiB at {}/s",
-                r.rss_mid_mib, r.rss_end_mib, r.rate
-            ))
-            .collect::<Vec<_>>()
-            .join(", "),
+        per_rate(rows, ", ", |r| format!(
+            "{:.0} -> {:.0} MiB at {}/s",
+            r.rss_mid_mib, r.rss_end_mib, r.rate
+        )),
     );
     for r in rows
         .iter()
