@@ -82,14 +82,16 @@ pub struct EngineShared {
     shutting_down: AtomicBool,
 }
 
-/// A reserved place in a trunk's queue; released unless sent.
-pub struct Reservation<'a> {
-    shared: &'a EngineShared,
+/// A reserved place in a trunk's queue; released unless sent. It owns a
+/// handle to the engine so that a create whose request was dropped can
+/// still send its call from a task of its own (see `http::Accepted`).
+pub struct Reservation {
+    shared: Arc<EngineShared>,
     trunk: usize,
     sent: bool,
 }
 
-impl Reservation<'_> {
+impl Reservation {
     pub fn trunk(&self) -> usize {
         self.trunk
     }
@@ -106,7 +108,7 @@ impl Reservation<'_> {
     }
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.sent {
             self.shared.queued[self.trunk].fetch_sub(1, Ordering::AcqRel);
@@ -129,7 +131,11 @@ impl EngineShared {
 
     /// Chooses a trunk by weight among those not backing off after a 503
     /// and with room in their queue, and reserves a place in its queue.
-    pub fn reserve(&self, now_ms: i64, rng: &mut impl Rng) -> Result<Reservation<'_>, Unavailable> {
+    pub fn reserve(
+        self: &Arc<Self>,
+        now_ms: i64,
+        rng: &mut impl Rng,
+    ) -> Result<Reservation, Unavailable> {
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(Unavailable::ShuttingDown);
         }
@@ -173,7 +179,7 @@ impl EngineShared {
                 .is_ok();
             if reserved {
                 return Ok(Reservation {
-                    shared: self,
+                    shared: Arc::clone(self),
                     trunk: i,
                     sent: false,
                 });
@@ -558,7 +564,10 @@ mod tests {
 
     #[test]
     fn trunks_share_calls_by_weight() {
-        let e = EngineShared::new(vec![trunk("a", 3, 1_000_000), trunk("b", 1, 1_000_000)]);
+        let e = Arc::new(EngineShared::new(vec![
+            trunk("a", 3, 1_000_000),
+            trunk("b", 1, 1_000_000),
+        ]));
         let mut rng = StdRng::seed_from_u64(7);
         let mut per = [0u32; 2];
         for _ in 0..40_000 {
@@ -574,7 +583,7 @@ mod tests {
 
     #[test]
     fn full_queue_spills_to_the_other_trunk_then_refuses() {
-        let e = EngineShared::new(vec![trunk("a", 1, 2), trunk("b", 1, 1)]);
+        let e = Arc::new(EngineShared::new(vec![trunk("a", 1, 2), trunk("b", 1, 1)]));
         let mut rng = StdRng::seed_from_u64(1);
         for _ in 0..3 {
             let r = e.reserve(0, &mut rng).unwrap();
@@ -596,7 +605,7 @@ mod tests {
 
     #[test]
     fn an_unsent_reservation_gives_its_place_back() {
-        let e = EngineShared::new(vec![trunk("a", 1, 1)]);
+        let e = Arc::new(EngineShared::new(vec![trunk("a", 1, 1)]));
         let mut rng = StdRng::seed_from_u64(1);
         drop(e.reserve(0, &mut rng).unwrap());
         assert_eq!(e.queued(0), 0);
@@ -605,7 +614,10 @@ mod tests {
 
     #[test]
     fn backing_off_trunks_are_skipped_until_retry_after_passes() {
-        let e = EngineShared::new(vec![trunk("a", 1, 10), trunk("b", 1, 10)]);
+        let e = Arc::new(EngineShared::new(vec![
+            trunk("a", 1, 10),
+            trunk("b", 1, 10),
+        ]));
         e.backoff_until_ms[0].store(5_000, Ordering::Release);
         let mut rng = StdRng::seed_from_u64(3);
         for _ in 0..50 {

@@ -28,12 +28,12 @@ use std::time::Instant;
 use subtle::ConstantTimeEq;
 
 use crate::config::{is_e164, SenderStatus, VerificationConfig};
-use crate::engine::{now_ms, CallCmd, EngineShared, Unavailable};
+use crate::engine::{now_ms, CallCmd, EngineShared, Reservation, Unavailable};
 use crate::limits::{Limited, Limits, Scope};
 use crate::metrics as m;
 use crate::pool::{PickError, Pool};
 use crate::report::{self, GroupBy, ReportError, Stats};
-use crate::store::{Idempotent, Store, StoreError};
+use crate::store::{Idempotent, Store, StoreError, StoreFuture};
 use crate::verification::{CheckResult, Guess, Status, Verification};
 
 /// A project as the API authenticates it.
@@ -530,10 +530,77 @@ async fn create(
         to: v.phone.clone(),
         caller: v.caller.clone(),
     };
-    st.store.insert(v, idem).await.map_err(ApiError::internal)?;
-    m::verification(&project.login, Status::Pending);
-    reservation.send(cmd);
+    Accepted {
+        insert: Some(st.store.insert(v, idem)),
+        call: Some((reservation, cmd)),
+    }
+    .finish()
+    .await
+    .map_err(ApiError::internal)?;
     Ok(json_response(StatusCode::CREATED, body))
+}
+
+/// A create between queueing its insert and sending its call. hyper drops
+/// a request's handler when the client hangs up (or its own timeout fires)
+/// mid-request, and a create waits here for the group commit: milliseconds
+/// under load, seconds on a stalled disk. Dropped there, the insert still
+/// committed, so the verification was stored as `pending` and never called
+/// (expired at its TTL), and a retry with the same Idempotency-Key was
+/// answered a replayed 201 for a call that never came. Now a drop hands
+/// the rest to a task of its own: once the insert commits the call goes
+/// out, as if the 201 had been read. The task exists only for a dropped
+/// request; the normal path awaits in place.
+struct Accepted {
+    insert: Option<StoreFuture<'static, ()>>,
+    call: Option<(Reservation, CallCmd)>,
+}
+
+impl Accepted {
+    async fn finish(mut self) -> Result<(), StoreError> {
+        let stored = match self.insert.as_mut() {
+            Some(f) => f.await,
+            None => Ok(()),
+        };
+        // Disarm `drop` before anything else happens.
+        self.insert = None;
+        if let (Ok(()), Some((reservation, cmd))) = (&stored, self.call.take()) {
+            send_call(reservation, cmd);
+        }
+        stored
+    }
+}
+
+fn send_call(reservation: Reservation, cmd: CallCmd) {
+    m::verification(&cmd.project, Status::Pending);
+    reservation.send(cmd);
+}
+
+impl Drop for Accepted {
+    fn drop(&mut self) {
+        let (Some(insert), Some((reservation, cmd))) = (self.insert.take(), self.call.take())
+        else {
+            return;
+        };
+        let id = cmd.id.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                tracing::debug!(%id, "create: request dropped before its commit; the call goes ahead once stored");
+                rt.spawn(async move {
+                    match insert.await {
+                        Ok(()) => send_call(reservation, cmd),
+                        // The client heard nothing either way, and nothing
+                        // was stored: no call.
+                        Err(e) => tracing::warn!(%id, error = %e, "create: a dropped request's insert failed"),
+                    }
+                });
+            }
+            // Only outside the server (a test dropping the handler on a
+            // plain thread): say so rather than lose the call silently.
+            Err(_) => {
+                tracing::error!(%id, "create dropped outside a runtime: its call is not sent")
+            }
+        }
+    }
 }
 
 /// The verification `id` of the calling project, expired if its TTL passed.

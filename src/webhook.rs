@@ -472,7 +472,7 @@ mod tests {
             &self,
             v: crate::verification::Verification,
             idem: Option<(String, crate::store::Idempotent)>,
-        ) -> crate::store::StoreFuture<'_, ()> {
+        ) -> crate::store::StoreFuture<'static, ()> {
             self.inner.insert(v, idem)
         }
         fn get(

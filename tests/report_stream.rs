@@ -30,7 +30,11 @@ struct Counting {
 }
 
 impl Store for Counting {
-    fn insert(&self, v: Verification, idem: Option<(String, Idempotent)>) -> StoreFuture<'_, ()> {
+    fn insert(
+        &self,
+        v: Verification,
+        idem: Option<(String, Idempotent)>,
+    ) -> StoreFuture<'static, ()> {
         self.inner.insert(v, idem)
     }
     fn get(&self, id: &str) -> Result<Option<Verification>, StoreError> {

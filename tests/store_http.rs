@@ -136,3 +136,79 @@ async fn unwritable_store_answers_503_never_201() {
     .await;
     assert_eq!(s, 503, "{resp}");
 }
+
+/// A create whose request is dropped while its insert waits for the
+/// commit (hyper drops the handler when the client hangs up or times out)
+/// still sends its call once the record is stored: every stored
+/// verification gets its call, none is left `pending` without one.
+#[tokio::test]
+async fn a_create_dropped_before_its_commit_still_sends_its_call() {
+    use futures_util::FutureExt;
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("store-http-dropped");
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = Config::parse(CONFIG, Path::new("t.toml"), |_| None).expect("config");
+    let engine = Arc::new(EngineShared::new(vec![Trunk {
+        name: "t".into(),
+        addr: "127.0.0.1:5070".parse().expect("literal"),
+        host: "127.0.0.1:5070".into(),
+        cps: 1_000,
+        queue_cap: 1_000,
+        weight: 1,
+        credentials: None,
+        caller_id: Default::default(),
+    }]));
+    let sqlite = Arc::new(SqliteStore::open(&dir.join("t.db"), HashSet::new()).expect("open"));
+    let store: Arc<dyn Store> = sqlite.clone();
+    let pool = Pool::parse("+44770090XXXX\n", 4, "t", &mut StdRng::seed_from_u64(1)).expect("pool");
+    let app = router(Arc::new(AppState::new(&cfg, pool, store, engine.clone())));
+
+    const N: usize = 20;
+    let mut dropped = 0;
+    for i in 0..N {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/v1/verifications")
+            .header("content-type", "application/json")
+            .header("authorization", AUTH)
+            .body(Body::from(format!(
+                r#"{{"phone":"+44791113{i:04}","sender":"T"}}"#
+            )))
+            .expect("request");
+        // One poll runs the handler up to its wait for the commit; then
+        // the request is dropped, as hyper does for a client that left.
+        match app.clone().oneshot(req).now_or_never() {
+            None => dropped += 1,
+            Some(resp) => assert_eq!(resp.expect("infallible").status(), 201),
+        }
+    }
+    // The writer needs far longer than one poll to commit: nearly every
+    // request was dropped mid-wait, so the test is about that path.
+    assert!(dropped > 0, "no request was dropped before its commit");
+
+    let mut sent = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sent.len() < N && std::time::Instant::now() < deadline {
+        let mut out = Vec::new();
+        engine.take_submitted(&mut out);
+        sent.extend(out);
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let mut stored = Vec::new();
+    sqlite
+        .scan("t", 0, i64::MAX, &mut |v| {
+            stored.push(v.id.clone());
+            true
+        })
+        .expect("scan");
+    let mut called: Vec<String> = sent.iter().map(|c| c.id.clone()).collect();
+    called.sort();
+    stored.sort();
+    assert_eq!(stored.len(), N, "every create was stored");
+    assert_eq!(
+        called, stored,
+        "{dropped} dropped: each stored verification gets its call"
+    );
+    // Each call holds its place in the trunk's queue until the driver
+    // takes it (none runs here).
+    assert_eq!(engine.queued(0), N);
+}

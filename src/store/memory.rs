@@ -136,7 +136,11 @@ fn poisoned() -> StoreError {
 }
 
 impl Store for MemoryStore {
-    fn insert(&self, v: Verification, idem: Option<(String, Idempotent)>) -> StoreFuture<'_, ()> {
+    fn insert(
+        &self,
+        v: Verification,
+        idem: Option<(String, Idempotent)>,
+    ) -> StoreFuture<'static, ()> {
         let r = (|| {
             if self.by_id.contains_key(&v.id) {
                 return Err(StoreError::Duplicate(v.id.clone()));

@@ -66,7 +66,13 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 
 pub trait Store: Send + Sync + 'static {
     /// Stores a new verification (and its idempotency record, atomically).
-    fn insert(&self, v: Verification, idem: Option<(String, Idempotent)>) -> StoreFuture<'_, ()>;
+    /// The future owns what it waits on (`'static`): a create whose request
+    /// is dropped hands it to a task of its own, which then sends the call.
+    fn insert(
+        &self,
+        v: Verification,
+        idem: Option<(String, Idempotent)>,
+    ) -> StoreFuture<'static, ()>;
     fn get(&self, id: &str) -> Result<Option<Verification>, StoreError>;
     /// Read-modify-write of one verification, atomic with respect to every
     /// other update; returns the new state (None: no such id).

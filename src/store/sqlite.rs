@@ -1289,7 +1289,7 @@ impl SqliteStore {
     }
 
     /// Queues `op` and resolves when its batch is committed.
-    fn send_async(&self, op: Op) -> StoreFuture<'_, usize> {
+    fn send_async(&self, op: Op) -> StoreFuture<'static, usize> {
         let (t, r) = oneshot::channel();
         let sent = self.send(op, Some(Waiter::Async(t)));
         Box::pin(async move {
@@ -1569,7 +1569,11 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    fn insert(&self, v: Verification, idem: Option<(String, Idempotent)>) -> StoreFuture<'_, ()> {
+    fn insert(
+        &self,
+        v: Verification,
+        idem: Option<(String, Idempotent)>,
+    ) -> StoreFuture<'static, ()> {
         if self.inner.cache.contains_key(&v.id) {
             return Box::pin(std::future::ready(Err(StoreError::Duplicate(v.id))));
         }
