@@ -343,15 +343,19 @@ struct CreateBody {
     ttl_secs: Option<u64>,
 }
 
-/// Removes the in-flight mark of an Idempotency-Key however the request ends.
-struct IdemGuard<'a> {
-    map: &'a DashMap<(String, String), ()>,
+/// Removes the in-flight mark of an Idempotency-Key however the request
+/// ends. It owns its state handle so that a create dropped before its
+/// commit keeps the key marked until the insert is done (see [`Accepted`]):
+/// a retry meanwhile gets 409 `idempotency_key_in_progress`, not a second
+/// verification.
+struct IdemGuard {
+    st: Arc<AppState>,
     key: (String, String),
 }
 
-impl Drop for IdemGuard<'_> {
+impl Drop for IdemGuard {
     fn drop(&mut self) {
-        self.map.remove(&self.key);
+        self.st.idem_in_flight.remove(&self.key);
     }
 }
 
@@ -381,7 +385,7 @@ async fn create(
         }
     };
     let body_sha256: [u8; 32] = Sha256::digest(&raw).into();
-    let _idem_guard = match &idem_key {
+    let idem_guard = match &idem_key {
         None => None,
         Some(k) => {
             // Mark the key in flight before looking in the store: checked
@@ -397,7 +401,7 @@ async fn create(
                 ));
             }
             let guard = IdemGuard {
-                map: &st.idem_in_flight,
+                st: Arc::clone(&st),
                 key,
             };
             if let Some(prev) = st
@@ -533,6 +537,7 @@ async fn create(
     Accepted {
         insert: Some(st.store.insert(v, idem)),
         call: Some((reservation, cmd)),
+        _idem: idem_guard,
     }
     .finish()
     .await
@@ -553,6 +558,8 @@ async fn create(
 struct Accepted {
     insert: Option<StoreFuture<'static, ()>>,
     call: Option<(Reservation, CallCmd)>,
+    /// Released when this is done, in whichever task finishes it.
+    _idem: Option<IdemGuard>,
 }
 
 impl Accepted {
@@ -582,10 +589,12 @@ impl Drop for Accepted {
             return;
         };
         let id = cmd.id.clone();
+        let idem = self._idem.take();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 tracing::debug!(%id, "create: request dropped before its commit; the call goes ahead once stored");
                 rt.spawn(async move {
+                    let _idem = idem;
                     match insert.await {
                         Ok(()) => send_call(reservation, cmd),
                         // The client heard nothing either way, and nothing

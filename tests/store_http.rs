@@ -163,27 +163,46 @@ async fn a_create_dropped_before_its_commit_still_sends_its_call() {
     let app = router(Arc::new(AppState::new(&cfg, pool, store, engine.clone())));
 
     const N: usize = 20;
-    let mut dropped = 0;
-    for i in 0..N {
-        let req = Request::builder()
+    // Every request carries an Idempotency-Key, as a client that retries
+    // after a timeout would send.
+    let request = |i: usize| {
+        Request::builder()
             .method("POST")
             .uri("/v1/verifications")
             .header("content-type", "application/json")
             .header("authorization", AUTH)
+            .header("idempotency-key", format!("k{i}"))
             .body(Body::from(format!(
                 r#"{{"phone":"+44791113{i:04}","sender":"T"}}"#
             )))
-            .expect("request");
+            .expect("request")
+    };
+    let mut dropped = Vec::new();
+    for i in 0..N {
         // One poll runs the handler up to its wait for the commit; then
         // the request is dropped, as hyper does for a client that left.
-        match app.clone().oneshot(req).now_or_never() {
-            None => dropped += 1,
+        match app.clone().oneshot(request(i)).now_or_never() {
+            None => dropped.push(i),
             Some(resp) => assert_eq!(resp.expect("infallible").status(), 201),
         }
     }
     // The writer needs far longer than one poll to commit: nearly every
     // request was dropped mid-wait, so the test is about that path.
-    assert!(dropped > 0, "no request was dropped before its commit");
+    assert!(
+        !dropped.is_empty(),
+        "no request was dropped before its commit"
+    );
+    // The retry of a dropped one, at once: its key is still in flight
+    // until the first insert is done (409), or that insert is committed
+    // and the retry is its replay; never a second verification.
+    let i = dropped[dropped.len() - 1];
+    let resp = app.clone().oneshot(request(i)).await.expect("infallible");
+    let status = resp.status().as_u16();
+    let replayed = resp.headers().contains_key("idempotent-replayed");
+    assert!(
+        status == 409 || (status == 201 && replayed),
+        "retry of a dropped create: {status}, replayed {replayed}"
+    );
 
     let mut sent = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -205,8 +224,10 @@ async fn a_create_dropped_before_its_commit_still_sends_its_call() {
     stored.sort();
     assert_eq!(stored.len(), N, "every create was stored");
     assert_eq!(
-        called, stored,
-        "{dropped} dropped: each stored verification gets its call"
+        called,
+        stored,
+        "{} dropped: each stored verification gets its call",
+        dropped.len()
     );
     // Each call holds its place in the trunk's queue until the driver
     // takes it (none runs here).
