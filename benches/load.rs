@@ -21,7 +21,9 @@
 //!    compare), 180->CANCEL p50/p99 (from the engine's
 //!    `flashcall_cancel_delay_seconds` buckets, interpolated as Prometheus'
 //!    `histogram_quantile` does), engine CPU per verification (utime+stime
-//!    of the process from /proc, all threads: HTTP, store writer, SIP),
+//!    of the process from /proc, all threads: HTTP, store writer, SIP;
+//!    and split by thread: the SIP thread, store writer and checkpointer
+//!    by name, the HTTP runtime and the rest as the remainder),
 //!    the engine's context switches per verification (voluntary ones are
 //!    wake-ups of its threads, whose cost `cargo bench --bench wake`
 //!    measures; involuntary ones preemptions),
@@ -198,7 +200,12 @@ impl Opts {
 
 /// CPU seconds (user + sys) of a live process, from /proc/<pid>/stat.
 fn proc_cpu(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    proc_cpu_of(&format!("/proc/{pid}/stat"))
+}
+
+/// utime + stime in seconds from a `stat` file (a process's or a thread's).
+fn proc_cpu_of(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the ")" that closes the command name: state is the 3rd
     // field of the whole line, utime the 14th and stime the 15th.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -207,6 +214,44 @@ fn proc_cpu(pid: u32) -> f64 {
     // SAFETY: sysconf has no memory effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     (tick(11) + tick(12)) / hz
+}
+
+/// CPU seconds so far of the engine's SIP thread, store writer and
+/// checkpointer (by thread name, /proc/<pid>/task/*/stat). The rest of
+/// the process (the HTTP runtime's workers, its blocking pool, the main
+/// thread) is the process total minus these.
+fn proc_thread_cpu(pid: u32) -> ThreadCpu {
+    let mut t = ThreadCpu::default();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return t;
+    };
+    for task in tasks.filter_map(Result::ok) {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let cpu = proc_cpu_of(&format!("/proc/{pid}/task/{tid}/stat"));
+        // Thread names are cut to 15 bytes ("flashcall-checkpoint").
+        match comm.trim() {
+            "flashcall-sip" => t.sip += cpu,
+            "flashcall-store" => t.store += cpu,
+            c if c.starts_with("flashcall-check") => t.checkpoint += cpu,
+            _ => {}
+        }
+    }
+    t
+}
+
+/// CPU seconds of the engine's named threads (see [`proc_thread_cpu`]).
+#[derive(Default, Clone, Copy)]
+struct ThreadCpu {
+    sip: f64,
+    store: f64,
+    checkpoint: f64,
 }
 
 /// Context switches so far of every live thread of a process, from
@@ -631,6 +676,12 @@ struct Row {
     commit_ms: [Option<f64>; 2],
     cancel_ms: [Option<f64>; 2],
     engine_us: f64,
+    /// `engine_us` by thread: SIP, store writer, checkpointer, and the
+    /// rest (the HTTP runtime, mostly).
+    engine_sip_us: f64,
+    engine_store_us: f64,
+    engine_checkpoint_us: f64,
+    engine_rest_us: f64,
     /// Context switches of the engine's threads per verification:
     /// voluntary (wake-ups after a wait) and involuntary (preemptions).
     engine_wakes: f64,
@@ -693,6 +744,12 @@ impl Row {
             "engine_create_handler_ms": {"p50": self.handler_ms[0], "p99": self.handler_ms[1], "p999": self.handler_ms[2]},
             "cancel_ms": {"p50": self.cancel_ms[0], "p99": self.cancel_ms[1]},
             "engine_cpu_us_per_verification": self.engine_us,
+            "engine_cpu_us_per_verification_by_thread": {
+                "sip": self.engine_sip_us,
+                "store_writer": self.engine_store_us,
+                "checkpointer": self.engine_checkpoint_us,
+                "http_and_rest": self.engine_rest_us,
+            },
             "engine_wakeups_per_verification": self.engine_wakes,
             "engine_preemptions_per_verification": self.engine_preempts,
             "callee_cpu_us_per_call": self.callee_us,
@@ -820,6 +877,7 @@ senders = [{{ code = "LOAD", status = "active" }}]
         let before = Scrape::parse(&engine.metrics_text());
         let (cpu0, callee0) = (proc_cpu(pid), proc_cpu(callee_pid));
         let switches0 = proc_switches(pid);
+        let threads0 = proc_thread_cpu(pid);
         let ticks0 = machine_ticks();
         let half = Duration::from_millis(row.secs * 500);
         let rss_mid = std::thread::spawn(move || {
@@ -861,6 +919,9 @@ senders = [{{ code = "LOAD", status = "active" }}]
             |h: &Histogram<u64>| [0.5, 0.99, 0.999].map(|p| h.value_at_quantile(p) as f64 / 1e3);
         // Over the same span as the CPU figure below.
         let switches1 = proc_switches(pid);
+        let (cpu1, threads1) = (proc_cpu(pid), proc_thread_cpu(pid));
+        let per_verif = |secs: f64| secs * 1e6 / created.max(1) as f64;
+        let named = |t: &ThreadCpu| t.sip + t.store + t.checkpoint;
         *row = Row {
             requested: row.rate * row.secs,
             created,
@@ -889,7 +950,11 @@ senders = [{{ code = "LOAD", status = "active" }}]
                 delta.cancel_quantile_ms(0.5),
                 delta.cancel_quantile_ms(0.99),
             ],
-            engine_us: (proc_cpu(pid) - cpu0) * 1e6 / created.max(1) as f64,
+            engine_us: per_verif(cpu1 - cpu0),
+            engine_sip_us: per_verif(threads1.sip - threads0.sip),
+            engine_store_us: per_verif(threads1.store - threads0.store),
+            engine_checkpoint_us: per_verif(threads1.checkpoint - threads0.checkpoint),
+            engine_rest_us: per_verif((cpu1 - cpu0) - (named(&threads1) - named(&threads0))),
             engine_wakes: switches1.0.saturating_sub(switches0.0) as f64 / created.max(1) as f64,
             engine_preempts: switches1.1.saturating_sub(switches0.1) as f64 / created.max(1) as f64,
             callee_us: (proc_cpu(callee_pid) - callee0) * 1e6 / done.max(1.0),
@@ -1045,6 +1110,14 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
         "\nCPU of SIPp's callee per call during the end-to-end runs: {}. CPU of the load generator per request: {}.",
         per_rate(rows, ", ", |r| format!("{:.1} µs at {}/s", r.callee_us, r.rate)),
         per_rate(rows, ", ", |r| format!("{:.1} µs at {}/s", r.loadgen_us, r.rate)),
+    );
+    let _ = writeln!(
+        md,
+        "\nEngine CPU per verification by thread, SIP / store writer / checkpointer / HTTP runtime and the rest (the SIP thread alone is what compares with SIPp's caller): {}.",
+        per_rate(rows, ", ", |r| format!(
+            "{:.1} / {:.1} / {:.1} / {:.1} µs at {}/s",
+            r.engine_sip_us, r.engine_store_us, r.engine_checkpoint_us, r.engine_rest_us, r.rate
+        )),
     );
     let _ = writeln!(
         md,
