@@ -546,15 +546,17 @@ async fn create(
 }
 
 /// A create between queueing its insert and sending its call. hyper drops
-/// a request's handler when the client hangs up (or its own timeout fires)
-/// mid-request, and a create waits here for the group commit: milliseconds
+/// a request's handler when the client hangs up mid-request (say after the
+/// client's own timeout), and a create waits here for the group commit: milliseconds
 /// under load, seconds on a stalled disk. Dropped there, the insert still
 /// committed, so the verification was stored as `pending` and never called
 /// (expired at its TTL), and a retry with the same Idempotency-Key was
 /// answered a replayed 201 for a call that never came. Now a drop hands
-/// the rest to a task of its own: once the insert commits the call goes
-/// out, as if the 201 had been read. The task exists only for a dropped
-/// request; the normal path awaits in place.
+/// the rest to a task of its own: once the insert commits the call is
+/// queued to the engine, as if the 201 had been read (and, as for any
+/// create, not placed if the engine is shutting down by then: the record
+/// is durable and closed as `interrupted` at the next start). The task
+/// exists only for a dropped request; the normal path awaits in place.
 struct Accepted {
     insert: Option<StoreFuture<'static, ()>>,
     call: Option<(Reservation, CallCmd)>,
@@ -603,8 +605,10 @@ impl Drop for Accepted {
                     }
                 });
             }
-            // Only outside the server (a test dropping the handler on a
+            // Only outside any runtime (a test dropping the handler on a
             // plain thread): say so rather than lose the call silently.
+            // The record is stored all the same (the writer commits what
+            // was queued) and stays `pending` until its TTL.
             Err(_) => {
                 tracing::error!(%id, "create dropped outside a runtime: its call is not sent")
             }
@@ -696,12 +700,15 @@ async fn check(
         .map_err(ApiError::internal)?
         .ok_or_else(ApiError::not_found)?;
     st.store.record_check(&id, now, result);
-    // A `verified` (or a spent attempt) is durable before it is answered.
-    st.store.flush().await.map_err(ApiError::internal)?;
+    // Counted before the wait below: the change is made (and queued, and
+    // retried if a commit fails) whether or not this request lives to see
+    // the commit; a client hanging up there must not hide it.
     m::check(result);
     if v.status != before {
         m::verification(&v.project, v.status);
     }
+    // A `verified` (or a spent attempt) is durable before it is answered.
+    st.store.flush().await.map_err(ApiError::internal)?;
     if result == CheckResult::Expired {
         return Err(ApiError::new(
             StatusCode::GONE,

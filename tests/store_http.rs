@@ -192,17 +192,13 @@ async fn a_create_dropped_before_its_commit_still_sends_its_call() {
         !dropped.is_empty(),
         "no request was dropped before its commit"
     );
-    // The retry of a dropped one, at once: its key is still in flight
-    // until the first insert is done (409), or that insert is committed
-    // and the retry is its replay; never a second verification.
+    // The retry of a dropped one, at once: the dropped create's task has
+    // not run yet (this runtime has one thread and the test has not
+    // yielded), so its key is still in flight: 409, not a second
+    // verification.
     let i = dropped[dropped.len() - 1];
     let resp = app.clone().oneshot(request(i)).await.expect("infallible");
-    let status = resp.status().as_u16();
-    let replayed = resp.headers().contains_key("idempotent-replayed");
-    assert!(
-        status == 409 || (status == 201 && replayed),
-        "retry of a dropped create: {status}, replayed {replayed}"
-    );
+    assert_eq!(resp.status(), 409, "retry while the dropped create waits");
 
     let mut sent = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -232,4 +228,26 @@ async fn a_create_dropped_before_its_commit_still_sends_its_call() {
     // Each call holds its place in the trunk's queue until the driver
     // takes it (none runs here).
     assert_eq!(engine.queued(0), N);
+    // Once it is stored, the same retry is the replay of the dropped
+    // create: its id, and still no second verification.
+    let resp = app.clone().oneshot(request(i)).await.expect("infallible");
+    assert_eq!(resp.status(), 201);
+    assert!(resp.headers().contains_key("idempotent-replayed"));
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    let replayed: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let id = replayed["id"].as_str().expect("id").to_string();
+    assert!(
+        stored.contains(&id),
+        "the replay names a stored verification"
+    );
+    let mut count = 0;
+    sqlite
+        .scan("t", 0, i64::MAX, &mut |_| {
+            count += 1;
+            true
+        })
+        .expect("scan");
+    assert_eq!(count, N, "no second verification");
 }
