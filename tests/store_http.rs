@@ -44,13 +44,11 @@ async fn call(app: &axum::Router, method: &str, path: &str, body: &str) -> (u16,
     (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
-#[tokio::test]
-async fn unwritable_store_answers_503_never_201() {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("store-http-503");
+/// The API on a fresh SQLite store in the target's scratch dir `name`,
+/// with one trunk whose queue nothing drains (no SIP driver runs).
+fn api_on_sqlite(name: &str) -> (Arc<SqliteStore>, Arc<EngineShared>, axum::Router) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let _ = std::fs::remove_dir_all(&dir);
-    // The engine's recorder, before the store's writer takes its metric
-    // handles (this binary holds only this test, so one global is fine).
-    let prom = flashcall::metrics::install().expect("recorder");
     let cfg = Config::parse(CONFIG, Path::new("t.toml"), |_| None).expect("config");
     let engine = Arc::new(EngineShared::new(vec![Trunk {
         name: "t".into(),
@@ -65,7 +63,17 @@ async fn unwritable_store_answers_503_never_201() {
     let sqlite = Arc::new(SqliteStore::open(&dir.join("t.db"), HashSet::new()).expect("open"));
     let store: Arc<dyn Store> = sqlite.clone();
     let pool = Pool::parse("+44770090XXXX\n", 4, "t", &mut StdRng::seed_from_u64(1)).expect("pool");
-    let app = router(Arc::new(AppState::new(&cfg, pool, store, engine)));
+    let app = router(Arc::new(AppState::new(&cfg, pool, store, engine.clone())));
+    (sqlite, engine, app)
+}
+
+#[tokio::test]
+async fn unwritable_store_answers_503_never_201() {
+    // The engine's recorder, before the store's writer takes its metric
+    // handles. Global to this binary: the other test's store may count
+    // into it too, which only adds commits (never failures).
+    let prom = flashcall::metrics::install().expect("recorder");
+    let (sqlite, _engine, app) = api_on_sqlite("store-http-503");
 
     let (s, body) = call(
         &app,
@@ -144,23 +152,7 @@ async fn unwritable_store_answers_503_never_201() {
 #[tokio::test]
 async fn a_create_dropped_before_its_commit_still_sends_its_call() {
     use futures_util::FutureExt;
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("store-http-dropped");
-    let _ = std::fs::remove_dir_all(&dir);
-    let cfg = Config::parse(CONFIG, Path::new("t.toml"), |_| None).expect("config");
-    let engine = Arc::new(EngineShared::new(vec![Trunk {
-        name: "t".into(),
-        addr: "127.0.0.1:5070".parse().expect("literal"),
-        host: "127.0.0.1:5070".into(),
-        cps: 1_000,
-        queue_cap: 1_000,
-        weight: 1,
-        credentials: None,
-        caller_id: Default::default(),
-    }]));
-    let sqlite = Arc::new(SqliteStore::open(&dir.join("t.db"), HashSet::new()).expect("open"));
-    let store: Arc<dyn Store> = sqlite.clone();
-    let pool = Pool::parse("+44770090XXXX\n", 4, "t", &mut StdRng::seed_from_u64(1)).expect("pool");
-    let app = router(Arc::new(AppState::new(&cfg, pool, store, engine.clone())));
+    let (sqlite, engine, app) = api_on_sqlite("store-http-dropped");
 
     const N: usize = 20;
     // Every request carries an Idempotency-Key, as a client that retries
