@@ -191,9 +191,36 @@ pub async fn run(
     let settings = Arc::new(settings);
     let concurrency = settings.concurrency.max(1);
     let mut in_flight: HashSet<String> = HashSet::new();
-    let mut tasks: JoinSet<String> = JoinSet::new();
+    let mut tasks: JoinSet<(String, Option<DeliveryAttempt>)> = JoinSet::new();
+    // Attempts made whose outcome the store could not record (full disk,
+    // read-only database). Their events are still due in the store, so
+    // without this the next poll sent them again at once, back to back
+    // for as long as the disk stayed full. Each is recorded before its
+    // event may go out again, and no new delivery starts while any is
+    // left: at most `concurrency` attempts are ever unrecorded.
+    let mut unrecorded: HashMap<String, DeliveryAttempt> = HashMap::new();
     loop {
-        let free = concurrency.saturating_sub(in_flight.len());
+        if !unrecorded.is_empty() {
+            let mut left = HashMap::new();
+            for (id, attempt) in unrecorded.drain() {
+                if store
+                    .outbox_record_async(&id, attempt.clone())
+                    .await
+                    .is_err()
+                {
+                    left.insert(id, attempt);
+                }
+            }
+            if left.is_empty() {
+                tracing::info!("webhooks: delivery attempts are recorded again; deliveries resume");
+            }
+            unrecorded = left;
+        }
+        let free = if unrecorded.is_empty() {
+            concurrency.saturating_sub(in_flight.len())
+        } else {
+            0
+        };
         if free > 0 {
             // Events being delivered are still due in the store until their
             // attempt is recorded: ask for enough to find `free` others.
@@ -201,7 +228,7 @@ pub async fn run(
                 Ok(due) => {
                     let fresh: Vec<OutboxEvent> = due
                         .into_iter()
-                        .filter(|e| !in_flight.contains(&e.id))
+                        .filter(|e| !in_flight.contains(&e.id) && !unrecorded.contains_key(&e.id))
                         .take(free)
                         .collect();
                     for ev in fresh {
@@ -212,8 +239,9 @@ pub async fn run(
                         let endpoint = endpoints.get(&ev.project).cloned();
                         tasks.spawn(async move {
                             let id = ev.id.clone();
-                            deliver(&client, &*store, endpoint.as_deref(), &settings, ev).await;
-                            id
+                            let left =
+                                deliver(&client, &*store, endpoint.as_deref(), &settings, ev).await;
+                            (id, left)
                         });
                     }
                 }
@@ -223,7 +251,15 @@ pub async fn run(
         tokio::select! {
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 match done {
-                    Ok(id) => { in_flight.remove(&id); }
+                    Ok((id, left)) => {
+                        in_flight.remove(&id);
+                        if let Some(attempt) = left {
+                            if unrecorded.is_empty() {
+                                tracing::error!(%id, "webhooks: cannot record delivery attempts; deliveries pause until the store takes them");
+                            }
+                            unrecorded.insert(id, attempt);
+                        }
+                    }
                     Err(e) => {
                         // A panicked delivery: its id is unknown here, so
                         // start afresh rather than leak the slot.
@@ -240,14 +276,15 @@ pub async fn run(
     }
 }
 
-/// One attempt of one event, recorded.
+/// One attempt of one event, recorded; the attempt back if the store
+/// could not record it.
 async fn deliver(
     client: &reqwest::Client,
     store: &dyn Store,
     endpoint: Option<&Endpoint>,
     settings: &Settings,
     ev: OutboxEvent,
-) {
+) -> Option<DeliveryAttempt> {
     let now = crate::engine::now_ms();
     let Some(ep) = endpoint.filter(|e| !e.disabled.load(Ordering::Relaxed)) else {
         // The endpoint answered 410 (or the project has no webhook any
@@ -260,8 +297,7 @@ async fn deliver(
             delivered: false,
         };
         crate::metrics::webhook_delivery("gone");
-        record(store, &ev.id, attempt);
-        return;
+        return record(store, &ev.id, attempt).await;
     };
     let ts = now.div_euclid(1000);
     let signature = sign(&ep.key, &ev.id, ts, &ev.payload);
@@ -324,12 +360,18 @@ async fn deliver(
             }
         }
     }
-    record(store, &ev.id, attempt);
+    record(store, &ev.id, attempt).await
 }
 
-fn record(store: &dyn Store, id: &str, attempt: DeliveryAttempt) {
-    if let Err(e) = store.outbox_record(id, attempt) {
-        tracing::error!(id, error = %e, "webhooks: cannot record a delivery attempt");
+/// Records `attempt`, waiting for the commit without holding the thread;
+/// gives it back if the store refused it.
+async fn record(store: &dyn Store, id: &str, attempt: DeliveryAttempt) -> Option<DeliveryAttempt> {
+    match store.outbox_record_async(id, attempt.clone()).await {
+        Ok(()) => None,
+        Err(e) => {
+            tracing::debug!(id, error = %e, "webhooks: cannot record a delivery attempt");
+            Some(attempt)
+        }
     }
 }
 
@@ -461,10 +503,22 @@ mod tests {
         assert!(now >= 24 * 3_600_000, "gave up at {now} ms");
     }
 
-    /// A store that keeps every attempt recorded, around the memory store.
+    /// A store that keeps every attempt recorded, around the memory store;
+    /// while `refuse` is set it fails every record, as a full disk does.
     struct Recording {
         inner: crate::store::memory::MemoryStore,
         attempts: std::sync::Mutex<Vec<(String, DeliveryAttempt)>>,
+        refuse: AtomicBool,
+    }
+
+    impl Recording {
+        fn new(inner: crate::store::memory::MemoryStore) -> Self {
+            Recording {
+                inner,
+                attempts: std::sync::Mutex::new(Vec::new()),
+                refuse: AtomicBool::new(false),
+            }
+        }
     }
 
     impl Store for Recording {
@@ -522,6 +576,11 @@ mod tests {
             id: &str,
             attempt: DeliveryAttempt,
         ) -> Result<(), crate::store::StoreError> {
+            if self.refuse.load(Ordering::SeqCst) {
+                return Err(crate::store::StoreError::Unavailable(
+                    "commit failed: database or disk is full".into(),
+                ));
+            }
             self.attempts
                 .lock()
                 .unwrap()
@@ -557,10 +616,7 @@ mod tests {
             HashSet::from(["slow".to_string(), "closed".to_string()]),
         );
         let wake = memory.outbox_wake();
-        let store = Arc::new(Recording {
-            inner: memory,
-            attempts: std::sync::Mutex::new(Vec::new()),
-        });
+        let store = Arc::new(Recording::new(memory));
         let ep = |addr: std::net::SocketAddr| {
             Arc::new(Endpoint {
                 url: format!("http://{addr}/hook"),
@@ -582,23 +638,7 @@ mod tests {
         };
         let worker = tokio::spawn(run(store.clone(), endpoints, settings, wake));
         for (id, project) in [("a", "slow"), ("b", "closed")] {
-            let now = crate::engine::now_ms();
-            let v = crate::verification::Verification {
-                id: id.into(),
-                project: project.into(),
-                phone: "+447700900123".into(),
-                sender: "S".into(),
-                code: "1234".into(),
-                client_code: true,
-                caller: "+447700901234".into(),
-                reference: None,
-                created_at_ms: now,
-                expires_at_ms: now + 60_000,
-                attempts_left: 3,
-                status: crate::verification::Status::Pending,
-                call: Default::default(),
-            };
-            store.insert(v, None).await.unwrap();
+            store.insert(pending(id, project), None).await.unwrap();
         }
         let end = std::time::Instant::now() + Duration::from_secs(10);
         let (slow_ids, closed_ids) = loop {
@@ -629,5 +669,135 @@ mod tests {
         assert_ne!(slow_ids[0], closed_ids[0]);
         worker.abort();
         hold.abort();
+    }
+
+    fn pending(id: &str, project: &str) -> crate::verification::Verification {
+        let now = crate::engine::now_ms();
+        crate::verification::Verification {
+            id: id.into(),
+            project: project.into(),
+            phone: "+447700900123".into(),
+            sender: "S".into(),
+            code: "1234".into(),
+            client_code: true,
+            caller: "+447700901234".into(),
+            reference: None,
+            created_at_ms: now,
+            expires_at_ms: now + 60_000,
+            attempts_left: 3,
+            status: crate::verification::Status::Pending,
+            call: Default::default(),
+        }
+    }
+
+    /// An attempt whose outcome the store cannot record (full disk) is not
+    /// sent again while the store refuses: the event stays due in the store,
+    /// and the worker used to POST it at every poll. Once the store takes
+    /// records again, the held outcome is recorded and the event is done.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_attempt_the_store_cannot_record_is_not_sent_again() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A receiver that answers 200 to every request on every
+        // connection, counting them.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let posts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = posts.clone();
+        let receiver = tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // One whole request (headers and the body their
+                        // Content-Length names) per answer.
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                            let len: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse().ok())
+                                .unwrap_or(0);
+                            if buf.len() < end + 4 + len {
+                                break;
+                            }
+                            buf.drain(..end + 4 + len);
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                            if c.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                        match c.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+
+        let memory =
+            crate::store::memory::MemoryStore::new(60_000, HashSet::from(["p".to_string()]));
+        let wake = memory.outbox_wake();
+        let store = Arc::new(Recording::new(memory));
+        store.refuse.store(true, Ordering::SeqCst);
+        let endpoints = HashMap::from([(
+            "p".to_string(),
+            Arc::new(Endpoint {
+                url: format!("http://{addr}/hook"),
+                key: b"key".to_vec(),
+                disabled: AtomicBool::new(false),
+            }),
+        )]);
+        let settings = Settings {
+            timeout: Duration::from_secs(5),
+            max_age_ms: 3_600_000,
+            concurrency: 4,
+            retry_base_ms: 20,
+            retry_cap_ms: 100,
+            poll: Duration::from_millis(10),
+        };
+        store.insert(pending("v", "p"), None).await.unwrap();
+        let worker = tokio::spawn(run(store.clone(), endpoints, settings, wake));
+
+        // The first POST, then half a second of polls every 10 ms while the
+        // store refuses its record.
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while posts.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < end, "no delivery");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            posts.load(Ordering::SeqCst),
+            1,
+            "sent again while unrecorded"
+        );
+        assert!(store.attempts.lock().unwrap().is_empty());
+
+        // The store takes records again: the held outcome is recorded
+        // (delivered), and the event is not sent again.
+        store.refuse.store(false, Ordering::SeqCst);
+        loop {
+            let got = store.attempts.lock().unwrap().clone();
+            if let Some((id, a)) = got.first() {
+                assert!(a.delivered && a.status == Some(200), "{a:?}");
+                assert_eq!(got.len(), 1, "{got:?}");
+                assert!(!id.is_empty());
+                break;
+            }
+            assert!(std::time::Instant::now() < end, "never recorded");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(posts.load(Ordering::SeqCst), 1);
+        assert!(store
+            .outbox_due(crate::engine::now_ms(), 10)
+            .unwrap()
+            .is_empty());
+        worker.abort();
+        receiver.abort();
     }
 }

@@ -110,6 +110,12 @@ pub trait Store: Send + Sync + 'static {
     fn outbox_due(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxEvent>, StoreError>;
     /// Records an attempt of event `id` (and when to retry, if at all).
     fn outbox_record(&self, id: &str, attempt: DeliveryAttempt) -> Result<(), StoreError>;
+    /// [`Store::outbox_record`] for async callers: a durable store resolves
+    /// it once the record is committed, without holding the caller's thread
+    /// for the commit (the webhook worker runs on the HTTP runtime).
+    fn outbox_record_async(&self, id: &str, attempt: DeliveryAttempt) -> StoreFuture<'static, ()> {
+        Box::pin(std::future::ready(self.outbox_record(id, attempt)))
+    }
     /// Resolves once everything written before it is durable (a durable
     /// store: committed). `check` awaits it so a `verified` answer is never
     /// sent for a state a crash could lose.

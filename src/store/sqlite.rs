@@ -1704,6 +1704,14 @@ impl Store for SqliteStore {
         .map(|_| ())
     }
 
+    fn outbox_record_async(&self, id: &str, attempt: DeliveryAttempt) -> StoreFuture<'static, ()> {
+        let f = self.send_async(Op::Delivery {
+            id: id.to_string(),
+            attempt,
+        });
+        Box::pin(async move { f.await.map(|_| ()) })
+    }
+
     fn flush(&self) -> StoreFuture<'_, ()> {
         let f = self.send_async(Op::Flush);
         Box::pin(async move { f.await.map(|_| ()) })
