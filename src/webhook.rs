@@ -14,6 +14,7 @@
 //! and URL handling assembled by hand.
 
 use base64::Engine as _;
+use futures_util::future::join_all;
 use hmac::{Hmac, Mac};
 use rand::Rng;
 use sha2::Sha256;
@@ -191,30 +192,34 @@ pub async fn run(
     let settings = Arc::new(settings);
     let concurrency = settings.concurrency.max(1);
     let mut in_flight: HashSet<String> = HashSet::new();
-    let mut tasks: JoinSet<(String, Option<DeliveryAttempt>)> = JoinSet::new();
+    let mut tasks: JoinSet<(String, Option<Unrecorded>)> = JoinSet::new();
     // Attempts made whose outcome the store could not record (full disk,
     // read-only database). Their events are still due in the store, so
     // without this the next poll sent them again at once, back to back
     // for as long as the disk stayed full. Each is recorded before its
     // event may go out again, and no new delivery starts while any is
-    // left: at most `concurrency` attempts are ever unrecorded.
+    // left: at most `concurrency` attempts are ever unrecorded. They live
+    // in memory only: at shutdown (the worker is aborted) their events are
+    // sent again after the next start, under the same webhook-id.
     let mut unrecorded: HashMap<String, DeliveryAttempt> = HashMap::new();
+    // The pause and resume lines, at most one of each per 10 s.
+    let mut paused_logged: Option<std::time::Instant> = None;
     loop {
         if !unrecorded.is_empty() {
-            let mut left = HashMap::new();
-            for (id, attempt) in unrecorded.drain() {
-                if store
-                    .outbox_record_async(&id, attempt.clone())
-                    .await
-                    .is_err()
-                {
-                    left.insert(id, attempt);
+            // All queued before any is awaited: they share one commit.
+            let tries: Vec<_> = unrecorded
+                .iter()
+                .map(|(id, attempt)| store.outbox_record_async(id, attempt.clone()))
+                .collect();
+            let ids: Vec<String> = unrecorded.keys().cloned().collect();
+            for (id, r) in ids.into_iter().zip(join_all(tries).await) {
+                if r.is_ok() {
+                    unrecorded.remove(&id);
                 }
             }
-            if left.is_empty() {
+            if unrecorded.is_empty() {
                 tracing::info!("webhooks: delivery attempts are recorded again; deliveries resume");
             }
-            unrecorded = left;
         }
         let free = if unrecorded.is_empty() {
             concurrency.saturating_sub(in_flight.len())
@@ -228,7 +233,7 @@ pub async fn run(
                 Ok(due) => {
                     let fresh: Vec<OutboxEvent> = due
                         .into_iter()
-                        .filter(|e| !in_flight.contains(&e.id) && !unrecorded.contains_key(&e.id))
+                        .filter(|e| !in_flight.contains(&e.id))
                         .take(free)
                         .collect();
                     for ev in fresh {
@@ -253,19 +258,27 @@ pub async fn run(
                 match done {
                     Ok((id, left)) => {
                         in_flight.remove(&id);
-                        if let Some(attempt) = left {
-                            if unrecorded.is_empty() {
-                                tracing::error!(%id, "webhooks: cannot record delivery attempts; deliveries pause until the store takes them");
+                        if let Some(Unrecorded { attempt, error }) = left {
+                            if unrecorded.is_empty()
+                                && paused_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+                            {
+                                paused_logged = Some(std::time::Instant::now());
+                                tracing::error!(%id, %error, "webhooks: cannot record delivery attempts; deliveries pause until the store takes them");
                             }
                             unrecorded.insert(id, attempt);
                         }
                     }
                     Err(e) => {
                         // A panicked delivery: its id is unknown here, so
-                        // start afresh rather than leak the slot.
+                        // start afresh rather than leak the slot, keeping
+                        // the outcomes of those that finished unrecorded.
                         tracing::error!(error = %e, "webhooks: a delivery task failed");
                         tasks.abort_all();
-                        while tasks.join_next().await.is_some() {}
+                        while let Some(r) = tasks.join_next().await {
+                            if let Ok((id, Some(u))) = r {
+                                unrecorded.insert(id, u.attempt);
+                            }
+                        }
                         in_flight.clear();
                     }
                 }
@@ -276,6 +289,12 @@ pub async fn run(
     }
 }
 
+/// An attempt the store refused to record, and why.
+struct Unrecorded {
+    attempt: DeliveryAttempt,
+    error: crate::store::StoreError,
+}
+
 /// One attempt of one event, recorded; the attempt back if the store
 /// could not record it.
 async fn deliver(
@@ -284,7 +303,7 @@ async fn deliver(
     endpoint: Option<&Endpoint>,
     settings: &Settings,
     ev: OutboxEvent,
-) -> Option<DeliveryAttempt> {
+) -> Option<Unrecorded> {
     let now = crate::engine::now_ms();
     let Some(ep) = endpoint.filter(|e| !e.disabled.load(Ordering::Relaxed)) else {
         // The endpoint answered 410 (or the project has no webhook any
@@ -365,13 +384,10 @@ async fn deliver(
 
 /// Records `attempt`, waiting for the commit without holding the thread;
 /// gives it back if the store refused it.
-async fn record(store: &dyn Store, id: &str, attempt: DeliveryAttempt) -> Option<DeliveryAttempt> {
+async fn record(store: &dyn Store, id: &str, attempt: DeliveryAttempt) -> Option<Unrecorded> {
     match store.outbox_record_async(id, attempt.clone()).await {
         Ok(()) => None,
-        Err(e) => {
-            tracing::debug!(id, error = %e, "webhooks: cannot record a delivery attempt");
-            Some(attempt)
-        }
+        Err(error) => Some(Unrecorded { attempt, error }),
     }
 }
 
@@ -769,30 +785,38 @@ mod tests {
             assert!(std::time::Instant::now() < end, "no delivery");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // A second event meanwhile waits: no new delivery starts while an
+        // outcome is unrecorded.
+        store.insert(pending("w", "p"), None).await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(
             posts.load(Ordering::SeqCst),
             1,
-            "sent again while unrecorded"
+            "sent while an outcome was unrecorded"
         );
         assert!(store.attempts.lock().unwrap().is_empty());
 
         // The store takes records again: the held outcome is recorded
-        // (delivered), and the event is not sent again.
+        // (delivered) without a second POST of its event, and then the
+        // waiting event goes out once.
         store.refuse.store(false, Ordering::SeqCst);
-        loop {
+        let got = loop {
             let got = store.attempts.lock().unwrap().clone();
-            if let Some((id, a)) = got.first() {
-                assert!(a.delivered && a.status == Some(200), "{a:?}");
-                assert_eq!(got.len(), 1, "{got:?}");
-                assert!(!id.is_empty());
-                break;
+            if got.len() >= 2 {
+                break got;
             }
-            assert!(std::time::Instant::now() < end, "never recorded");
+            assert!(std::time::Instant::now() < end, "recorded: {got:?}");
             tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        };
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(posts.load(Ordering::SeqCst), 1);
+        assert_eq!(store.attempts.lock().unwrap().len(), 2, "{got:?}");
+        assert!(
+            got.iter()
+                .all(|(_, a)| a.delivered && a.status == Some(200)),
+            "{got:?}"
+        );
+        assert_ne!(got[0].0, got[1].0, "two events, each recorded once");
+        assert_eq!(posts.load(Ordering::SeqCst), 2, "each event POSTed once");
         assert!(store
             .outbox_due(crate::engine::now_ms(), 10)
             .unwrap()

@@ -236,7 +236,9 @@ fn outbox_rows_follow_status_changes_in_the_same_transaction() {
     let later = s.outbox_due(now + 10_000_000, 100).unwrap();
     let again = later.iter().find(|x| x.id == e.id).expect("rescheduled");
     assert_eq!(again.attempts, 1);
-    s.outbox_record(
+    // The webhook worker's way (awaited, not blocking): resolved once
+    // committed, so the next read already sees the event ended.
+    block(s.outbox_record_async(
         &e.id,
         DeliveryAttempt {
             at_ms: now + 10_000,
@@ -245,13 +247,29 @@ fn outbox_rows_follow_status_changes_in_the_same_transaction() {
             next_attempt_ms: None,
             delivered: true,
         },
-    )
+    ))
     .unwrap();
     assert_eq!(s.outbox_due(FAR, 100).unwrap().len(), 2);
     drop(s);
     assert_eq!(count(&path, "SELECT count(*) FROM webhook_deliveries"), 2);
     // Events survive a restart (`a` is failed already: nothing new).
     let s = open(&path);
+    let due = s.outbox_due(FAR, 100).unwrap();
+    assert_eq!(due.len(), 2);
+    // A record the database cannot take is an error, and the event stays
+    // due (the worker holds the attempt and records it first later).
+    s.inject_fault(Fault::ReadOnly).unwrap();
+    let refused = block(s.outbox_record_async(
+        &due[0].id,
+        DeliveryAttempt {
+            at_ms: now + 20_000,
+            status: Some(200),
+            error: None,
+            next_attempt_ms: None,
+            delivered: true,
+        },
+    ));
+    assert!(refused.is_err(), "{refused:?}");
     assert_eq!(s.outbox_due(FAR, 100).unwrap().len(), 2);
 }
 
