@@ -330,6 +330,50 @@ impl Driver {
     }
 }
 
+impl Driver {
+    /// Closes the queued calls that shutdown leaves unplaced: each
+    /// verification becomes `failed` with call outcome `interrupted` now,
+    /// with its status change (and webhook event) written like any other.
+    /// Left `pending`, they waited for the next start's recovery to be
+    /// closed the same way, and the memory store lost them.
+    fn close_unplaced(&mut self) {
+        for t in 0..self.queues.len() {
+            while let Some(cmd) = self.queues[t].pop_front() {
+                self.shared.dequeued(t);
+                let trunk = self.shared.trunks[t].name.clone();
+                let mut before = Status::Pending;
+                let closed = self.store.update_status(&cmd.id, &mut |v| {
+                    before = v.status;
+                    if matches!(v.status, Status::Pending | Status::Calling) {
+                        v.call_ended(
+                            Outcome::Interrupted,
+                            // Never invited: no call times, as the next
+                            // start's recovery writes them.
+                            CallRecord {
+                                trunk: trunk.clone(),
+                                ..Default::default()
+                            },
+                        );
+                    }
+                });
+                match closed {
+                    Ok(Some(status)) if status != before => {
+                        self.trunk_metrics[t]
+                            .call(Outcome::Interrupted)
+                            .increment(1);
+                        m::verification(&cmd.project, status);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(id = %cmd.id, error = %e, "store update failed; an unplaced call was not closed")
+                    }
+                }
+            }
+            self.trunk_metrics[t].queue.set(0.0);
+        }
+    }
+}
+
 impl udp::App for Driver {
     fn poll(&mut self, now: Instant, ep: &mut Endpoint<StdRng>) -> Option<Instant> {
         self.shared.take_submitted(&mut self.swap);
@@ -352,12 +396,16 @@ impl udp::App for Driver {
                 tracing::info!(
                     in_flight = ep.active_calls(),
                     queued = waiting,
-                    "shutting down: cancelling calls in flight; queued calls are not placed"
+                    "shutting down: cancelling calls in flight; queued calls are not placed \
+                     and are closed as failed (interrupted)"
                 );
                 for h in ep.active_handles() {
                     ep.cancel_call(now, h);
                 }
             }
+            // Every poll of the grace period: creates that were waiting for
+            // their commit at the signal still submit their calls.
+            self.close_unplaced();
             return self.shutdown_at.map(|t| t + self.settings.shutdown_grace);
         }
 

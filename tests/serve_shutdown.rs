@@ -121,3 +121,51 @@ fn sigterm_on_an_idle_engine_exits_zero_quickly() {
     assert_refused(e.http, "HTTP");
     assert!(!e.log_text().contains("panicked"));
 }
+
+/// Calls still queued behind the trunk's CPS at SIGTERM are not placed,
+/// and their verifications are closed then (`failed`, call outcome
+/// `interrupted`, with their status-change rows), not left `pending` for
+/// the next start to find.
+#[test]
+fn sigterm_closes_the_calls_it_does_not_place() {
+    let dir = test_dir("shutdown-queued");
+    // One INVITE a second: of six creates made at once, the first goes out
+    // and the rest wait in the queue.
+    let sandbox = "[sandbox]\nenabled = true\ncps = 1\n";
+    let cfg = config(&dir, "+44770090XXXX\n", "", sandbox);
+    let mut e = Engine::start(&cfg);
+    let ids: Vec<String> = (0..6)
+        .map(|i| {
+            let v = e.create(json!({"phone": format!("+44791112350{i}"), "sender": "SHOP"}));
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let status = e
+        .terminate(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no exit 10 s after SIGTERM\n{}", e.log_text()));
+    assert!(status.success(), "exit {status}\n{}", e.log_text());
+
+    let db = rusqlite::Connection::open(dir.join("flashcall.db")).expect("open db");
+    let mut unplaced = 0;
+    for id in &ids {
+        let (st, outcome, invited): (String, Option<String>, Option<i64>) = db
+            .query_row(
+                "SELECT status, call_outcome, call_invited_at_ms FROM verifications WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("stored");
+        assert_ne!(st, "pending", "{id} left pending\n{}", e.log_text());
+        if invited.is_none() {
+            unplaced += 1;
+            assert_eq!(
+                (st.as_str(), outcome.as_deref()),
+                ("failed", Some("interrupted")),
+                "{id}"
+            );
+        }
+    }
+    // The queue held most of them (one INVITE a second), so the test is
+    // about those.
+    assert!(unplaced >= 3, "only {unplaced} were still queued");
+}
