@@ -402,6 +402,10 @@ impl udp::App for Driver {
                 for h in ep.active_handles() {
                     ep.cancel_call(now, h);
                 }
+                // The CANCELs go out at the end of this turn; the queues
+                // (up to 10 s of calls, a store update each) are closed on
+                // the next, at once.
+                return Some(now);
             }
             // Every poll of the grace period: creates that were waiting for
             // their commit at the signal still submit their calls.
@@ -488,7 +492,15 @@ impl udp::App for Driver {
 
     fn done(&self, ep: &Endpoint<StdRng>) -> bool {
         match self.shutdown_at {
-            Some(t) => ep.active_calls() == 0 || Instant::now() >= t + self.settings.shutdown_grace,
+            // Also until no queue place is taken: a create that was waiting
+            // for its commit at the signal still submits its call, which
+            // `close_unplaced` must see (bounded by the grace, as the calls
+            // in flight are).
+            Some(t) => {
+                let settled = ep.active_calls() == 0
+                    && (0..self.queues.len()).all(|q| self.shared.queued(q) == 0);
+                settled || Instant::now() >= t + self.settings.shutdown_grace
+            }
             None => false,
         }
     }

@@ -90,7 +90,10 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
 pub fn describe(projects: &[String], trunks: &[String]) {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(VERIFICATIONS, "Verifications entering each status");
-    describe_counter!(CALLS, "Flash calls by trunk and outcome");
+    describe_counter!(
+        CALLS,
+        "Flash calls by trunk and outcome (interrupted: not placed, or not finished, at shutdown)"
+    );
     describe_counter!(SIP_RESPONSES, "SIP responses received by trunk and code");
     describe_gauge!(CALLS_IN_FLIGHT, "Calls whose outcome is not known yet");
     describe_histogram!(

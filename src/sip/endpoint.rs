@@ -139,8 +139,9 @@ pub enum Outcome {
     Failed,
     Timeout,
     NoRinging,
-    /// The engine stopped (crash, kill -9) before the call's outcome was
-    /// known; set by the durable store at startup. The SIP core never
+    /// The engine stopped before the call's outcome was known: set by the
+    /// durable store at startup after a crash or kill -9, and by the
+    /// driver at shutdown for a call it did not place. The SIP core never
     /// produces it.
     Interrupted,
 }
