@@ -338,9 +338,9 @@ impl Driver {
     /// closed the same way, and the memory store lost them.
     fn close_unplaced(&mut self) {
         for t in 0..self.queues.len() {
+            let trunk = self.shared.trunks[t].name.clone();
             while let Some(cmd) = self.queues[t].pop_front() {
                 self.shared.dequeued(t);
-                let trunk = self.shared.trunks[t].name.clone();
                 let mut before = Status::Pending;
                 let closed = self.store.update_status(&cmd.id, &mut |v| {
                     before = v.status;

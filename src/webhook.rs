@@ -202,16 +202,17 @@ pub async fn run(
     // in memory only: at shutdown (the worker is aborted) their events are
     // sent again after the next start, under the same webhook-id.
     let mut unrecorded: HashMap<String, DeliveryAttempt> = HashMap::new();
-    // The pause and resume lines, at most one of each per 10 s.
+    // When the pause line was last logged: at most one per 10 s, for a
+    // disk that keeps filling and freeing (the resume line follows each
+    // pause once).
     let mut paused_logged: Option<std::time::Instant> = None;
     loop {
         if !unrecorded.is_empty() {
             // All queued before any is awaited: they share one commit.
-            let tries: Vec<_> = unrecorded
+            let (ids, tries): (Vec<String>, Vec<_>) = unrecorded
                 .iter()
-                .map(|(id, attempt)| store.outbox_record_async(id, attempt.clone()))
-                .collect();
-            let ids: Vec<String> = unrecorded.keys().cloned().collect();
+                .map(|(id, a)| (id.clone(), store.outbox_record_async(id, a.clone())))
+                .unzip();
             for (id, r) in ids.into_iter().zip(join_all(tries).await) {
                 if r.is_ok() {
                     unrecorded.remove(&id);
