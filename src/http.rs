@@ -10,8 +10,8 @@
 
 use axum::body::Body;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -52,6 +52,8 @@ pub struct AppState {
     pub verification: VerificationConfig,
     pub code_length: u8,
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive once its head is in.
+    pub read_timeout: std::time::Duration,
     /// Idempotency keys whose first request is still being handled.
     pub idem_in_flight: DashMap<(String, String), ()>,
 }
@@ -87,6 +89,7 @@ impl AppState {
             verification: cfg.verification.clone(),
             code_length: cfg.pool.code_length,
             max_body_bytes: cfg.http.max_body_bytes,
+            read_timeout: std::time::Duration::from_millis(cfg.http.read_timeout_ms),
             idem_in_flight: DashMap::new(),
         }
     }
@@ -267,9 +270,46 @@ fn auth<'a>(st: &'a AppState, headers: &HeaderMap) -> Result<&'a Project, ApiErr
 
 /// The JSON body, with the errors SPEC §5 names: 415 without a JSON
 /// content type, 413 over the size limit, 400 for anything unparsable.
+/// A request body, read within `http.read_timeout_ms` (413 over the size
+/// limit, 408 too slow). hyper's header timeout ends with the head: without
+/// this, a client that announced a body and sent part of it held the
+/// handler, its connection and a shutdown's drain for as long as it liked.
+pub struct TimedBody(Result<Bytes, ApiError>);
+
+impl FromRequest<Arc<AppState>> for TimedBody {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(req: Request<Body>, st: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let limit = st.read_timeout;
+        // Where the body came with the head (nearly always), the read is
+        // ready at its first poll and the timer is never armed.
+        let read = match tokio::time::timeout(limit, Bytes::from_request(req, st)).await {
+            Ok(Ok(b)) => Ok(b),
+            Ok(Err(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the request body is over the size limit",
+            )),
+            Ok(Err(e)) => Err(ApiError::bad(
+                "invalid_request",
+                format!("cannot read the body: {e}"),
+            )),
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} ms (http.read_timeout_ms)",
+                    limit.as_millis()
+                ),
+            )),
+        };
+        Ok(TimedBody(read))
+    }
+}
+
 fn json_body<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: TimedBody,
 ) -> Result<(T, Bytes), ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
@@ -283,17 +323,7 @@ fn json_body<T: serde::de::DeserializeOwned>(
             format!("expected Content-Type: application/json, got {ct:?}"),
         ));
     }
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "the request body is over the size limit",
-            )
-        } else {
-            ApiError::bad("invalid_request", format!("cannot read the body: {e}"))
-        }
-    })?;
+    let body = body.0?;
     let v = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad("invalid_request", format!("invalid JSON body: {e}")))?;
     Ok((v, body))
@@ -359,11 +389,7 @@ impl Drop for IdemGuard {
     }
 }
 
-async fn create(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult {
+async fn create(State(st): State<Arc<AppState>>, headers: HeaderMap, body: TimedBody) -> ApiResult {
     let project = auth(&st, &headers)?;
     st.limits.check_project(&project.login)?;
     let (req, raw): (CreateBody, Bytes) = json_body(&headers, body)?;
@@ -660,7 +686,7 @@ async fn check(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    body: TimedBody,
 ) -> ApiResult {
     let project = auth(&st, &headers)?;
     let (req, _): (CheckBody, Bytes) = json_body(&headers, body)?;

@@ -10,7 +10,8 @@
 //!   Call-ID digits), `timers` (FIFO lanes + heap fallback, one entry per
 //!   call), `digest` (MD5 / SHA-256 / SHA-512-256).
 //! - `io/` — the only code with sockets and real time: `udp` (the driver
-//!   loop feeding the core) and `rtp` (early-media sink on the SDP port).
+//!   loop feeding the core), `rtp` (early-media sink on the SDP port) and
+//!   `http` (the accept loop: read time limit, bounded drain at shutdown).
 //! - `config` — `flashcall.toml` into a validated typed `Config`.
 //! - `phone` — is a number valid for its country: the `phonenumber`
 //!   crate's answer, replayed on its metadata without its general parser

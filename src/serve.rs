@@ -4,7 +4,6 @@
 //! gracefully on SIGTERM / SIGINT.
 
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -339,11 +338,17 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             }
         }),
     );
-    let metrics_server = tokio::spawn(async move {
-        if let Err(e) = axum::serve(metrics_listener, metrics_app).await {
-            tracing::error!(error = %e, "metrics listener failed");
-        }
-    });
+    let limits = crate::io::http::Limits {
+        header_timeout: Duration::from_millis(cfg.http.read_timeout_ms),
+        drain: Duration::from_millis(cfg.shutdown.grace_ms),
+    };
+    // Scrapes are not drained: the task is aborted at exit.
+    let metrics_server = tokio::spawn(crate::io::http::serve(
+        metrics_listener,
+        metrics_app,
+        limits,
+        std::future::pending(),
+    ));
 
     // The bound addresses (a port of 0 in the config is resolved here):
     // tests and scripts read this line to find the engine.
@@ -354,24 +359,19 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         "flashcall serving"
     );
     let stop = shared.clone();
-    // TCP_NODELAY: a response goes out as it is written. With Nagle on, a
-    // write smaller than a segment while earlier data is unacknowledged
-    // waits for the peer's ACK, which a delayed ACK holds back 40-200 ms
-    // on Linux (a response written in more than one write, or pipelined).
-    let http_listener = http_listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "http: cannot set TCP_NODELAY");
-        }
-    });
-    let served = axum::serve(http_listener, http::router(state))
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            tracing::info!("shutdown requested: no new requests");
-            stop.shutdown();
-        })
-        .await;
-    if let Err(e) = served {
-        tracing::error!(error = %e, "HTTP listener failed");
+    // The drain and the SIP driver's grace both start at the signal, so a
+    // shutdown takes at most the grace (and the last commit) in all.
+    let cut = crate::io::http::serve(http_listener, http::router(state), limits, async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested: no new requests");
+        stop.shutdown();
+    })
+    .await;
+    if cut > 0 {
+        tracing::warn!(
+            connections = cut,
+            "shutdown grace ended with HTTP requests still in progress; their connections were closed"
+        );
     }
     shared.shutdown();
     let left = tokio::task::spawn_blocking(move || sip_thread.join())

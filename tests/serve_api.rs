@@ -10,7 +10,7 @@ mod support;
 
 use serde_json::{json, Value};
 use std::time::Duration;
-use support::{config, id_of, test_dir, Engine, Resp, LOGIN, SANDBOX, SECRET};
+use support::{config, id_of, test_dir, with_http_keys, Engine, Resp, LOGIN, SANDBOX, SECRET};
 
 const POOL: &str = "+44770090XXXX\n";
 const CREATE: &str = "/v1/verifications";
@@ -1112,4 +1112,69 @@ fn response_shape() {
         .post(CREATE, &json!({"phone": "nope", "sender": "SHOP"}))
         .assert_problem(400, "invalid_phone");
     assert!(p["detail"].as_str().unwrap().contains("nope"), "{p}");
+}
+
+/// Reads until the server closes the connection (or `limit`, which fails
+/// the test): what it sent before closing.
+fn read_until_closed(s: &mut std::net::TcpStream, limit: Duration, what: &str) -> String {
+    use std::io::Read;
+    s.set_read_timeout(Some(limit)).expect("read timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!(
+                "{what}: still open after {limit:?} ({e}); read so far: {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A client that stalls mid-request is cut off after `http.read_timeout_ms`
+/// (before, such a connection stayed open for ever): half a request head,
+/// closed without an answer; a head whose body stops short, 408
+/// `request_timeout`; an idle keep-alive connection, closed. The engine
+/// answers others meanwhile.
+#[test]
+fn clients_that_stall_mid_request_are_cut_off() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let dir = test_dir("api-read-timeout");
+    let cfg = config(&dir, POOL, SANDBOX, "");
+    with_http_keys(&cfg, "read_timeout_ms = 300", 3000);
+    let e = Engine::start(&cfg);
+    let (mut half_head, mut short_body) = support::stalled_requests(e.http);
+    let mut idle = TcpStream::connect(e.http).expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: flashcall\r\n\r\n")
+        .expect("write");
+
+    // Meanwhile the engine serves: the stalled ones hold nothing up.
+    let v = e.create(json!({"phone": "+447911123499", "sender": "SHOP"}));
+    assert_eq!(v["status"], "pending", "{v}");
+
+    // Ten times the limit: a bound on the wait, not a measure of speed.
+    let limit = Duration::from_secs(3);
+    let got = read_until_closed(&mut half_head, limit, "half a request head");
+    assert_eq!(got, "", "half a request head: answered {got:?}");
+    let got = read_until_closed(&mut short_body, limit, "a body that stops short");
+    assert!(got.starts_with("HTTP/1.1 408 "), "{got}");
+    assert!(got.contains("request_timeout"), "{got}");
+    let got = read_until_closed(&mut idle, limit, "an idle keep-alive connection");
+    assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+
+    // The 408 is counted like any answer.
+    let m = e.metrics_text();
+    assert!(
+        m.lines().any(
+            |l| l.starts_with("flashcall_http_requests_total{") && l.contains("status=\"408\"")
+        ),
+        "no 408 counted:\n{m}"
+    );
+    let healthy = e.request("GET", "/healthz", None, &[], None);
+    assert_eq!(healthy.status, 200);
 }

@@ -1,7 +1,8 @@
 //! Graceful shutdown of a real `flashcall serve`: SIGTERM while calls ring
 //! at a SIPp callee CANCELs every one of them properly (SIPp, not the
 //! engine, says each call ended with CANCEL, 487 and its ACK), exits 0 in
-//! bounded time, and closes the listeners; an idle engine exits 0 at once.
+//! bounded time, and closes the listeners; an idle engine exits 0 at once;
+//! clients that stall mid-request do not hold the exit past the grace.
 
 mod support;
 
@@ -9,7 +10,7 @@ use serde_json::json;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 use support::sipp::{scenario, Sipp};
-use support::{config, test_dir, Engine, SANDBOX};
+use support::{config, test_dir, with_http_keys, Engine, SANDBOX};
 
 /// One sample of an unlabelled-or-labelled counter, by exact line prefix.
 fn metric(text: &str, series: &str) -> f64 {
@@ -168,4 +169,53 @@ fn sigterm_closes_the_calls_it_does_not_place() {
     // The queue held most of them (one INVITE a second), so the test is
     // about those.
     assert!(unplaced >= 3, "only {unplaced} were still queued");
+}
+
+/// Requests still in progress at SIGTERM get the grace to finish, and no
+/// more: a client that sent half a request head, and one whose body stops
+/// short, are cut off when it ends. Before, the drain waited for them, and
+/// the process never exited. The read timeout is set far beyond the test,
+/// so only the grace can end them.
+#[test]
+fn sigterm_does_not_wait_for_stalled_requests_past_the_grace() {
+    use std::io::Read;
+    let dir = test_dir("shutdown-stalled");
+    let cfg = config(&dir, "+44770090XXXX\n", SANDBOX, "");
+    with_http_keys(&cfg, "read_timeout_ms = 600000", 1000);
+    let mut e = Engine::start(&cfg);
+    let (half_head, short_body) = support::stalled_requests(e.http);
+    // A complete request on a third connection, answered: the engine has
+    // accepted (and is reading) the two before it.
+    assert_eq!(e.request("GET", "/healthz", None, &[], None).status, 200);
+
+    let status = e.terminate(Duration::from_secs(15)).unwrap_or_else(|| {
+        panic!(
+            "no exit 15 s after SIGTERM with a 1 s grace\n{}",
+            e.log_text()
+        )
+    });
+    assert!(status.success(), "exit {status}\n{}", e.log_text());
+    let log = e.log_text();
+    assert!(
+        log.contains("HTTP requests still in progress") && log.contains("connections=2"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    // Both were closed, not answered.
+    for (mut s, what) in [(half_head, "half head"), (short_body, "short body")] {
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut got = Vec::new();
+        match s.read_to_end(&mut got) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("{what}: {e}"),
+        }
+        assert!(
+            got.is_empty(),
+            "{what}: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    assert_refused(e.http, "HTTP");
 }

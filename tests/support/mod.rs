@@ -118,6 +118,40 @@ senders = [{{ code = "OTHER", status = "active" }}]
     path
 }
 
+/// The config the harness writes, with `[http]` and `[shutdown]` keys set.
+pub fn with_http_keys(cfg: &Path, http: &str, grace_ms: u64) {
+    let text = std::fs::read_to_string(cfg).expect("read config");
+    let text = text
+        .replacen(
+            "[http]\nlisten = \"127.0.0.1:0\"\n",
+            &format!("[http]\nlisten = \"127.0.0.1:0\"\n{http}\n"),
+            1,
+        )
+        .replacen("grace_ms = 3000", &format!("grace_ms = {grace_ms}"), 1);
+    std::fs::write(cfg, text).expect("write config");
+}
+
+/// Two clients that stall mid-request, on connections of their own: one
+/// sent half a request head; the other a create's whole head (as the test
+/// project) and the first bytes of a body 100 bytes long.
+pub fn stalled_requests(http: SocketAddr) -> (std::net::TcpStream, std::net::TcpStream) {
+    use base64::Engine as _;
+    use std::io::Write;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{LOGIN}:{SECRET}"));
+    let mut half_head = std::net::TcpStream::connect(http).expect("connect");
+    half_head
+        .write_all(b"POST /v1/verifications HTTP/1.1\r\nHost: flashcall\r\n")
+        .expect("write");
+    let mut short_body = std::net::TcpStream::connect(http).expect("connect");
+    write!(
+        short_body,
+        "POST /v1/verifications HTTP/1.1\r\nHost: flashcall\r\nAuthorization: Basic {auth}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"phone\":"
+    )
+    .expect("write");
+    (half_head, short_body)
+}
+
 pub const SANDBOX: &str = "[sandbox]\nenabled = true\n";
 
 /// A per-test directory under cargo's test tmpdir.
