@@ -89,9 +89,13 @@ pub async fn serve(
     // No new connections from here: the listener closes now, so a client
     // is refused at once rather than left in the accept queue.
     drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(limits.drain) => {}
+    let drained = tokio::select! {
+        () = graceful.shutdown() => true,
+        () = tokio::time::sleep(limits.drain) => false,
+    };
+    if drained {
+        // Every connection has ended (a task may not have noticed yet).
+        return 0;
     }
     // Connections whose tasks ended after the last reap are not counted.
     while conns.try_join_next().is_some() {}
