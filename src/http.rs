@@ -505,7 +505,6 @@ async fn create(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Timed
         ),
         Unavailable::ShuttingDown => ApiError::overloaded("the engine is shutting down", 5),
     })?;
-    st.limits.check_phone(phone_num)?;
     // ThreadRng is not Send: it lives only in this block, never across an
     // await. It is a CSPRNG (ChaCha, seeded from the OS), as codes need.
     let (picked, id) = {
@@ -515,16 +514,27 @@ async fn create(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Timed
                 Ok(p) => p,
                 Err(p) => p.into_inner(),
             };
-            pool.pick(req.code.as_deref(), Instant::now(), &mut rng)
-        }
-        .map_err(|e| match e {
-            PickError::NoNumberForCode(c) => ApiError::new(
-                StatusCode::CONFLICT,
-                "no_number_for_code",
-                format!("no caller number ending in {c} is available now"),
-            ),
-            PickError::Exhausted => ApiError::overloaded("every caller number is cooling down", 1),
-        })?;
+            // The number first, used only once the destination's limit
+            // passes: a send counted by the per-phone limit cannot be
+            // given back (governor has no refund), so a 409 or 503 from
+            // the pool must come before it, and a 429 must use no number
+            // (with a cooldown, a client sending to a phone at its limit
+            // would block numbers it never called).
+            let choice = pool
+                .choose(req.code.as_deref(), Instant::now(), &mut rng)
+                .map_err(|e| match e {
+                    PickError::NoNumberForCode(c) => ApiError::new(
+                        StatusCode::CONFLICT,
+                        "no_number_for_code",
+                        format!("no caller number ending in {c} is available now"),
+                    ),
+                    PickError::Exhausted => {
+                        ApiError::overloaded("every caller number is cooling down", 1)
+                    }
+                })?;
+            st.limits.check_phone(phone_num)?;
+            pool.take_choice(choice)
+        };
         (picked, crate::verification::new_id(now, &mut rng))
     };
     let v = Verification {

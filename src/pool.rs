@@ -159,6 +159,15 @@ pub struct Picked {
     pub index: u32,
 }
 
+/// A number [`Pool::choose`] found available, not used yet.
+#[derive(Debug)]
+#[must_use = "a choice uses no number until it is taken"]
+pub struct Choice {
+    bucket: usize,
+    /// The use's stamp: `now` rounded up, as [`Pool::pick`] stamps it.
+    now_ms: u64,
+}
+
 /// One parsed entry line, before expansion: the numbers `lo ..= lo + 10^xs - 1`.
 struct Entry {
     lo: u64,
@@ -442,6 +451,23 @@ impl Pool {
         now: Instant,
         rng: &mut impl Rng,
     ) -> Result<Picked, PickError> {
+        let choice = self.choose(code, now, rng)?;
+        Ok(self.take_choice(choice))
+    }
+
+    /// [`Pool::pick`] in two steps: which number, without using it, so a
+    /// create can run its other checks between the two and use no number
+    /// when one refuses it (a number taken is rotated and, with a cooldown,
+    /// blocked: a client sending to a phone at its limit would otherwise
+    /// block numbers it never called). Pass the choice to
+    /// [`Pool::take_choice`] before anything else uses the pool (the HTTP
+    /// handler holds the pool's lock across both); dropping it uses nothing.
+    pub fn choose(
+        &mut self,
+        code: Option<&str>,
+        now: Instant,
+        rng: &mut impl Rng,
+    ) -> Result<Choice, PickError> {
         let (now_floor, now_ceil) = self.clock(now);
         let bucket = match code {
             Some(code) => self
@@ -452,7 +478,16 @@ impl Pool {
                 .draw_bucket(now_floor, rng)
                 .ok_or(PickError::Exhausted)?,
         };
-        Ok(self.take(bucket, now_ceil))
+        Ok(Choice {
+            bucket,
+            now_ms: now_ceil,
+        })
+    }
+
+    /// Uses the number `choice` stands for: stamps it and rotates it to
+    /// the back of its bucket.
+    pub fn take_choice(&mut self, choice: Choice) -> Picked {
+        self.take(choice.bucket, choice.now_ms)
     }
 
     /// Milliseconds since the epoch, floored (for "is it cool yet": never
@@ -1061,6 +1096,27 @@ mod tests {
         assert!(p.pick(Some("0123"), t0 + ms(5000), &mut r).is_ok());
         assert_eq!(p.pick(Some("0123"), t0 + ms(5000), &mut r), blocked);
         assert!(p.pick(Some("0123"), t0 + ms(10_000), &mut r).is_ok());
+    }
+
+    #[test]
+    fn a_choice_not_taken_uses_no_number() {
+        // One number ends in 0123, under a cooldown; two end in 0007.
+        let mut p = pool("+447700900123\n+447700900007\n+447700910007\n", 4);
+        p.set_cooldown(Duration::from_secs(5));
+        let (t0, mut r) = (Instant::now(), rng(6));
+        for _ in 0..3 {
+            let _ = p.choose(Some("0123"), t0, &mut r).unwrap();
+        }
+        // Still free: the choices above neither stamped nor rotated it.
+        let c = p.choose(Some("0123"), t0, &mut r).unwrap();
+        assert_eq!(p.take_choice(c).number, "+447700900123");
+        assert!(p.choose(Some("0123"), t0 + ms(1), &mut r).is_err());
+        // Nor did they rotate a bucket: an untaken choice leaves the next
+        // pick where it was.
+        let first = p.pick(Some("0007"), t0, &mut r).unwrap().number;
+        let _ = p.choose(Some("0007"), t0, &mut r).unwrap();
+        let second = p.pick(Some("0007"), t0, &mut r).unwrap().number;
+        assert_ne!(first, second);
     }
 
     #[test]

@@ -827,6 +827,72 @@ fn overloaded_creates_do_not_use_the_per_phone_allowance() {
     );
 }
 
+/// The pool's refusals (409 no number for the code, 503 every number
+/// cooling down) come before the per-phone limit, so they use none of the
+/// destination's allowance; and a 429 from that limit uses no number.
+/// Before, the limit counted first: one 409 or 503 locked a destination
+/// with `max = 1` out for its whole window. (Taking the number before the
+/// limit, the other way round, would let a client sending to a phone at
+/// its limit block a number per refused request.)
+#[test]
+fn pool_refusals_and_phone_limits_use_nothing_of_each_other() {
+    let dir = test_dir("api-pool-vs-phone");
+    // Two numbers, 0001 and 0002, each cooling 5 s after a use.
+    let cfg = config(
+        &dir,
+        "+447700900001\n+447700900002\n",
+        SANDBOX,
+        "[limits.per_phone]\nmax = 1\nper_secs = 600\n",
+    );
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(
+        &cfg,
+        text.replacen("[pool]\n", "[pool]\nnumber_cooldown_ms = 5000\n", 1),
+    )
+    .expect("config");
+    let e = Engine::start(&cfg);
+    let to = |phone: &str, code: Option<&str>| match code {
+        Some(c) => json!({"phone": phone, "sender": "SHOP", "code": c}),
+        None => json!({"phone": phone, "sender": "SHOP"}),
+    };
+    for _ in 0..3 {
+        e.post(CREATE, &to("+447700900123", Some("1234")))
+            .assert_problem(409, "no_number_for_code");
+    }
+    // The destination still has its one send.
+    let v = e.create(to("+447700900123", Some("0001")));
+    assert_eq!(v["code"], "0001", "{v}");
+    // Now at its limit: refused three times, with no number used ...
+    for _ in 0..3 {
+        e.post(CREATE, &to("+447700900123", None))
+            .assert_problem(429, "rate_limited");
+    }
+    // ... so 0002 is still free for another destination (`create` asserts
+    // the 201; had a 429 taken 0002, this would be a 503); then the pool is
+    // out (both cool for 5 s): 503.
+    e.create(to("+447700900124", None));
+    e.post(CREATE, &to("+447700900125", None))
+        .assert_problem(503, "overloaded");
+    // Retried until a number is free again: 503s, then 201. Had the 503s
+    // counted, the retry would be a 429 (max = 1).
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = e.post(CREATE, &to("+447700900125", None));
+        if r.status == 201 {
+            break;
+        }
+        r.assert_problem(503, "overloaded");
+        assert!(std::time::Instant::now() < end, "no number free in 15 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let m = e.metrics_text();
+    assert_eq!(
+        metric(&m, "flashcall_rate_limited_total", &[("scope", "phone")]),
+        3.0,
+        "{m}"
+    );
+}
+
 // ---------------------------------------------------------------- lifecycle
 
 #[test]
