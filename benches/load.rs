@@ -191,7 +191,7 @@ impl Opts {
             self.http_workers
                 .map_or("default".into(), |n| n.to_string()),
             self.sip_window_us
-                .map_or("default (1000 µs)".into(), |w| format!("{w} µs")),
+                .map_or("default (500 µs)".into(), |w| format!("{w} µs")),
             self.sip_realtime
                 .map_or("default (off)".into(), |p| p.to_string()),
         )

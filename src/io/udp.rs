@@ -15,8 +15,8 @@
 //!   in the last 10 ms), after a turn that received anything, the loop does
 //!   not wait for readability (which would wake it again for the very next
 //!   datagram, ~16 000 times a second at 4 000 calls/s) but sleeps until the
-//!   next tick (the batch window: [`COALESCE`] unless configured otherwise,
-//!   `sip.batch_window_us`) at most, and then takes everything that queued up
+//!   next tick (the batch window: `sip.batch_window_us` for `serve`,
+//!   [`COALESCE`] for `dial`) at most, and then takes everything that queued up
 //!   meanwhile in one go. This is interrupt coalescing as network cards and
 //!   Linux NAPI do it: on an idle socket the first datagram still wakes the
 //!   loop at once; under load the wake-ups are bounded by the tick rate, not
@@ -28,9 +28,8 @@
 //!   while datagrams keep coming, and the loop yields to the runtime after it
 //!   so other tasks on the thread run every tick; an [`App::waker`] wake-up
 //!   waits at most that tick. The price is at most one window of extra
-//!   latency on a busy socket: with the default 1 ms, nothing for a flash
-//!   call whose ringing is measured in seconds; a longer window delays new
-//!   INVITEs and every CANCEL by as much. A busy-poll window was the other candidate and was
+//!   latency on a busy socket: a window's wait for a new INVITE and for
+//!   the CANCEL after a 180 (500 µs by default in `serve`). A busy-poll window was the other candidate and was
 //!   rejected: spinning is CPU time, which is what this loop must save, and on
 //!   a 2-core machine the spinner takes the core the peer needs to answer.
 //! * **recvmmsg / sendmmsg.** One system call moves up to [`BATCH`] datagrams
@@ -97,18 +96,17 @@ pub struct DriverStats {
 
 /// Datagrams per recvmmsg / sendmmsg call.
 pub const BATCH: usize = 32;
-/// The default batch window: the longest a busy loop leaves queued
-/// datagrams waiting (see module docs; `sip.batch_window_us` in the config).
+/// `flashcall dial`'s batch window: the longest a busy loop leaves queued
+/// datagrams waiting (see module docs). `serve` takes its window from
+/// `sip.batch_window_us`, 500 µs by default since session 10 (see
+/// `config::SipConfig`), for the 180 -> CANCEL delay.
 ///
-/// Why 1 ms: a longer tick saves CPU but a 180 may wait out the whole tick
-/// before its CANCEL, and issue 5 asks for 180 -> CANCEL p99 <= 1 ms,
-/// measured from the 180's arrival on the socket (kernel timestamps, see
-/// [`RecvBatch`]). Measured with `flashcall dial` against SIPp (20,000 calls
-/// at 4,000/s, four interleaved runs each): 1 ms 29.5–34.5 µs CPU per call
-/// and 0.23 context switches per call; 2 ms 28.5–32.5 and 0.12; 4 ms
-/// 27.5–29 and 0.065. 1 ms already keeps the SIP-only CPU near a third of
-/// SIPp's, so the few µs a longer tick would save are not worth a 180 ->
-/// CANCEL delay of up to 4 ms.
+/// Why 1 ms for `dial`, a load tool whose target is CPU (issue 5: at most
+/// half of SIPp's per call): measured with `flashcall dial` against SIPp
+/// (20,000 calls at 4,000/s, four interleaved runs each), 1 ms 29.5–34.5
+/// µs CPU per call and 0.23 context switches per call; 2 ms 28.5–32.5 and
+/// 0.12; 4 ms 27.5–29 and 0.065. 1 ms already keeps it near a third of
+/// SIPp's, and a 180 waits at most about a millisecond for its CANCEL.
 pub const COALESCE: Duration = Duration::from_millis(1);
 /// Receive buffer asked of the kernel (capped there by net.core.rmem_max).
 const RECV_BUFFER: usize = 4 << 20;
