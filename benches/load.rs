@@ -190,8 +190,13 @@ impl Opts {
             "HTTP workers {}, SIP batch window {}, realtime priority {}",
             self.http_workers
                 .map_or("default".into(), |n| n.to_string()),
-            self.sip_window_us
-                .map_or("default (500 µs)".into(), |w| format!("{w} µs")),
+            self.sip_window_us.map_or_else(
+                || {
+                    let w = flashcall::config::SipConfig::default().batch_window_us;
+                    format!("default ({w} µs)")
+                },
+                |w| format!("{w} µs"),
+            ),
             self.sip_realtime
                 .map_or("default (off)".into(), |p| p.to_string()),
         )

@@ -388,7 +388,8 @@ impl Default for SandboxConfig {
 pub struct ShutdownConfig {
     /// How long a SIGTERM waits for in-flight calls to be cancelled, and
     /// for HTTP requests in progress to be answered; connections still
-    /// open after it are closed.
+    /// open after it are closed. 0 closes them at the signal; at most 10
+    /// minutes.
     pub grace_ms: u64,
 }
 
@@ -554,6 +555,10 @@ impl Config {
         }
         if self.http.workers > 1024 {
             return bad("http.workers", "must be 0 (one per core but one) to 1024");
+        }
+        if self.shutdown.grace_ms > 600_000 {
+            // It bounds how long a SIGTERM can take: calls and HTTP alike.
+            return bad("shutdown.grace_ms", "must be 0 to 600000 (10 minutes)");
         }
         if !(100..=3_600_000).contains(&self.http.read_timeout_ms) {
             return bad("http.read_timeout_ms", "must be 100 to 3600000 (an hour)");
@@ -843,6 +848,7 @@ mod tests {
             ("[sip]\nbatch_window_us = 100001", "sip.batch_window_us"),
             ("[http]\nworkers = 1025", "http.workers"),
             ("[http]\nread_timeout_ms = 0", "http.read_timeout_ms"),
+            ("[shutdown]\ngrace_ms = 600001", "shutdown.grace_ms"),
             ("[http]\nread_timeout_ms = 3600001", "http.read_timeout_ms"),
             ("[sip]\nrealtime_priority = 100", "sip.realtime_priority"),
             ("[pool]\ncode_length = 0", "pool.code_length"),

@@ -560,8 +560,9 @@ pub async fn run(
         .iter()
         .map(|t| {
             // A burst of 10 ms worth of calls: more than the driver's
-            // default coalescing tick (udp::COALESCE; a window configured
-            // longer than 10 ms paces calls in bursts per tick instead), and
+            // coalescing tick (`sip.batch_window_us`, 500 µs by default; a
+            // window configured longer than 10 ms paces calls in bursts per
+            // tick instead), and
             // a burst of 1 at high CPS would wake it once per call.
             let cps = NonZeroU32::new(t.cps).unwrap_or(NonZeroU32::MIN);
             let burst = NonZeroU32::new((t.cps / 100).max(1)).unwrap_or(NonZeroU32::MIN);

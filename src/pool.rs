@@ -159,13 +159,23 @@ pub struct Picked {
     pub index: u32,
 }
 
-/// A number [`Pool::choose`] found available, not used yet.
-#[derive(Debug)]
+/// A number [`Pool::choose`] found available, not used yet. It borrows
+/// the pool, so nothing else can use the pool before it is taken (or
+/// dropped, which uses nothing).
 #[must_use = "a choice uses no number until it is taken"]
-pub struct Choice {
+pub struct Choice<'p> {
+    pool: &'p mut Pool,
     bucket: usize,
     /// The use's stamp: `now` rounded up, as [`Pool::pick`] stamps it.
     now_ms: u64,
+}
+
+impl Choice<'_> {
+    /// Uses the chosen number: stamps it and rotates it to the back of its
+    /// bucket.
+    pub fn take(self) -> Picked {
+        self.pool.take(self.bucket, self.now_ms)
+    }
 }
 
 /// One parsed entry line, before expansion: the numbers `lo ..= lo + 10^xs - 1`.
@@ -451,23 +461,21 @@ impl Pool {
         now: Instant,
         rng: &mut impl Rng,
     ) -> Result<Picked, PickError> {
-        let choice = self.choose(code, now, rng)?;
-        Ok(self.take_choice(choice))
+        Ok(self.choose(code, now, rng)?.take())
     }
 
     /// [`Pool::pick`] in two steps: which number, without using it, so a
     /// create can run its other checks between the two and use no number
     /// when one refuses it (a number taken is rotated and, with a cooldown,
     /// blocked: a client sending to a phone at its limit would otherwise
-    /// block numbers it never called). Pass the choice to
-    /// [`Pool::take_choice`] before anything else uses the pool (the HTTP
-    /// handler holds the pool's lock across both); dropping it uses nothing.
+    /// block numbers it never called). [`Choice::take`] uses the number;
+    /// dropping the choice uses nothing.
     pub fn choose(
         &mut self,
         code: Option<&str>,
         now: Instant,
         rng: &mut impl Rng,
-    ) -> Result<Choice, PickError> {
+    ) -> Result<Choice<'_>, PickError> {
         let (now_floor, now_ceil) = self.clock(now);
         let bucket = match code {
             Some(code) => self
@@ -479,15 +487,10 @@ impl Pool {
                 .ok_or(PickError::Exhausted)?,
         };
         Ok(Choice {
+            pool: self,
             bucket,
             now_ms: now_ceil,
         })
-    }
-
-    /// Uses the number `choice` stands for: stamps it and rotates it to
-    /// the back of its bucket.
-    pub fn take_choice(&mut self, choice: Choice) -> Picked {
-        self.take(choice.bucket, choice.now_ms)
     }
 
     /// Milliseconds since the epoch, floored (for "is it cool yet": never
@@ -1100,23 +1103,24 @@ mod tests {
 
     #[test]
     fn a_choice_not_taken_uses_no_number() {
-        // One number ends in 0123, under a cooldown; two end in 0007.
+        // Under a cooldown, an untaken choice does not stamp: one number
+        // ends in 0123.
         let mut p = pool("+447700900123\n+447700900007\n+447700910007\n", 4);
         p.set_cooldown(Duration::from_secs(5));
         let (t0, mut r) = (Instant::now(), rng(6));
         for _ in 0..3 {
-            let _ = p.choose(Some("0123"), t0, &mut r).unwrap();
+            drop(p.choose(Some("0123"), t0, &mut r).unwrap());
         }
-        // Still free: the choices above neither stamped nor rotated it.
-        let c = p.choose(Some("0123"), t0, &mut r).unwrap();
-        assert_eq!(p.take_choice(c).number, "+447700900123");
+        let taken = p.choose(Some("0123"), t0, &mut r).unwrap().take();
+        assert_eq!(taken.number, "+447700900123");
         assert!(p.choose(Some("0123"), t0 + ms(1), &mut r).is_err());
-        // Nor did they rotate a bucket: an untaken choice leaves the next
-        // pick where it was.
+        // Without one, an untaken choice does not rotate either: two numbers
+        // end in 0007, so after a pick the next pick is the other one.
+        p.set_cooldown(Duration::ZERO);
         let first = p.pick(Some("0007"), t0, &mut r).unwrap().number;
-        let _ = p.choose(Some("0007"), t0, &mut r).unwrap();
+        drop(p.choose(Some("0007"), t0, &mut r).unwrap());
         let second = p.pick(Some("0007"), t0, &mut r).unwrap().number;
-        assert_ne!(first, second);
+        assert_ne!(first, second, "the untaken choice rotated the bucket");
     }
 
     #[test]

@@ -370,7 +370,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     if cut > 0 {
         tracing::warn!(
             connections = cut,
-            "shutdown grace ended with HTTP requests still in progress; their connections were closed"
+            "shutdown grace ended with HTTP connections still open (a request in progress, or half of one); closed them"
         );
     }
     shared.shutdown();

@@ -172,36 +172,68 @@ fn sigterm_closes_the_calls_it_does_not_place() {
 }
 
 /// Requests still in progress at SIGTERM get the grace to finish, and no
-/// more: a client that sent half a request head, and one whose body stops
-/// short, are cut off when it ends. Before, the drain waited for them, and
-/// the process never exited. The read timeout is set far beyond the test,
-/// so only the grace can end them.
+/// more. A create whose body was half sent at the signal and completes
+/// within the grace is answered (503: the engine takes no new calls once
+/// shutting down); a client that sent half a request head, and one whose
+/// body stops short, are cut off when the grace ends. Before, the drain
+/// waited for them, and the process never exited. The read timeout is set
+/// far beyond the test, so only the grace can end them.
 #[test]
-fn sigterm_does_not_wait_for_stalled_requests_past_the_grace() {
-    use std::io::Read;
+fn sigterm_answers_requests_in_progress_and_cuts_stalled_ones_at_the_grace() {
+    use std::io::{Read, Write};
     let dir = test_dir("shutdown-stalled");
     let cfg = config(&dir, "+44770090XXXX\n", SANDBOX, "");
-    with_http_keys(&cfg, "read_timeout_ms = 600000", 1000);
+    with_http_keys(&cfg, "read_timeout_ms = 600000", 2000);
     let mut e = Engine::start(&cfg);
     let (half_head, short_body) = support::stalled_requests(e.http);
-    // A complete request on a third connection, answered: the engine has
-    // accepted (and is reading) the two before it.
-    assert_eq!(e.request("GET", "/healthz", None, &[], None).status, 200);
+    let body = format!("{:<100}", r#"{"phone": "+447911123456", "sender": "SHOP"}"#);
+    let mut finishing = TcpStream::connect(e.http).expect("connect");
+    write!(
+        finishing,
+        "POST /v1/verifications HTTP/1.1\r\nHost: flashcall\r\nAuthorization: {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{}",
+        support::basic_auth(),
+        &body[..20]
+    )
+    .expect("write");
+    // All three requests are in the engine's hands before the signal (hyper
+    // closes at once, at a shutdown, a connection it has read nothing from).
+    support::wait_read_by_server(e.http, &[&half_head, &short_body, &finishing]);
 
-    let status = e.terminate(Duration::from_secs(15)).unwrap_or_else(|| {
+    e.send_sigterm();
+    let end = Instant::now() + Duration::from_secs(10);
+    while !e.log_text().contains("shutdown requested") {
+        assert!(Instant::now() < end, "no shutdown line\n{}", e.log_text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    finishing
+        .write_all(&body.as_bytes()[20..])
+        .expect("write the rest");
+    finishing
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut answer = String::new();
+    finishing
+        .read_to_string(&mut answer)
+        .unwrap_or_else(|err| panic!("no answer within the grace: {err}\n{}", e.log_text()));
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+    assert!(answer.contains("shutting down"), "{answer}");
+
+    let status = e.wait_exit(Duration::from_secs(15)).unwrap_or_else(|| {
         panic!(
-            "no exit 15 s after SIGTERM with a 1 s grace\n{}",
+            "no exit 15 s after SIGTERM with a 2 s grace\n{}",
             e.log_text()
         )
     });
     assert!(status.success(), "exit {status}\n{}", e.log_text());
     let log = e.log_text();
-    assert!(
-        log.contains("HTTP requests still in progress") && log.contains("connections=2"),
-        "{log}"
-    );
+    let cut = log
+        .lines()
+        .find(|l| l.contains("HTTP connections still open"))
+        .unwrap_or_else(|| panic!("no line for the connections cut\n{log}"));
+    assert!(cut.contains("connections=2"), "{cut}");
     assert!(!log.contains("panicked"), "{log}");
-    // Both were closed, not answered.
+    // The two stalled ones were closed, not answered.
     for (mut s, what) in [(half_head, "half head"), (short_body, "short body")] {
         s.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");

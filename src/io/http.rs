@@ -8,6 +8,10 @@
 //! SIGTERM never ended the process. Here every connection has a timer,
 //! and after the shutdown signal connections get a bounded drain, after
 //! which the ones still open are closed.
+//!
+//! HTTP/1.1 only, and no upgrades (axum::serve allowed them): no route
+//! here upgrades a connection; a WebSocket route would need
+//! `serve_connection_with_upgrades`.
 
 use axum::Router;
 use hyper::server::conn::http1;
@@ -53,12 +57,25 @@ pub async fn serve(
             biased;
             () = &mut signal => break,
             // Reap finished connections so the set holds only open ones.
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            Some(done) = conns.join_next(), if !conns.is_empty() => {
+                if let Err(e) = done {
+                    if e.is_panic() {
+                        tracing::error!(error = %e, "http: a connection's task panicked");
+                    }
+                }
+            }
             accepted = listener.accept() => {
                 let tcp = match accepted {
                     Ok((tcp, _peer)) => tcp,
                     Err(e) => {
-                        accept_failed(&e).await;
+                        if accept_failed(&e) {
+                            // The pause still hears the signal: a shutdown
+                            // is not held up by it.
+                            tokio::select! {
+                                () = &mut signal => break,
+                                () = tokio::time::sleep(ACCEPT_PAUSE) => {}
+                            }
+                        }
                         continue;
                     }
                 };
@@ -104,20 +121,24 @@ pub async fn serve(
     open
 }
 
-/// An accept that failed. Errors of one connection (reset or aborted
-/// before it was taken) leave the listener fine. Running out of file
-/// descriptors or memory does not go away by retrying at once: a retry
-/// loop would spin a core and flood the log, so pause, as hyper's and
-/// axum's servers do.
-async fn accept_failed(e: &std::io::Error) {
+/// How long the loop stops accepting after an accept failed for want of
+/// file descriptors or memory.
+const ACCEPT_PAUSE: Duration = Duration::from_secs(1);
+
+/// An accept that failed; true if the loop should pause. Errors of one
+/// connection (reset or aborted before it was taken) leave the listener
+/// fine. Running out of file descriptors or memory does not go away by
+/// retrying at once: a retry loop would spin a core and flood the log, so
+/// pause, as hyper's and axum's servers do.
+fn accept_failed(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     if matches!(
         e.kind(),
         ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock
     ) {
         tracing::debug!(error = %e, "http: accept");
-        return;
+        return false;
     }
     tracing::error!(error = %e, "http: cannot accept a connection; pausing 1 s");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    true
 }

@@ -130,8 +130,9 @@ const DRAIN_MAX: usize = 1024;
 
 /// Runs `app` over `ep` on `socket` until the app is done.
 ///
-/// `window` is the coalescing tick ([`COALESCE`] by default); zero turns
-/// coalescing off, so every datagram wakes the loop at once.
+/// `window` is the coalescing tick (`serve` passes `sip.batch_window_us`,
+/// `dial` [`COALESCE`]); zero turns coalescing off, so every datagram wakes
+/// the loop at once.
 pub async fn run(
     socket: &UdpSocket,
     ep: &mut Endpoint<StdRng>,

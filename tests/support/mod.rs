@@ -121,23 +121,26 @@ senders = [{{ code = "OTHER", status = "active" }}]
 /// The config the harness writes, with `[http]` and `[shutdown]` keys set.
 pub fn with_http_keys(cfg: &Path, http: &str, grace_ms: u64) {
     let text = std::fs::read_to_string(cfg).expect("read config");
+    let (listen, grace) = ("[http]\nlisten = \"127.0.0.1:0\"\n", "grace_ms = 3000\n");
+    assert!(text.contains(listen) && text.contains(grace), "{text}");
     let text = text
-        .replacen(
-            "[http]\nlisten = \"127.0.0.1:0\"\n",
-            &format!("[http]\nlisten = \"127.0.0.1:0\"\n{http}\n"),
-            1,
-        )
-        .replacen("grace_ms = 3000", &format!("grace_ms = {grace_ms}"), 1);
+        .replacen(listen, &format!("{listen}{http}\n"), 1)
+        .replacen(grace, &format!("grace_ms = {grace_ms}\n"), 1);
     std::fs::write(cfg, text).expect("write config");
+}
+
+/// `Basic …` for the test project.
+pub fn basic_auth() -> String {
+    use base64::Engine as _;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{LOGIN}:{SECRET}"));
+    format!("Basic {token}")
 }
 
 /// Two clients that stall mid-request, on connections of their own: one
 /// sent half a request head; the other a create's whole head (as the test
 /// project) and the first bytes of a body 100 bytes long.
 pub fn stalled_requests(http: SocketAddr) -> (std::net::TcpStream, std::net::TcpStream) {
-    use base64::Engine as _;
     use std::io::Write;
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{LOGIN}:{SECRET}"));
     let mut half_head = std::net::TcpStream::connect(http).expect("connect");
     half_head
         .write_all(b"POST /v1/verifications HTTP/1.1\r\nHost: flashcall\r\n")
@@ -145,11 +148,57 @@ pub fn stalled_requests(http: SocketAddr) -> (std::net::TcpStream, std::net::Tcp
     let mut short_body = std::net::TcpStream::connect(http).expect("connect");
     write!(
         short_body,
-        "POST /v1/verifications HTTP/1.1\r\nHost: flashcall\r\nAuthorization: Basic {auth}\r\n\
-         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"phone\":"
+        "POST /v1/verifications HTTP/1.1\r\nHost: flashcall\r\nAuthorization: {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"phone\":",
+        basic_auth()
     )
     .expect("write");
     (half_head, short_body)
+}
+
+/// Bytes the kernel holds unread on the server's end of the TCP
+/// connection from `client` (the client socket's local address) to
+/// `server`, from /proc/net/tcp: 0 once the server has read all the client
+/// sent. `None` if no such connection is listed. IPv4 only.
+pub fn tcp_unread(server: SocketAddr, client: SocketAddr) -> Option<u64> {
+    // "sl local_address rem_address st tx_queue:rx_queue ...", addresses as
+    // the raw network-order word in hex (127.0.0.1 is 0100007F on x86).
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        SocketAddr::V6(_) => String::new(),
+    };
+    let (local, remote) = (hex(server), hex(client));
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.get(1) != Some(&local.as_str()) || f.get(2) != Some(&remote.as_str()) {
+            return None;
+        }
+        let rx = f.get(4)?.split(':').nth(1)?;
+        u64::from_str_radix(rx, 16).ok()
+    })
+}
+
+/// Waits (at most 10 s) until the engine at `server` has read everything
+/// each of `clients` sent (so a stalled request is in the engine's hands,
+/// not the kernel's).
+pub fn wait_read_by_server(server: SocketAddr, clients: &[&std::net::TcpStream]) {
+    let end = Instant::now() + Duration::from_secs(10);
+    for c in clients {
+        let local = c.local_addr().expect("local addr");
+        while tcp_unread(server, local) != Some(0) {
+            assert!(
+                Instant::now() < end,
+                "the engine has not read what {local} sent: {:?} bytes unread",
+                tcp_unread(server, local)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 pub const SANDBOX: &str = "[sandbox]\nenabled = true\n";
@@ -357,10 +406,20 @@ impl Engine {
 
     /// Sends SIGTERM and waits (at most `limit`) for the exit status.
     pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        self.send_sigterm();
+        self.wait_exit(limit)
+    }
+
+    /// Sends SIGTERM and returns at once.
+    pub fn send_sigterm(&self) {
         // SAFETY: kill(2) on our own child's pid has no memory effects.
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
         }
+    }
+
+    /// Waits (at most `limit`) for the exit status, the log complete.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let end = Instant::now() + limit;
         loop {
             if let Ok(Some(s)) = self.child.try_wait() {
