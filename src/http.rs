@@ -411,7 +411,12 @@ async fn create(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Timed
             Some(k.to_string())
         }
     };
-    let body_sha256: [u8; 32] = Sha256::digest(&raw).into();
+    // Only an Idempotency-Key's record uses the digest (below, both uses
+    // are under `Some(key)`): no hashing of the body otherwise.
+    let body_sha256: [u8; 32] = match idem_key {
+        Some(_) => Sha256::digest(&raw).into(),
+        None => [0; 32],
+    };
     let idem_guard = match &idem_key {
         None => None,
         Some(k) => {
