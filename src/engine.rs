@@ -562,8 +562,8 @@ pub async fn run(
             // A burst of 10 ms worth of calls: more than the driver's
             // coalescing tick (`sip.batch_window_us`, 500 µs by default; a
             // window configured longer than 10 ms paces calls in bursts per
-            // tick instead), and
-            // a burst of 1 at high CPS would wake it once per call.
+            // tick instead), and a burst of 1 at high CPS would wake it
+            // once per call.
             let cps = NonZeroU32::new(t.cps).unwrap_or(NonZeroU32::MIN);
             let burst = NonZeroU32::new((t.cps / 100).max(1)).unwrap_or(NonZeroU32::MIN);
             RateLimiter::direct(Quota::per_second(cps).allow_burst(burst))

@@ -188,14 +188,7 @@ fn sigterm_answers_requests_in_progress_and_cuts_stalled_ones_at_the_grace() {
     let (half_head, short_body) = support::stalled_requests(e.http);
     let body = format!("{:<100}", r#"{"phone": "+447911123456", "sender": "SHOP"}"#);
     let mut finishing = TcpStream::connect(e.http).expect("connect");
-    write!(
-        finishing,
-        "POST /v1/verifications HTTP/1.1\r\nHost: flashcall\r\nAuthorization: {}\r\n\
-         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{}",
-        support::basic_auth(),
-        &body[..20]
-    )
-    .expect("write");
+    write!(finishing, "{}{}", support::create_head(100), &body[..20]).expect("write");
     // All three requests are in the engine's hands before the signal (hyper
     // closes at once, at a shutdown, a connection it has read nothing from).
     support::wait_read_by_server(e.http, &[&half_head, &short_body, &finishing]);

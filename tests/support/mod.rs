@@ -146,14 +146,18 @@ pub fn stalled_requests(http: SocketAddr) -> (std::net::TcpStream, std::net::Tcp
         .write_all(b"POST /v1/verifications HTTP/1.1\r\nHost: flashcall\r\n")
         .expect("write");
     let mut short_body = std::net::TcpStream::connect(http).expect("connect");
-    write!(
-        short_body,
+    write!(short_body, "{}{{\"phone\":", create_head(100)).expect("write");
+    (half_head, short_body)
+}
+
+/// The head of a create as the test project, announcing a JSON body of
+/// `content_length` bytes.
+pub fn create_head(content_length: usize) -> String {
+    format!(
         "POST /v1/verifications HTTP/1.1\r\nHost: flashcall\r\nAuthorization: {}\r\n\
-         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"phone\":",
+         Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n",
         basic_auth()
     )
-    .expect("write");
-    (half_head, short_body)
 }
 
 /// Bytes the kernel holds unread on the server's end of the TCP
