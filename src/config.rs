@@ -277,6 +277,12 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// Verifications older than this are pruned in the background.
     pub retention_days: u32,
+    /// While the writer is busy (it committed less than this ago), the
+    /// longest a create waits so that others share its commit: a longer
+    /// window saves CPU (each commit has a fixed cost), a shorter one cuts
+    /// create latency. 0 commits every create at once. See
+    /// `store::sqlite::COMMIT_WINDOW` for the figures behind the default.
+    pub commit_window_us: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -295,6 +301,7 @@ impl Default for StoreConfig {
             backend: StoreBackend::Sqlite,
             path: "data/flashcall.db".into(),
             retention_days: 30,
+            commit_window_us: crate::store::sqlite::COMMIT_WINDOW.as_micros() as u32,
         }
     }
 }
@@ -628,6 +635,9 @@ impl Config {
         if !(1..=36_500).contains(&self.store.retention_days) {
             return bad("store.retention_days", "must be 1 to 36500 days");
         }
+        if self.store.commit_window_us > 100_000 {
+            return bad("store.commit_window_us", "must be 0 to 100000 (100 ms)");
+        }
         if self.store.backend == StoreBackend::Sqlite && self.store.path.as_os_str().is_empty() {
             return bad("store.path", "must not be empty");
         }
@@ -813,6 +823,9 @@ mod tests {
         assert_eq!(c.store.backend, StoreBackend::Sqlite);
         assert_eq!(c.store.retention_days, 30);
         assert_eq!(c.store.path, PathBuf::from("data/flashcall.db"));
+        assert_eq!(c.store.commit_window_us, 4_000);
+        let c = parse(&format!("{MIN}\n[store]\ncommit_window_us = 0\n")).unwrap();
+        assert_eq!(c.store.commit_window_us, 0);
         let c = parse(&format!("{MIN}\n[store]\nbackend = \"memory\"\n")).unwrap();
         assert_eq!(c.store.backend, StoreBackend::Memory);
         let e = parse(&format!("{MIN}\n[store]\nretention_days = 0\n")).unwrap_err();
@@ -846,6 +859,10 @@ mod tests {
     fn bad_values_name_their_key() {
         for (extra, key) in [
             ("[sip]\nbatch_window_us = 100001", "sip.batch_window_us"),
+            (
+                "[store]\ncommit_window_us = 100001",
+                "store.commit_window_us",
+            ),
             ("[http]\nworkers = 1025", "http.workers"),
             ("[http]\nread_timeout_ms = 0", "http.read_timeout_ms"),
             ("[shutdown]\ngrace_ms = 600001", "shutdown.grace_ms"),

@@ -250,10 +250,13 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let (store, wake): (Arc<dyn Store>, _) = match cfg.store.backend {
         StoreBackend::Sqlite => {
             let path = cfg.store.path.clone();
+            let window = Duration::from_micros(cfg.store.commit_window_us.into());
             // Loading the live records reads the disk: off the async workers.
-            let s = tokio::task::spawn_blocking(move || SqliteStore::open(&path, hooks))
-                .await
-                .map_err(|e| ServeError::StoreTask(format!("opening panicked: {e}")))??;
+            let s = tokio::task::spawn_blocking(move || {
+                SqliteStore::open_with_window(&path, hooks, window)
+            })
+            .await
+            .map_err(|e| ServeError::StoreTask(format!("opening panicked: {e}")))??;
             let wake = s.outbox_wake();
             (Arc::new(s), wake)
         }

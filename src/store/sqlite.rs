@@ -207,9 +207,17 @@ const MAX_BATCH: usize = 8_192;
 /// disk); beyond this they are dropped with an error line.
 const MAX_RETRY: usize = 100_000;
 /// The longest a create (or flush) is held to share its commit with
-/// others, when the writer is busy; see [`gather`].
-const GATHER: Duration = Duration::from_millis(1);
-/// The longest an update nobody waits for is held before its commit.
+/// others, when the writer is busy, unless the config says otherwise
+/// (`store.commit_window_us`); see [`gather`]. Why 4 ms (1 ms until
+/// session 11): a commit's fixed cost (BEGIN, a WAL frame per dirty page,
+/// COMMIT, the wake-ups around it) was most of the writer's CPU, about
+/// 80 µs a commit. Load bench, 20 s runs on the session-11 VM, store writer
+/// CPU per verification at 1,000/s and 4,000/s: 1 ms 62 / 23 µs (748 / 703
+/// commits/s), 2 ms 50 / 19, 4 ms 35 / 13 (236 / 228 commits/s); create
+/// p99 at 4,000/s 4.7, 4.5, 6.1 ms (issue 5 asks for 10).
+pub const COMMIT_WINDOW: Duration = Duration::from_millis(4);
+/// The longest an update nobody waits for is held before its commit (or
+/// the commit window, if that is longer).
 const LAZY: Duration = Duration::from_millis(4);
 /// An update younger than this is held back from a commit made for a
 /// create, in case the next change of its verification follows; see
@@ -851,23 +859,33 @@ fn drain(rx: &mpsc::Receiver<Job>, batch: &mut Vec<Job>, closed: &mut bool) {
 /// writes every page the transaction touched to the WAL, is most of the
 /// writer's CPU when batches are small):
 /// - a job someone waits for (a create's 201, a flush) waits at most
-///   `GATHER`, and only when the writer is busy (it committed less than
-///   `GATHER` ago); otherwise it is committed at once, adding no latency;
+///   `window` (`store.commit_window_us`), and only when the writer is busy
+///   (it committed less than `window` ago); otherwise it is committed at
+///   once, adding no latency;
 /// - jobs nobody waits for (the SIP driver's status updates, checks) wait
 ///   up to `LAZY` after they were queued: they are in the cache already,
 ///   and a `flush` or a create commits them sooner (see [`defer_young`]).
-fn gather(rx: &mpsc::Receiver<Job>, batch: &mut Vec<Job>, closed: &mut bool, busy: bool) {
+fn gather(
+    rx: &mpsc::Receiver<Job>,
+    batch: &mut Vec<Job>,
+    closed: &mut bool,
+    busy: bool,
+    window: Duration,
+) {
+    // A window past LAZY would be cut short by the lazy deadline of any
+    // update in the batch.
+    let lazy_for = LAZY.max(window);
     let waited_for = |b: &[Job]| b.iter().any(|j| j.waiter.is_some());
     let now = Instant::now();
     let lazy = batch
         .iter()
-        .map(|j| j.queued_at + LAZY)
+        .map(|j| j.queued_at + lazy_for)
         .min()
-        .unwrap_or(now + LAZY);
+        .unwrap_or(now + lazy_for);
     let mut deadline = if !waited_for(batch) {
         lazy
     } else if busy {
-        lazy.min(now + GATHER)
+        lazy.min(now + window)
     } else {
         return;
     };
@@ -890,7 +908,7 @@ fn gather(rx: &mpsc::Receiver<Job>, batch: &mut Vec<Job>, closed: &mut bool, bus
                 drain(rx, batch, closed);
                 if waiter {
                     let due = if busy {
-                        Instant::now() + GATHER
+                        Instant::now() + window
                     } else {
                         Instant::now()
                     };
@@ -965,12 +983,13 @@ fn writer(
     inner: Arc<Inner>,
     hooks: Hooks,
     gate: Arc<Mutex<()>>,
+    window: Duration,
 ) {
     let mut retry: Vec<Job> = Vec::new();
     let mut closed = false;
     let mut failing_since: Option<Instant> = None;
     let mut last_log: Option<Instant> = None;
-    // When the last commit ended: a job arriving sooner than `GATHER`
+    // When the last commit ended: a job arriving sooner than `window`
     // after it means commits are running back to back.
     let mut committed_at: Option<Instant> = None;
     // Young updates held back from the last commit (see `defer_young`);
@@ -994,9 +1013,9 @@ fn writer(
                     Err(_) => break,
                 }
             }
-            let busy = committed_at.is_some_and(|t| t.elapsed() < GATHER);
+            let busy = committed_at.is_some_and(|t| t.elapsed() < window);
             drain(&rx, &mut batch, &mut closed);
-            gather(&rx, &mut batch, &mut closed, busy);
+            gather(&rx, &mut batch, &mut closed, busy, window);
             if !closed {
                 defer_young(&mut batch, &mut carry);
             }
@@ -1113,6 +1132,17 @@ impl SqliteStore {
     /// events); loads the live records into the cache; starts the writer.
     /// `webhook_projects`: the project logins with a webhook configured.
     pub fn open(path: &Path, webhook_projects: HashSet<String>) -> Result<SqliteStore, OpenError> {
+        Self::open_with_window(path, webhook_projects, COMMIT_WINDOW)
+    }
+
+    /// [`open`](Self::open) with the writer's commit window
+    /// (`store.commit_window_us`): how long, when it is busy, a create is
+    /// held so that others share its commit.
+    pub fn open_with_window(
+        path: &Path,
+        webhook_projects: HashSet<String>,
+        commit_window: Duration,
+    ) -> Result<SqliteStore, OpenError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|err| OpenError::Dir {
                 path: path.into(),
@@ -1237,7 +1267,7 @@ impl SqliteStore {
             let inner = inner.clone();
             std::thread::Builder::new()
                 .name("flashcall-store".into())
-                .spawn(move || writer(conn, rx, inner, hooks, gate))
+                .spawn(move || writer(conn, rx, inner, hooks, gate, commit_window))
                 .map_err(|err| OpenError::Thread {
                     path: path.into(),
                     err,
