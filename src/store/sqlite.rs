@@ -860,8 +860,8 @@ fn drain(rx: &mpsc::Receiver<Job>, batch: &mut Vec<Job>, closed: &mut bool) {
 /// writer's CPU when batches are small):
 /// - a job someone waits for (a create's 201, a flush) waits at most
 ///   `window` (`store.commit_window_us`), and only when the writer is busy
-///   (it committed less than `window` ago); otherwise it is committed at
-///   once, adding no latency;
+///   (see [`hold_for_siblings`]); otherwise it is committed at once,
+///   adding no latency;
 /// - jobs nobody waits for (the SIP driver's status updates, checks) wait
 ///   up to `LAZY` after they were queued: they are in the cache already,
 ///   and a `flush` or a create commits them sooner (see [`defer_young`]).
@@ -919,6 +919,19 @@ fn gather(
             Err(mpsc::RecvTimeoutError::Disconnected) => *closed = true,
         }
     }
+}
+
+/// Whether a create is held for others to share its commit: only when
+/// the last commit was recent (under `window` ago) and carried two or more
+/// jobs someone waited for. The second condition is for a client that
+/// sends creates one after another (each waits for the last one's 201):
+/// nothing else can arrive while its create is held, so a hold would only
+/// slow it down, to one create per window. PostgreSQL's `commit_delay`
+/// asks for `commit_siblings` for the same reason. Under open-loop load
+/// (many clients, or one with many connections) a commit with two waiters
+/// comes soon and every hold after it gathers more.
+fn hold_for_siblings(last_waiters: usize, since_commit: Duration, window: Duration) -> bool {
+    last_waiters >= 2 && since_commit < window
 }
 
 /// Moves to `carry`, for a later commit, the status updates queued less
@@ -992,6 +1005,8 @@ fn writer(
     // When the last commit ended: a job arriving sooner than `window`
     // after it means commits are running back to back.
     let mut committed_at: Option<Instant> = None;
+    // Jobs someone waited for in the last commit (see `hold_for_siblings`).
+    let mut last_waiters = 0usize;
     // Young updates held back from the last commit (see `defer_young`);
     // they go first in the next batch, before anything newer.
     let mut carry: Vec<Job> = Vec::new();
@@ -1013,7 +1028,8 @@ fn writer(
                     Err(_) => break,
                 }
             }
-            let busy = committed_at.is_some_and(|t| t.elapsed() < window);
+            let busy =
+                committed_at.is_some_and(|t| hold_for_siblings(last_waiters, t.elapsed(), window));
             drain(&rx, &mut batch, &mut closed);
             gather(&rx, &mut batch, &mut closed, busy, window);
             if !closed {
@@ -1045,6 +1061,7 @@ fn writer(
         };
         let now = Instant::now();
         committed_at = Some(now);
+        last_waiters = batch.iter().filter(|j| j.waiter.is_some()).count();
         match result {
             Ok(results) => {
                 inner.commits.fetch_add(1, Ordering::Relaxed);

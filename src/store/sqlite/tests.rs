@@ -990,3 +990,39 @@ fn nothing_of_a_finished_verification_stays_in_memory_and_expiry_still_finds_it(
     assert_eq!(s.get("v7").unwrap().unwrap().status, Status::Delivered);
     assert_eq!(s.get("v6").unwrap().unwrap().status, Status::Expired);
 }
+
+#[test]
+fn a_create_is_held_for_siblings_only_after_a_shared_commit() {
+    let w = Duration::from_millis(4);
+    // One create per commit: a client sending them one after another.
+    assert!(!hold_for_siblings(1, Duration::ZERO, w));
+    assert!(!hold_for_siblings(0, Duration::ZERO, w));
+    // Two or more waited in the last commit, and it was recent.
+    assert!(hold_for_siblings(2, Duration::from_millis(1), w));
+    assert!(hold_for_siblings(40, Duration::from_micros(3_999), w));
+    // Too long ago, or no window at all.
+    assert!(!hold_for_siblings(40, w, w));
+    assert!(!hold_for_siblings(40, Duration::ZERO, Duration::ZERO));
+}
+
+/// A client that waits for each create before sending the next is never
+/// held: with a 30 s window, a hold would make each of these inserts take
+/// 30 s, and the bound below (far above an unheld insert's milliseconds)
+/// would fail.
+#[test]
+fn one_after_another_creates_are_not_held_by_a_long_window() {
+    let (_d, path) = db("sequential");
+    let s = SqliteStore::open_with_window(&path, HashSet::new(), Duration::from_secs(30))
+        .expect("open");
+    let now = now_ms();
+    for i in 0..20 {
+        let started = Instant::now();
+        block(s.insert(v(&format!("seq{i}"), now, now + 600_000), None)).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "insert {i} was held for {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(count(&path, "SELECT count(*) FROM verifications"), 20);
+}
