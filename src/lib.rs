@@ -20,7 +20,8 @@
 //! - `limits` — per-project and per-phone GCRA limits (governor), swept.
 //! - `verification` — PURE verification lifecycle: statuses, check, expiry.
 //! - `store/` — the `Store` trait, the in-memory store and the durable
-//!   SQLite store (cache + group-commit writer).
+//!   SQLite store (cache + group-commit writer, and `sqlite/queue.rs`, the
+//!   writer's job queue).
 //! - `report` — PURE statistics and CSV rows: query ranges, per-period
 //!   counts, rates and median post-dial delay (`/v1/stats`, the CSV export).
 //! - `engine` — the SIP side of `serve`: trunk queues paced by CPS, the

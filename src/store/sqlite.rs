@@ -51,6 +51,8 @@ use thiserror::Error;
 use tokio::sync::oneshot;
 use tokio::sync::Notify;
 
+use queue::{JobQueue, Wake};
+
 use super::{DeliveryAttempt, Idempotent, OutboxEvent, Store, StoreError, StoreFuture};
 use crate::sip::Outcome;
 use crate::verification::{event_payload, CallRecord, CheckResult, Status, Verification};
@@ -297,6 +299,12 @@ enum Waiter {
 }
 
 impl Waiter {
+    /// A waiter nobody listens to, for the queue's tests.
+    #[cfg(test)]
+    fn test() -> Waiter {
+        Waiter::Async(oneshot::channel().0)
+    }
+
     fn send(self, r: Done) {
         // A waiter that went away (request cancelled) needs no answer.
         match self {
@@ -403,7 +411,8 @@ pub struct SqliteStore {
     /// Rung when a commit wrote webhook events (see [`Hooks`]).
     wake: Arc<Notify>,
     inner: Arc<Inner>,
-    tx: Option<mpsc::Sender<Job>>,
+    /// The writer's queue; closed when the store is dropped.
+    queue: Arc<JobQueue>,
     writer: Option<JoinHandle<()>>,
     /// For reads the cache cannot answer (evicted records, the outbox).
     /// WAL readers never block the writer.
@@ -841,17 +850,8 @@ fn apply_fault(conn: &Connection, f: Fault) -> rusqlite::Result<()> {
 }
 
 /// Takes what is queued without blocking, up to `MAX_BATCH`.
-fn drain(rx: &mpsc::Receiver<Job>, batch: &mut Vec<Job>, closed: &mut bool) {
-    while batch.len() < MAX_BATCH {
-        match rx.try_recv() {
-            Ok(j) => batch.push(j),
-            Err(mpsc::TryRecvError::Empty) => break,
-            Err(mpsc::TryRecvError::Disconnected) => {
-                *closed = true;
-                break;
-            }
-        }
-    }
+fn drain(q: &JobQueue, batch: &mut Vec<Job>, closed: &mut bool) {
+    *closed |= q.drain(batch, MAX_BATCH);
 }
 
 /// Holds a fresh batch open for more jobs before it is committed, so that
@@ -865,13 +865,7 @@ fn drain(rx: &mpsc::Receiver<Job>, batch: &mut Vec<Job>, closed: &mut bool) {
 /// - jobs nobody waits for (the SIP driver's status updates, checks) wait
 ///   up to `LAZY` after they were queued: they are in the cache already,
 ///   and a `flush` or a create commits them sooner (see [`defer_young`]).
-fn gather(
-    rx: &mpsc::Receiver<Job>,
-    batch: &mut Vec<Job>,
-    closed: &mut bool,
-    busy: bool,
-    window: Duration,
-) {
+fn gather(q: &JobQueue, batch: &mut Vec<Job>, closed: &mut bool, busy: bool, window: Duration) {
     // A window past LAZY would be cut short by the lazy deadline of any
     // update in the batch.
     let lazy_for = LAZY.max(window);
@@ -898,25 +892,22 @@ fn gather(
             // Nothing that arrives can bring the deadline closer: sleep
             // rather than be woken by every sender.
             std::thread::sleep(deadline - now);
-            drain(rx, batch, closed);
+            drain(q, batch, closed);
             break;
         }
-        match rx.recv_timeout(deadline - now) {
-            Ok(j) => {
-                let waiter = j.waiter.is_some();
-                batch.push(j);
-                drain(rx, batch, closed);
-                if waiter {
-                    let due = if busy {
-                        Instant::now() + window
-                    } else {
-                        Instant::now()
-                    };
-                    deadline = deadline.min(due);
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => break,
-            Err(mpsc::RecvTimeoutError::Disconnected) => *closed = true,
+        // Woken only by a job someone waits for, or the deadline: the
+        // updates that arrive meanwhile are taken then (see `queue`).
+        let before = batch.len();
+        *closed |= q.wait(batch, MAX_BATCH, Wake::Waited, Some(deadline));
+        if batch[before..].iter().any(|j| j.waiter.is_some()) {
+            let due = if busy {
+                Instant::now() + window
+            } else {
+                Instant::now()
+            };
+            deadline = deadline.min(due);
+        } else if Instant::now() >= deadline {
+            break;
         }
     }
 }
@@ -992,7 +983,7 @@ fn defer_young(batch: &mut Vec<Job>, carry: &mut Vec<Job>) {
 /// wake the waiters; repeat until every sender is gone.
 fn writer(
     conn: Connection,
-    rx: mpsc::Receiver<Job>,
+    q: Arc<JobQueue>,
     inner: Arc<Inner>,
     hooks: Hooks,
     gate: Arc<Mutex<()>>,
@@ -1023,27 +1014,23 @@ fn writer(
                 if closed {
                     break;
                 }
-                match rx.recv() {
-                    Ok(j) => batch.push(j),
-                    Err(_) => break,
+                closed = q.wait(&mut batch, MAX_BATCH, Wake::Any, None);
+                if batch.is_empty() {
+                    break;
                 }
             }
             let busy =
                 committed_at.is_some_and(|t| hold_for_siblings(last_waiters, t.elapsed(), window));
-            drain(&rx, &mut batch, &mut closed);
-            gather(&rx, &mut batch, &mut closed, busy, window);
+            drain(&q, &mut batch, &mut closed);
+            gather(&q, &mut batch, &mut closed, busy, window);
             if !closed {
                 defer_young(&mut batch, &mut carry);
             }
         } else if !closed {
             // Updates failed last time: wait a little so a lasting failure
             // (full disk) does not spin, but take new work at once.
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(j) => batch.push(j),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => closed = true,
-            }
-            drain(&rx, &mut batch, &mut closed);
+            let until = Instant::now() + Duration::from_millis(100);
+            closed = q.wait(&mut batch, MAX_BATCH, Wake::Any, Some(until));
         }
         for job in &batch {
             if let Op::Fault(f) = job.op {
@@ -1279,12 +1266,25 @@ impl SqliteStore {
                 path: path.into(),
                 err,
             })?;
-        let (tx, rx) = mpsc::channel();
+        let queue = Arc::new(JobQueue::new());
         let writer = {
             let inner = inner.clone();
+            let q = queue.clone();
             std::thread::Builder::new()
                 .name("flashcall-store".into())
-                .spawn(move || writer(conn, rx, inner, hooks, gate, commit_window))
+                .spawn(move || {
+                    // However the writer ends (a panic included), later
+                    // sends fail instead of queueing for nobody.
+                    struct Gone(Arc<JobQueue>);
+                    impl Drop for Gone {
+                        fn drop(&mut self) {
+                            self.0.writer_gone();
+                        }
+                    }
+                    let gone = Gone(q.clone());
+                    writer(conn, q, inner, hooks, gate, commit_window);
+                    drop(gone);
+                })
                 .map_err(|err| OpenError::Thread {
                     path: path.into(),
                     err,
@@ -1293,7 +1293,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             wake,
             inner,
-            tx: Some(tx),
+            queue,
             writer: Some(writer),
             reader: Mutex::new(reader),
             miss: Mutex::new(()),
@@ -1317,10 +1317,8 @@ impl SqliteStore {
     }
 
     fn send(&self, op: Op, waiter: Option<Waiter>) -> Result<(), StoreError> {
-        self.tx
-            .as_ref()
-            .ok_or_else(stopped)?
-            .send(Job {
+        self.queue
+            .push(Job {
                 op,
                 waiter,
                 queued_at: Instant::now(),
@@ -1418,7 +1416,7 @@ fn close_interrupted(conn: &mut Connection, hooks: &Hooks, now: i64) -> rusqlite
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         // Closing the queue lets the writer commit what is left and stop.
-        self.tx.take();
+        self.queue.close();
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
@@ -1787,5 +1785,6 @@ impl Store for SqliteStore {
     }
 }
 
+mod queue;
 #[cfg(test)]
 mod tests;
