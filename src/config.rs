@@ -64,6 +64,12 @@ pub struct HttpConfig {
     /// half a request holds its connection, and a file descriptor, for
     /// ever, and a shutdown waits for it. 30 s is hyper's own default.
     pub read_timeout_ms: u64,
+    /// A response write that makes no progress for this long (the client
+    /// stopped reading: its receive window and our send buffer are full)
+    /// closes the connection. Without it, a client that stops reading a
+    /// CSV export holds the connection, the export's blocking thread and
+    /// its database read snapshot for ever.
+    pub write_timeout_ms: u64,
 }
 
 impl HttpConfig {
@@ -84,6 +90,7 @@ impl Default for HttpConfig {
             max_body_bytes: 16 * 1024,
             workers: 0,
             read_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
         }
     }
 }
@@ -570,6 +577,9 @@ impl Config {
         if !(100..=3_600_000).contains(&self.http.read_timeout_ms) {
             return bad("http.read_timeout_ms", "must be 100 to 3600000 (an hour)");
         }
+        if !(100..=3_600_000).contains(&self.http.write_timeout_ms) {
+            return bad("http.write_timeout_ms", "must be 100 to 3600000 (an hour)");
+        }
         if self.sip.public_host.trim().is_empty() {
             return bad("sip.public_host", "must not be empty");
         }
@@ -867,6 +877,11 @@ mod tests {
             ("[http]\nread_timeout_ms = 0", "http.read_timeout_ms"),
             ("[shutdown]\ngrace_ms = 600001", "shutdown.grace_ms"),
             ("[http]\nread_timeout_ms = 3600001", "http.read_timeout_ms"),
+            ("[http]\nwrite_timeout_ms = 99", "http.write_timeout_ms"),
+            (
+                "[http]\nwrite_timeout_ms = 3600001",
+                "http.write_timeout_ms",
+            ),
             ("[sip]\nrealtime_priority = 100", "sip.realtime_priority"),
             ("[pool]\ncode_length = 0", "pool.code_length"),
             (

@@ -9,6 +9,12 @@
 //! and after the shutdown signal connections get a bounded drain, after
 //! which the ones still open are closed.
 //!
+//! The write side has a limit too ([`WriteLimit`]): a client that stops
+//! reading a response (a large CSV export, say) is cut off once a write
+//! has made no progress for `http.write_timeout_ms`; before, it held the
+//! connection, the export's blocking thread and its database cursor for
+//! as long as it liked.
+//!
 //! HTTP/1.1 only, and no upgrades (axum::serve allowed them): no route
 //! here upgrades a connection; a WebSocket route would need
 //! `serve_connection_with_upgrades`.
@@ -29,9 +35,112 @@ pub struct Limits {
     /// A connection's next request head (idle keep-alive included) must
     /// arrive within this; hyper closes the connection otherwise.
     pub header_timeout: Duration,
+    /// A write to the client that makes no progress for this long (the
+    /// client stopped reading) closes the connection.
+    pub write_timeout: Duration,
     /// After the shutdown signal, how long requests in progress have to
     /// finish before their connections are closed.
     pub drain: Duration,
+}
+
+/// A connection whose writes fail with `TimedOut` once one has been
+/// blocked (the socket's send buffer full) for `limit`. Hyper then drops
+/// the connection and the response body with it. The timer exists only
+/// while a write is blocked: a write that goes through at once, nearly
+/// every one, costs a branch.
+struct WriteLimit<T> {
+    io: T,
+    limit: Duration,
+    blocked: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteLimit<T> {
+    fn new(io: T, limit: Duration) -> Self {
+        WriteLimit {
+            io,
+            limit,
+            blocked: None,
+        }
+    }
+
+    /// After a write-side poll of the inner stream: on progress the timer
+    /// goes; while blocked it runs, and when it fires the write fails.
+    fn watch<R>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        r: std::task::Poll<std::io::Result<R>>,
+    ) -> std::task::Poll<std::io::Result<R>> {
+        use std::task::Poll;
+        match r {
+            Poll::Ready(r) => {
+                self.blocked = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let limit = self.limit;
+                let timer = self
+                    .blocked
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the client read nothing for {limit:?}"),
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteLimit<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteLimit<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.watch(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(cx, r)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_shutdown(cx);
+        self.watch(cx, r)
+    }
 }
 
 /// Serves `app` on `listener` until `signal` resolves; then stops
@@ -88,7 +197,7 @@ pub async fn serve(
                     tracing::debug!(error = %e, "http: cannot set TCP_NODELAY");
                 }
                 let conn = builder.serve_connection(
-                    TokioIo::new(tcp),
+                    TokioIo::new(WriteLimit::new(tcp, limits.write_timeout)),
                     TowerToHyperService::new(app.clone()),
                 );
                 let conn = graceful.watch(conn);
@@ -141,4 +250,91 @@ fn accept_failed(e: &std::io::Error) -> bool {
     }
     tracing::error!(error = %e, "http: cannot accept a connection; pausing 1 s");
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::{Body, Bytes};
+    use axum::routing::get;
+    use std::io::{Read, Write};
+
+    /// Reads until the server closes the connection; panics if it is
+    /// still open after `limit`.
+    fn read_until_closed(s: &mut std::net::TcpStream, limit: Duration) -> usize {
+        s.set_read_timeout(Some(limit)).expect("read timeout");
+        let (mut got, mut buf) = (0usize, vec![0u8; 65_536]);
+        let started = std::time::Instant::now();
+        loop {
+            // An endless response that still flows never times a read out.
+            assert!(
+                started.elapsed() < limit,
+                "still open after {limit:?}, {got} bytes read"
+            );
+            match s.read(&mut buf) {
+                Ok(0) => return got,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+                Err(e) => panic!("still open after {limit:?} ({e}), {got} bytes read"),
+            }
+        }
+    }
+
+    /// A client that stops reading an endless response is cut off once a
+    /// write has been blocked for `write_timeout`: reading afterwards, it
+    /// gets what was buffered and then the end of the connection (without
+    /// the limit the response would go on for as long as it read). The
+    /// server meanwhile answers others.
+    #[test]
+    fn a_client_that_stops_reading_is_cut_off() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new()
+            .route(
+                "/endless",
+                get(|| async {
+                    let chunk = Bytes::from(vec![b'x'; 65_536]);
+                    let s = futures_util::stream::repeat_with(move || {
+                        Ok::<_, std::io::Error>(chunk.clone())
+                    });
+                    Body::from_stream(s)
+                }),
+            )
+            .route("/ok", get(|| async { "ok" }));
+        let limits = Limits {
+            header_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_millis(300),
+            drain: Duration::from_secs(1),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn(serve(listener, app, limits, async {
+            let _ = stopped.await;
+        }));
+
+        let mut stalled = std::net::TcpStream::connect(addr).expect("connect");
+        stalled
+            .write_all(b"GET /endless HTTP/1.1\r\nHost: t\r\n\r\n")
+            .expect("write");
+        // Far past the limit without reading: the server's writes block.
+        std::thread::sleep(Duration::from_secs(2));
+        let mut other = std::net::TcpStream::connect(addr).expect("connect");
+        other
+            .write_all(b"GET /ok HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let mut answer = String::new();
+        other.read_to_string(&mut answer).expect("read");
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        // A bound on the wait, not a measure of speed.
+        let got = read_until_closed(&mut stalled, Duration::from_secs(10));
+        assert!(got > 0, "the response had started");
+
+        let _ = stop.send(());
+        let open = rt.block_on(server).expect("serve");
+        assert_eq!(open, 0, "no connection left to cut at shutdown");
+    }
 }

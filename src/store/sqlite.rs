@@ -202,6 +202,9 @@ static EXPIRE_DUE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
+/// Rows an export reads per query (see `scan`).
+const SCAN_PAGE: usize = 1_000;
+
 /// The most jobs one transaction takes: bounds how long the writer holds
 /// its transaction and how much one failure affects.
 const MAX_BATCH: usize = 8_192;
@@ -1690,29 +1693,67 @@ impl Store for SqliteStore {
         sink: &mut dyn FnMut(&Verification) -> bool,
     ) -> Result<(), StoreError> {
         // Its own connection: a long export must not hold the reader that
-        // `get` falls back on. Rows stream; only the cursor is held.
+        // `get` falls back on. In pages, each read in its own short
+        // transaction, and the sink (which blocks while the client reads
+        // slowly) runs between them: one cursor held across the whole
+        // export kept a WAL read snapshot open as long as the client took,
+        // and no checkpoint could restart the WAL past it, so it grew with
+        // every commit meanwhile. Pages go on from the last row's (created
+        // at, id): a row created during the export at the same millisecond
+        // as a page's last row, and sorting before it, can be left out.
         let conn = connect(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(unavailable)?;
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT {V_COLS} FROM verifications WHERE project = ?1 \
-                 AND created_at_ms >= ?2 AND created_at_ms < ?3 ORDER BY created_at_ms, id"
-            ))
-            .map_err(unavailable)?;
-        let mut rows = stmt
-            .query(params![project, from_ms, to_ms])
-            .map_err(unavailable)?;
-        while let Some(r) = rows.next().map_err(unavailable)? {
-            let v = row_to_v(r).map_err(unavailable)?;
-            // The cache may be a few milliseconds ahead of the database.
-            let v = match self.inner.cache.get(&v.id) {
-                Some(c) => Verification::clone(&c.v),
-                None => v,
-            };
-            if !sink(&v) {
-                break;
+        let first = format!(
+            "SELECT {V_COLS} FROM verifications WHERE project = ?1 \
+             AND created_at_ms >= ?2 AND created_at_ms < ?3 \
+             ORDER BY created_at_ms, id LIMIT ?4"
+        );
+        let next = format!(
+            "SELECT {V_COLS} FROM verifications WHERE project = ?1 \
+             AND created_at_ms >= ?2 AND created_at_ms < ?3 \
+             AND (created_at_ms, id) > (?5, ?6) \
+             ORDER BY created_at_ms, id LIMIT ?4"
+        );
+        let mut after: Option<(i64, String)> = None;
+        let mut page: Vec<Verification> = Vec::with_capacity(SCAN_PAGE);
+        loop {
+            page.clear();
+            {
+                let mut stmt = conn
+                    .prepare_cached(if after.is_some() { &next } else { &first })
+                    .map_err(unavailable)?;
+                let mut rows = match &after {
+                    None => stmt.query(params![project, from_ms, to_ms, SCAN_PAGE as i64]),
+                    Some((t, id)) => {
+                        stmt.query(params![project, from_ms, to_ms, SCAN_PAGE as i64, t, id])
+                    }
+                }
+                .map_err(unavailable)?;
+                while let Some(r) = rows.next().map_err(unavailable)? {
+                    page.push(row_to_v(r).map_err(unavailable)?);
+                }
+                // The statement is reset when `rows` drops: the read
+                // transaction ends here, before the sink runs.
+            }
+            let full = page.len() == SCAN_PAGE;
+            for v in &page {
+                // The cache may be a few milliseconds ahead of the database.
+                // Cloned: the sink may block, and must not hold the cache's
+                // shard (the SIP driver writes through it) meanwhile.
+                let cached = self
+                    .inner
+                    .cache
+                    .get(&v.id)
+                    .map(|c| Verification::clone(&c.v));
+                let more = sink(cached.as_ref().unwrap_or(v));
+                if !more {
+                    return Ok(());
+                }
+            }
+            match page.last() {
+                Some(last) if full => after = Some((last.created_at_ms, last.id.clone())),
+                _ => return Ok(()),
             }
         }
-        Ok(())
     }
 
     fn outbox_due(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {
