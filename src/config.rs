@@ -284,10 +284,14 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// Verifications older than this are pruned in the background.
     pub retention_days: u32,
-    /// While the writer is busy (it committed less than this ago), the
-    /// longest a create waits so that others share its commit: a longer
-    /// window saves CPU (each commit has a fixed cost), a shorter one cuts
-    /// create latency. 0 commits every create at once. See
+    /// While the writer is busy (it committed less than this ago, and two
+    /// or more creates waited for that commit), the longest a create waits
+    /// so that others share its commit. A longer window saves CPU (each
+    /// commit has a fixed cost), a shorter one cuts create latency; k
+    /// clients in lock step get at most about k creates per window
+    /// between them. Call-progress
+    /// updates, which nobody waits for, are held up to 4 ms or this,
+    /// whichever is longer. 0 commits every create at once. See
     /// `store::sqlite::COMMIT_WINDOW` for the figures behind the default.
     pub commit_window_us: u32,
 }

@@ -1091,3 +1091,30 @@ fn a_slow_export_holds_no_read_snapshot_between_rows() {
     .unwrap();
     assert_eq!(busy, vec![0], "the checkpoint was blocked by the export");
 }
+
+/// While commits fail, the updates kept for a retry can fill a whole batch
+/// (`MAX_BATCH`); new jobs must still be taken, so a create gets its
+/// error instead of waiting for ever. (With the batch bound alone, the
+/// writer took nothing new and re-ran the failing batch in a loop.)
+#[test]
+fn a_full_retry_list_still_lets_a_create_fail_cleanly() {
+    let (_dir, path) = db("retry-full");
+    let now = now_ms();
+    let s = Arc::new(open(&path));
+    block(s.insert(v("ok", now, now + 600_000), None)).unwrap();
+    s.inject_fault(Fault::ReadOnly).unwrap();
+    for i in 0..(MAX_BATCH + 2_000) {
+        s.update("ok", &mut |v| v.attempts_left = (i % 5) as u32)
+            .unwrap();
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s2 = s.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(block(s2.insert(v("no", now, now + 600_000), None)));
+    });
+    // A bound on the wait, not a measure of speed.
+    let r = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the create got no answer while commits failed");
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+}
