@@ -289,10 +289,10 @@ pub struct StoreConfig {
     /// so that others share its commit. A longer window saves CPU (each
     /// commit has a fixed cost), a shorter one cuts create latency; k
     /// clients in lock step get at most about k creates per window
-    /// between them. Call-progress
-    /// updates, which nobody waits for, are held up to 4 ms or this,
-    /// whichever is longer. 0 commits every create at once. See
-    /// `store::sqlite::COMMIT_WINDOW` for the figures behind the default.
+    /// between them. Call-progress updates, which nobody waits for, are
+    /// held up to 4 ms or this, whichever is longer. 0 commits every
+    /// create at once. See `store::sqlite::COMMIT_WINDOW` for the figures
+    /// behind the default.
     pub commit_window_us: u32,
 }
 

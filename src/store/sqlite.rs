@@ -1719,32 +1719,23 @@ impl Store for SqliteStore {
         // commit, which is up to a commit window later, more on a stalled
         // disk). Rows already committed are each read once.
         let conn = connect(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(unavailable)?;
-        let first = format!(
+        // One query for every page: the first starts from (from_ms, ""),
+        // which every row of the range is past (ids are never empty).
+        // SQLite seeks the index on the row value's first column.
+        let query = format!(
             "SELECT {V_COLS} FROM verifications WHERE project = ?1 \
-             AND created_at_ms >= ?2 AND created_at_ms < ?3 \
-             ORDER BY created_at_ms, id LIMIT ?4"
+             AND (created_at_ms, id) > (?2, ?3) AND created_at_ms < ?4 \
+             ORDER BY created_at_ms, id LIMIT ?5"
         );
-        let next = format!(
-            "SELECT {V_COLS} FROM verifications WHERE project = ?1 \
-             AND created_at_ms >= ?2 AND created_at_ms < ?3 \
-             AND (created_at_ms, id) > (?5, ?6) \
-             ORDER BY created_at_ms, id LIMIT ?4"
-        );
-        let mut after: Option<(i64, String)> = None;
+        let mut after: (i64, String) = (from_ms, String::new());
         let mut page: Vec<Verification> = Vec::with_capacity(SCAN_PAGE);
         loop {
             page.clear();
             {
-                let mut stmt = conn
-                    .prepare_cached(if after.is_some() { &next } else { &first })
+                let mut stmt = conn.prepare_cached(&query).map_err(unavailable)?;
+                let mut rows = stmt
+                    .query(params![project, after.0, after.1, to_ms, SCAN_PAGE as i64])
                     .map_err(unavailable)?;
-                let mut rows = match &after {
-                    None => stmt.query(params![project, from_ms, to_ms, SCAN_PAGE as i64]),
-                    Some((t, id)) => {
-                        stmt.query(params![project, from_ms, to_ms, SCAN_PAGE as i64, t, id])
-                    }
-                }
-                .map_err(unavailable)?;
                 while let Some(r) = rows.next().map_err(unavailable)? {
                     page.push(row_to_v(r).map_err(unavailable)?);
                 }
@@ -1767,7 +1758,7 @@ impl Store for SqliteStore {
                 }
             }
             match page.last() {
-                Some(last) if full => after = Some((last.created_at_ms, last.id.clone())),
+                Some(last) if full => after = (last.created_at_ms, last.id.clone()),
                 _ => return Ok(()),
             }
         }

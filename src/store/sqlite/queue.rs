@@ -189,16 +189,23 @@ mod tests {
         }
     }
 
+    /// Runs `then` on another thread 20 ms from now (the test's side
+    /// meanwhile is waiting on the queue).
+    fn later(
+        q: &Arc<JobQueue>,
+        then: impl FnOnce(&JobQueue) + Send + 'static,
+    ) -> std::thread::JoinHandle<()> {
+        let q = q.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            then(&q);
+        })
+    }
+
     #[test]
     fn a_job_nobody_waits_for_does_not_end_a_wait_for_waited_ones() {
         let q = Arc::new(JobQueue::new());
-        let pusher = {
-            let q = q.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(20));
-                q.push(job(false)).unwrap();
-            })
-        };
+        let pusher = later(&q, |q| q.push(job(false)).unwrap());
         let mut batch = Vec::new();
         let until = Instant::now() + Duration::from_millis(300);
         let closed = q.wait(&mut batch, 100, Wake::Waited, Some(until));
@@ -213,13 +220,7 @@ mod tests {
     fn a_waited_job_ends_the_wait_and_brings_the_others_along() {
         let q = Arc::new(JobQueue::new());
         q.push(job(false)).unwrap();
-        let pusher = {
-            let q = q.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(20));
-                q.push(job(true)).unwrap();
-            })
-        };
+        let pusher = later(&q, |q| q.push(job(true)).unwrap());
         let mut batch = Vec::new();
         // An hour: only the waited job can end this wait.
         let until = Instant::now() + Duration::from_secs(3600);
@@ -232,15 +233,11 @@ mod tests {
     #[test]
     fn any_job_ends_an_idle_wait_and_close_ends_it_empty() {
         let q = Arc::new(JobQueue::new());
-        let pusher = {
-            let q = q.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(20));
-                q.push(job(false)).unwrap();
-                std::thread::sleep(Duration::from_millis(20));
-                q.close();
-            })
-        };
+        let pusher = later(&q, |q| {
+            q.push(job(false)).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            q.close();
+        });
         let mut batch = Vec::new();
         assert!(!q.wait(&mut batch, 100, Wake::Any, None));
         assert_eq!(batch.len(), 1);
