@@ -45,7 +45,8 @@
 //! LOAD_SIPP_SECS (10: calls per caller run = rate × this), LOAD_CONNS (64),
 //! LOAD_SIP_WINDOW_US and LOAD_SIP_REALTIME (the engine's `[sip]`
 //! `batch_window_us` and `realtime_priority`; its defaults when unset),
-//! LOAD_HTTP_WORKERS (`[http] workers`), LOAD_WARMUP_SECS (2).
+//! LOAD_HTTP_WORKERS (`[http] workers`), LOAD_SIP_THREAD (`[sip] thread`:
+//! auto, shared or own), LOAD_WARMUP_SECS (2).
 //! Under `cargo test --all-targets` (no `--bench`) it runs once at 100/s
 //! for 2 s with a 10,000-number pool and fails unless every create got a
 //! 201 and every call and every SIPp / dial call completed: it proves the
@@ -94,6 +95,8 @@ struct Opts {
     /// leaves the engine's default.
     sip_window_us: Option<u64>,
     sip_realtime: Option<u64>,
+    /// `[sip] thread`; None leaves the engine's default (auto).
+    sip_thread: Option<String>,
     /// `[http] workers`.
     http_workers: Option<u64>,
     /// The first seconds of each rate that `create_after_warmup_ms` leaves
@@ -166,6 +169,12 @@ impl Opts {
             sip_window_us: opt("LOAD_SIP_WINDOW_US", 100_000),
             sip_realtime: opt("LOAD_SIP_REALTIME", 99),
             http_workers: opt("LOAD_HTTP_WORKERS", 1024),
+            sip_thread: std::env::var("LOAD_SIP_THREAD")
+                .ok()
+                .map(|v| match v.trim() {
+                    t @ ("auto" | "shared" | "own") => t.to_string(),
+                    _ => bad("LOAD_SIP_THREAD", &v, "auto, shared or own"),
+                }),
             warmup_secs: opt("LOAD_WARMUP_SECS", 3600).unwrap_or(2),
         }
     }
@@ -181,13 +190,16 @@ impl Opts {
         if let Some(p) = self.sip_realtime {
             s += &format!("realtime_priority = {p}\n");
         }
+        if let Some(t) = &self.sip_thread {
+            s += &format!("thread = \"{t}\"\n");
+        }
         s
     }
 
     /// The same, for the report.
     fn sip_settings(&self) -> String {
         format!(
-            "HTTP workers {}, SIP batch window {}, realtime priority {}",
+            "HTTP workers {}, SIP batch window {}, realtime priority {}, SIP thread {}",
             self.http_workers
                 .map_or("default".into(), |n| n.to_string()),
             self.sip_window_us.map_or_else(
@@ -199,6 +211,7 @@ impl Opts {
             ),
             self.sip_realtime
                 .map_or("default (off)".into(), |p| p.to_string()),
+            self.sip_thread.as_deref().unwrap_or("default (auto)"),
         )
     }
 }
@@ -1118,7 +1131,7 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
     );
     let _ = writeln!(
         md,
-        "\nEngine CPU per verification by thread, SIP / store writer / checkpointer / HTTP runtime and the rest (the SIP thread alone is what compares with SIPp's caller): {}.",
+        "\nEngine CPU per verification by thread, SIP / store writer / checkpointer / HTTP runtime and the rest (the SIP thread alone is what compares with SIPp's caller; with the SIP driver on the HTTP worker, `sip.thread` shared, its CPU is in the HTTP column and the SIP one is 0): {}.",
         per_rate(rows, ", ", |r| format!(
             "{:.1} / {:.1} / {:.1} / {:.1} µs at {}/s",
             r.engine_sip_us, r.engine_store_us, r.engine_checkpoint_us, r.engine_rest_us, r.rate

@@ -72,6 +72,25 @@ pub struct HttpConfig {
     pub write_timeout_ms: u64,
 }
 
+impl Config {
+    /// Whether the SIP driver runs on the HTTP runtime (`sip.thread`
+    /// resolved; see [`SipThread`]).
+    pub fn sip_shares_http(&self) -> bool {
+        match self.sip.thread {
+            SipThread::Own => false,
+            SipThread::Shared => true,
+            SipThread::Auto => {
+                // `workers = 0` with TOKIO_WORKER_THREADS set: that many.
+                let workers = match std::env::var("TOKIO_WORKER_THREADS") {
+                    Ok(n) if self.http.workers == 0 => n.trim().parse().unwrap_or(0),
+                    _ => self.http.worker_threads(),
+                };
+                workers == 1 && self.sip.realtime_priority == 0
+            }
+        }
+    }
+}
+
 impl HttpConfig {
     /// `workers`, with 0 resolved for this machine.
     pub fn worker_threads(&self) -> usize {
@@ -134,6 +153,38 @@ pub struct SipConfig {
     /// (needs CAP_SYS_NICE; without it the engine warns and runs normally).
     /// 0, the default, leaves it an ordinary thread.
     pub realtime_priority: u8,
+    /// Where the SIP driver runs; see [`SipThread`].
+    pub thread: SipThread,
+}
+
+/// `sip.thread`: the SIP driver on a thread of its own, or as a task of
+/// the HTTP runtime.
+///
+/// Why sharing is the default on a small machine: on the 2-vCPU VM of the
+/// load bench a thread's wake-up costs 15-30 µs of CPU when another CPU
+/// does the waking, under 1 µs on the same one (`cargo bench --bench
+/// wake`), and wake-ups were most of the engine's CPU. With one HTTP
+/// worker the SIP driver's batch-window sleep then blocks that worker on
+/// purpose: requests that arrive meanwhile wait for the same tick as the
+/// datagrams, one wake-up serves both, and handing a call from a create to
+/// the driver is a call within the thread. Measured (load bench, 20 s
+/// runs, two alternating pairs): 137-138 µs of engine CPU per verification
+/// at 1,000/s against 154-159 with a thread of its own, 58.9-63.0 against
+/// 64.8-65.5 at 4,000/s; 180 -> CANCEL p99 0.75 against 0.71-0.72 ms,
+/// create p99 6.4-6.5 against 6.1-6.3 ms. The price: HTTP handlers and the
+/// driver take turns, so a burst of requests delays the next tick (and a
+/// create waits up to a window more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SipThread {
+    /// `shared` when the HTTP runtime has one worker and
+    /// `realtime_priority` is 0; `own` otherwise (with several workers the
+    /// driver would block one of them and its queued tasks a window at a
+    /// time, and SCHED_FIFO needs a thread of the driver's own).
+    #[default]
+    Auto,
+    Shared,
+    Own,
 }
 
 impl Default for SipConfig {
@@ -144,6 +195,7 @@ impl Default for SipConfig {
             user_agent: "flashcall".into(),
             batch_window_us: 500,
             realtime_priority: 0,
+            thread: SipThread::Auto,
         }
     }
 }
@@ -596,6 +648,12 @@ impl Config {
         if self.sip.realtime_priority > 99 {
             return bad("sip.realtime_priority", "must be 0 (off) or 1 to 99");
         }
+        if self.sip.realtime_priority > 0 && self.sip.thread == SipThread::Shared {
+            return bad(
+                "sip.realtime_priority",
+                "needs sip.thread = \"own\" or \"auto\": SCHED_FIFO is for a thread of the SIP driver's own",
+            );
+        }
         if self.sandbox.enabled {
             if !self.trunks.is_empty() {
                 return bad(
@@ -867,6 +925,27 @@ mod tests {
         ))
         .unwrap();
         assert_eq!((c.sip.batch_window_us, c.sip.realtime_priority), (0, 10));
+        // SCHED_FIFO keeps the driver on a thread of its own under `auto`.
+        assert_eq!(c.sip.thread, SipThread::Auto);
+        assert!(!c.sip_shares_http());
+    }
+
+    #[test]
+    fn sip_thread_key() {
+        let with = |extra: &str| parse(&format!("{MIN}\n{extra}"));
+        let one = with("[http]\nworkers = 1\n").unwrap();
+        assert!(one.sip_shares_http(), "auto with one worker shares it");
+        let two = with("[http]\nworkers = 2\n").unwrap();
+        assert!(!two.sip_shares_http(), "auto with two workers: own thread");
+        let c = with("[http]\nworkers = 2\n[sip]\nthread = \"shared\"\n").unwrap();
+        assert!(c.sip_shares_http());
+        let c = with("[http]\nworkers = 1\n[sip]\nthread = \"own\"\n").unwrap();
+        assert!(!c.sip_shares_http());
+        let e = with("[sip]\nthread = \"shared\"\nrealtime_priority = 5\n").unwrap_err();
+        assert!(e.contains("sip.realtime_priority: needs sip.thread"), "{e}");
+        let e = with("[sip]\nthread = \"spare\"\n").unwrap_err();
+        assert!(e.contains("sip.thread: unknown variant"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
     }
 
     #[test]

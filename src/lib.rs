@@ -25,7 +25,8 @@
 //! - `report` — PURE statistics and CSV rows: query ranges, per-period
 //!   counts, rates and median post-dial delay (`/v1/stats`, the CSV export).
 //! - `engine` — the SIP side of `serve`: trunk queues paced by CPS, the
-//!   driver thread, outcomes into the store.
+//!   driver (a thread of its own or a task on the HTTP worker:
+//!   `sip.thread`), outcomes into the store.
 //! - `http` — the API router, handlers, problem+json errors.
 //! - `metrics` — every metric name, the recorder, the handles the SIP
 //!   driver and the store writer keep.

@@ -174,3 +174,48 @@ fn sip_thread_under_sched_fifo_delivers() {
         assert_eq!(policy, "0");
     }
 }
+
+/// `sip.thread`: with "own" the SIP driver has a thread of its own
+/// (`flashcall-sip`), with "shared" it is a task on the HTTP runtime and
+/// there is no such thread; calls complete either way, and the engine's
+/// log says which it is.
+#[test]
+fn sip_driver_on_its_own_thread_or_on_the_http_worker() {
+    for (mode, port, own) in [("own", 15_413, true), ("shared", 15_414, false)] {
+        let dir = test_dir(&format!("sipp-thread-{mode}"));
+        let _sipp = Sipp::start(&dir, &scenario("uas_ring_cancel.xml"), port, 2);
+        let cfg = config(&dir, "+44770090XXXX\n", &trunk(port), "");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let sip = "[sip]\nlisten = \"127.0.0.1:0\"\n";
+        assert!(text.contains(sip), "{text}");
+        std::fs::write(
+            &cfg,
+            text.replace(sip, &format!("{sip}thread = \"{mode}\"\n")),
+        )
+        .unwrap();
+        let e = Engine::start(&cfg);
+        for phone in ["+447911123470", "+447911123471"] {
+            let id = support::id_of(&e.create(json!({"phone": phone, "sender": "SHOP"})));
+            let got = e.wait_call_done(&id);
+            assert_eq!(got["status"], "delivered", "{mode}: {got}");
+            assert_eq!(got["call"]["sip_code"], 487, "{mode}: {got}");
+        }
+        let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", e.pid()))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+            .map(|c| c.trim().to_string())
+            .collect();
+        assert_eq!(
+            threads.iter().any(|t| t == "flashcall-sip"),
+            own,
+            "{mode}: {threads:?}"
+        );
+        let log = e.log_text();
+        assert_eq!(
+            log.contains("the SIP driver runs on the HTTP worker"),
+            !own,
+            "{mode}: {log}"
+        );
+    }
+}

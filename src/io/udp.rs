@@ -27,7 +27,10 @@
 //!   sleep is bounded by the window and by the next deadline, happens only
 //!   while datagrams keep coming, and the loop yields to the runtime after it
 //!   so other tasks on the thread run every tick; an [`App::waker`] wake-up
-//!   waits at most that tick. The price is at most one window of extra
+//!   waits at most that tick. With `sip.thread = "shared"` the thread is
+//!   the HTTP runtime's worker and the sleep holds HTTP too, on purpose:
+//!   the requests that arrive meanwhile are read at the same tick, with no
+//!   wake-up of their own (config::SipThread). The price is at most one window of extra
 //!   latency on a busy socket: a window's wait for a new INVITE and for
 //!   the CANCEL after a 180 (500 µs by default in `serve`). A busy-poll window was the other candidate and was
 //!   rejected: spinning is CPU time, which is what this loop must save, and on
