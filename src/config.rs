@@ -53,8 +53,8 @@ pub struct HttpConfig {
     /// Requests whose body is larger get 413 (SPEC §5: 16 KiB).
     pub max_body_bytes: usize,
     /// Threads of the HTTP runtime; 0 (the default) is one per CPU core but
-    /// one, and at least one: the SIP thread and the store writer need the
-    /// core left over, and at 4,000 creates/s on 2 cores one HTTP thread
+    /// one, and at least one: the store writer (and the SIP driver, when on
+    /// a thread of its own) need the core left over, and at 4,000 creates/s on 2 cores one HTTP thread
     /// used ~7 µs less CPU per verification than two, with a lower create
     /// p99 (fewer wake-ups handing work between idle workers).
     pub workers: usize,
@@ -73,19 +73,16 @@ pub struct HttpConfig {
 }
 
 impl Config {
-    /// Whether the SIP driver runs on the HTTP runtime (`sip.thread`
-    /// resolved; see [`SipThread`]).
-    pub fn sip_shares_http(&self) -> bool {
+    /// Whether the SIP driver runs on the HTTP runtime, which has
+    /// `workers` worker threads (`sip.thread` resolved; see [`SipThread`]).
+    pub fn sip_shares_http(&self, workers: usize) -> bool {
         match self.sip.thread {
             SipThread::Own => false,
             SipThread::Shared => true,
             SipThread::Auto => {
-                // `workers = 0` with TOKIO_WORKER_THREADS set: that many.
-                let workers = match std::env::var("TOKIO_WORKER_THREADS") {
-                    Ok(n) if self.http.workers == 0 => n.trim().parse().unwrap_or(0),
-                    _ => self.http.worker_threads(),
-                };
-                workers == 1 && self.sip.realtime_priority == 0
+                workers == 1
+                    && self.sip.realtime_priority == 0
+                    && self.sip.batch_window_us <= SHARE_WINDOW_MAX_US
             }
         }
     }
@@ -177,15 +174,21 @@ pub struct SipConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SipThread {
-    /// `shared` when the HTTP runtime has one worker and
-    /// `realtime_priority` is 0; `own` otherwise (with several workers the
-    /// driver would block one of them and its queued tasks a window at a
-    /// time, and SCHED_FIFO needs a thread of the driver's own).
+    /// `shared` when the HTTP runtime has one worker, `realtime_priority`
+    /// is 0 and `batch_window_us` at most [`SHARE_WINDOW_MAX_US`]; `own`
+    /// otherwise (with several workers the driver would block one of them
+    /// and its queued tasks a window at a time, SCHED_FIFO needs a thread
+    /// of the driver's own, and a long window would hold every request,
+    /// scrape and timer of the HTTP side that long under load).
     #[default]
     Auto,
     Shared,
     Own,
 }
+
+/// The longest `sip.batch_window_us` under which `sip.thread = "auto"`
+/// shares the HTTP worker: 1 ms, the most a request should wait for a tick.
+pub const SHARE_WINDOW_MAX_US: u32 = 1_000;
 
 impl Default for SipConfig {
     fn default() -> Self {
@@ -927,20 +930,24 @@ mod tests {
         assert_eq!((c.sip.batch_window_us, c.sip.realtime_priority), (0, 10));
         // SCHED_FIFO keeps the driver on a thread of its own under `auto`.
         assert_eq!(c.sip.thread, SipThread::Auto);
-        assert!(!c.sip_shares_http());
+        assert!(!c.sip_shares_http(1));
     }
 
     #[test]
     fn sip_thread_key() {
         let with = |extra: &str| parse(&format!("{MIN}\n{extra}"));
-        let one = with("[http]\nworkers = 1\n").unwrap();
-        assert!(one.sip_shares_http(), "auto with one worker shares it");
-        let two = with("[http]\nworkers = 2\n").unwrap();
-        assert!(!two.sip_shares_http(), "auto with two workers: own thread");
-        let c = with("[http]\nworkers = 2\n[sip]\nthread = \"shared\"\n").unwrap();
-        assert!(c.sip_shares_http());
-        let c = with("[http]\nworkers = 1\n[sip]\nthread = \"own\"\n").unwrap();
-        assert!(!c.sip_shares_http());
+        let auto = with("").unwrap();
+        assert!(auto.sip_shares_http(1), "auto with one worker shares it");
+        assert!(
+            !auto.sip_shares_http(2),
+            "auto with two workers: own thread"
+        );
+        let long = with("[sip]\nbatch_window_us = 1001\n").unwrap();
+        assert!(!long.sip_shares_http(1), "auto with a long window: own");
+        let c = with("[sip]\nthread = \"shared\"\n").unwrap();
+        assert!(c.sip_shares_http(2));
+        let c = with("[sip]\nthread = \"own\"\n").unwrap();
+        assert!(!c.sip_shares_http(1));
         let e = with("[sip]\nthread = \"shared\"\nrealtime_priority = 5\n").unwrap_err();
         assert!(e.contains("sip.realtime_priority: needs sip.thread"), "{e}");
         let e = with("[sip]\nthread = \"spare\"\n").unwrap_err();

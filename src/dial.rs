@@ -353,7 +353,7 @@ pub async fn run(opts: DialOptions) -> anyhow::Result<bool> {
         "post_dial_delay_ms": percentiles(&app.pdd),
         "cancel_delay_ms": percentiles(&app.cancel),
         "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
-        "early_media_packets": rtp.rtp_packets.load(std::sync::atomic::Ordering::Relaxed),
+        "early_media_packets": rtp.counters.rtp_packets.load(std::sync::atomic::Ordering::Relaxed),
         "malformed_datagrams": stats.malformed,
         "receive_drops": stats.receive_drops,
         "datagrams_in": stats.datagrams_in,

@@ -1,12 +1,16 @@
 //! The SIP side of `flashcall serve`: per-trunk INVITE queues paced by CPS,
-//! the pure endpoint driven by [`crate::io::udp::run`] on a thread of its
-//! own, and call outcomes written back to the store.
+//! the pure endpoint driven by [`crate::io::udp::run`], and call outcomes
+//! written back to the store.
 //!
-//! Why a thread of its own: the 180 -> CANCEL delay is the product's edge,
-//! so the SIP loop never waits behind HTTP work on a shared runtime.
-//! HTTP handlers talk to it through [`EngineShared`]: one inbox behind a
-//! mutex (held for a push or a swap, never across I/O) and a `Notify`; no
-//! task, channel or lock per call.
+//! Where the driver runs is `sip.thread` (config::SipThread): on a thread
+//! of its own, where the SIP loop never waits behind HTTP work (the
+//! 180 -> CANCEL delay is the product's edge), or as a task on the HTTP
+//! runtime's one worker, which saves the wake-ups of two threads handing
+//! work to each other and gives up that isolation: a handler's work (a
+//! point read of SQLite for a finished call's check, say) delays the next
+//! tick by as long. HTTP handlers talk to it through [`EngineShared`]: one
+//! inbox behind a mutex (held for a push or a swap, never across I/O) and
+//! a `Notify`; no task, channel or lock per call.
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{Quota, RateLimiter};
@@ -544,6 +548,7 @@ pub async fn run(
         Ok(ip) if bound.ip().is_unspecified() => SocketAddr::new(ip, bound.port()),
         _ => bound,
     };
+    // Kept to the end of the run: dropping it stops the sink.
     let (media, _rtp) = crate::io::rtp::spawn_sink(SocketAddr::new(bound.ip(), 0)).await?;
     let mut ep = Endpoint::new(
         EndpointConfig {

@@ -1,6 +1,7 @@
 //! `flashcall serve`: loads the config and the pool, binds every listener
 //! (so a port in use is one clear error before anything runs), starts the
-//! SIP driver on its own thread, serves HTTP and metrics, and shuts down
+//! SIP driver (its own thread or a task on the HTTP worker: `sip.thread`),
+//! serves HTTP and metrics, and shuts down
 //! gracefully on SIGTERM / SIGINT.
 
 use axum::routing::get;
@@ -300,14 +301,16 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         let store = store.clone();
         let public_host = cfg.sip.public_host.clone();
         let user_agent = cfg.sip.user_agent.clone();
-        if cfg.sip_shares_http() {
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        if cfg.sip_shares_http(workers) {
             tracing::info!("the SIP driver runs on the HTTP worker (sip.thread)");
             SipRunner::Task(tokio::spawn(async move {
                 // Linux's default timer slack (50 µs) here, not the own
                 // thread's 1 µs: with 1 µs the worker woke more often, 126
                 // / 62.6 µs of engine CPU per verification at 1,000 /
                 // 4,000/s against 117.5-118.5 / 59.0-60.9 (load bench, 20 s
-                // runs), for the same 180 -> CANCEL p99 (0.74-0.75 ms).
+                // runs, with the store writer's tick of the same commit),
+                // for the same 180 -> CANCEL p99 (0.74-0.75 ms).
                 let socket = tokio::net::UdpSocket::from_std(sip_socket)?;
                 engine::run(socket, &public_host, &user_agent, shared, store, settings).await
             }))

@@ -34,13 +34,28 @@ const CALLS: u32 = 5;
 
 #[test]
 fn sigterm_cancels_ringing_calls_and_exits_zero() {
-    let dir = test_dir("shutdown-ringing");
-    let port = 15_420;
+    sigterm_cancels_ringing_calls(15_420, "own");
+}
+
+/// The same with the SIP driver as a task on the HTTP worker: its end is
+/// awaited as a task's, not joined as a thread's.
+#[test]
+fn sigterm_cancels_ringing_calls_with_the_driver_on_the_http_worker() {
+    sigterm_cancels_ringing_calls(15_421, "shared");
+}
+
+fn sigterm_cancels_ringing_calls(port: u16, sip_thread: &str) {
+    let dir = test_dir(&format!("shutdown-ringing-{sip_thread}"));
     let mut sipp = Sipp::start(&dir, &scenario("uas_ring_cancel.xml"), port, CALLS);
     // ring_ms of a minute: the calls would ring on for 60 s, so only the
     // shutdown can be what CANCELs them.
     let trunk = format!("[[trunks]]\nname = \"sipp\"\naddress = \"127.0.0.1:{port}\"\ncps = 50\n");
     let cfg = config(&dir, "+44770090XXXX\n", &trunk, "[call]\nring_ms = 60000\n");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let sip = "[sip]\nlisten = \"127.0.0.1:0\"\n";
+    assert!(text.contains(sip), "{text}");
+    let text = text.replace(sip, &format!("{sip}thread = \"{sip_thread}\"\n"));
+    std::fs::write(&cfg, text).unwrap();
     let mut e = Engine::start(&cfg);
 
     let ids: Vec<String> = (0..CALLS)

@@ -177,8 +177,8 @@ fn sip_thread_under_sched_fifo_delivers() {
 
 /// `sip.thread`: with "own" the SIP driver has a thread of its own
 /// (`flashcall-sip`), with "shared" it is a task on the HTTP runtime and
-/// there is no such thread; calls complete either way, and the engine's
-/// log says which it is.
+/// there is no such thread; calls complete either way, the engine's log
+/// says which it is, and SIGTERM ends it cleanly.
 #[test]
 fn sip_driver_on_its_own_thread_or_on_the_http_worker() {
     for (mode, port, own) in [("own", 15_413, true), ("shared", 15_414, false)] {
@@ -193,7 +193,7 @@ fn sip_driver_on_its_own_thread_or_on_the_http_worker() {
             text.replace(sip, &format!("{sip}thread = \"{mode}\"\n")),
         )
         .unwrap();
-        let e = Engine::start(&cfg);
+        let mut e = Engine::start(&cfg);
         for phone in ["+447911123470", "+447911123471"] {
             let id = support::id_of(&e.create(json!({"phone": phone, "sender": "SHOP"})));
             let got = e.wait_call_done(&id);
@@ -211,7 +211,16 @@ fn sip_driver_on_its_own_thread_or_on_the_http_worker() {
             own,
             "{mode}: {threads:?}"
         );
+        // Its end is awaited either way: a clean exit.
+        let status = e
+            .terminate(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("{mode}: no exit after SIGTERM\n{}", e.log_text()));
         let log = e.log_text();
+        assert!(status.success(), "{mode}: exit {status}\n{log}");
+        assert!(
+            log.contains("every call in flight was closed"),
+            "{mode}: {log}"
+        );
         assert_eq!(
             log.contains("the SIP driver runs on the HTTP worker"),
             !own,

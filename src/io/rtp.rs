@@ -15,13 +15,28 @@ pub struct RtpCounters {
     pub non_rtp: AtomicU64,
 }
 
+/// The running sink: its counters, and its task, which stops (unbinding
+/// the port) when this is dropped. Not left to the runtime's end: with
+/// `sip.thread = "shared"` the SIP driver runs on the HTTP runtime, which
+/// outlives it.
+pub struct Sink {
+    pub counters: Arc<RtpCounters>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Binds the sink and returns its address (the one to put in SDP).
-pub async fn spawn_sink(bind: SocketAddr) -> std::io::Result<(SocketAddr, Arc<RtpCounters>)> {
+pub async fn spawn_sink(bind: SocketAddr) -> std::io::Result<(SocketAddr, Sink)> {
     let socket = UdpSocket::bind(bind).await?;
     let local = socket.local_addr()?;
     let counters = Arc::new(RtpCounters::default());
     let c = counters.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut buf = vec![0u8; 2048];
         loop {
             match socket.recv_from(&mut buf).await {
@@ -37,5 +52,11 @@ pub async fn spawn_sink(bind: SocketAddr) -> std::io::Result<(SocketAddr, Arc<Rt
             }
         }
     });
-    Ok((local, counters))
+    Ok((
+        local,
+        Sink {
+            counters,
+            task: task.abort_handle(),
+        },
+    ))
 }

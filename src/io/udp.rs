@@ -917,4 +917,78 @@ mod tests {
         assert_eq!(stats.receive_drops, app.drops);
         assert_eq!(app.reports, 1);
     }
+
+    /// With `sip.thread = "shared"` the driver is a task on a runtime of one
+    /// worker, and under load its tick's sleep blocks that worker: the
+    /// other tasks (the HTTP side) must still run at every tick, not wait
+    /// for the load to end. A peer floods the socket past the busy
+    /// threshold while a second task counts its 1 ms timer turns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_busy_driver_on_a_shared_worker_lets_other_tasks_run() {
+        struct Busy {
+            until: Instant,
+        }
+        impl App for Busy {
+            fn poll(&mut self, now: Instant, _ep: &mut Endpoint<StdRng>) -> Option<Instant> {
+                Some(now + Duration::from_millis(5))
+            }
+            fn on_event(&mut self, _ep: &mut Endpoint<StdRng>, _event: Event) {}
+            fn done(&self, _ep: &Endpoint<StdRng>) -> bool {
+                Instant::now() >= self.until
+            }
+        }
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let to = socket.local_addr().expect("addr");
+        let span = Duration::from_millis(400);
+        // A datagram every 100-200 µs, several times the busy threshold and
+        // so evenly that every tick has some, for the driver's whole run;
+        // loopback only, and bounded.
+        let flood = std::thread::spawn(move || {
+            let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("peer");
+            let end = Instant::now() + span + Duration::from_millis(100);
+            while Instant::now() < end {
+                let _ = peer.send_to(b"not sip", to);
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        });
+        let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = {
+            let ticks = ticks.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        };
+        let driver = tokio::spawn(async move {
+            let mut ep = Endpoint::new(
+                crate::sip::EndpointConfig {
+                    timers: Default::default(),
+                    local: to,
+                    public_host: "127.0.0.1".into(),
+                    user_agent: "test".into(),
+                    media: to,
+                },
+                <StdRng as rand::SeedableRng>::seed_from_u64(1),
+            );
+            let mut app = Busy {
+                until: Instant::now() + span,
+            };
+            run(&socket, &mut ep, &mut app, Duration::from_micros(500)).await
+        });
+        let stats = driver.await.expect("driver task");
+        let turns_of_the_other = ticks.load(std::sync::atomic::Ordering::Relaxed);
+        counter.abort();
+        flood.join().expect("flood thread");
+        // Coalescing ran: far fewer turns than datagrams.
+        assert!(stats.datagrams_in > 500, "{stats:?}");
+        assert!(stats.turns * 2 < stats.datagrams_in, "{stats:?}");
+        // Starved, the other task would have counted nothing until the
+        // driver ended; run every tick, it counted about one a millisecond.
+        assert!(
+            turns_of_the_other >= 40,
+            "the other task ran {turns_of_the_other} times in {span:?}: {stats:?}"
+        );
+    }
 }

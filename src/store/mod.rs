@@ -5,7 +5,8 @@
 //! `insert` returns a future because a durable store answers only once the
 //! record is committed (group commit): the API must not say 201 before.
 //! Reads and updates are synchronous: they are cheap in memory, and the SIP
-//! driver calls them from its own thread.
+//! driver calls them from its loop (its own thread, or the HTTP worker with
+//! `sip.thread = "shared"`), which must not wait.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -2,17 +2,21 @@
 //! cache of the live records.
 //!
 //! - Reads (`get`, `idempotent`) and `update` work on the cache, at memory
-//!   speed: the SIP driver calls `update` from its own thread and must not
-//!   wait for a disk.
+//!   speed: the SIP driver calls `update` from its loop and must not wait
+//!   for a disk. A miss (a record whose call is over) is a point read by
+//!   primary key on the request path's reader connection, which nothing
+//!   else holds for longer (the sweeps and the webhook outbox read through
+//!   a connection of their own).
 //! - Every write (insert, each update, expiry, check, delivery attempt) is
 //!   also queued to ONE writer thread that owns the `Connection` and commits
 //!   whatever is queued in one transaction (group commit: one fsync-free WAL
 //!   append for many requests), then wakes every waiter of the batch. A
 //!   commit's cost is mostly the pages it rewrites to the WAL, so under
-//!   load the writer gathers: a create waits at most 1 ms for company (only
-//!   when commits are running back to back), a status update nobody waits
-//!   for at most 4 ms, and updates of one verification in a batch write
-//!   its row once (see `gather`, `defer_young`, `commit`).
+//!   load the writer gathers: a create waits at most a commit window
+//!   (`store.commit_window_us`, 4 ms) for company (only when commits are
+//!   running back to back: see the writer loop), a status update nobody
+//!   waits for at most 4 ms, and updates of one verification in a batch write
+//!   its row once (see `writer`, `gather`, `defer_young`, `commit`).
 //! - The checkpointer thread copies the WAL into the database beside the
 //!   writer and makes it start over every 64 MiB (see `checkpointer`).
 //! - `insert` resolves only after its batch is committed, so a 201 means
@@ -213,7 +217,7 @@ const MAX_BATCH: usize = 8_192;
 const MAX_RETRY: usize = 100_000;
 /// The longest a create (or flush) is held to share its commit with
 /// others, when the writer is busy, unless the config says otherwise
-/// (`store.commit_window_us`); see [`gather`]. Why 4 ms (1 ms until
+/// (`store.commit_window_us`); see the tick in [`writer`]. Why 4 ms (1 ms until
 /// session 11): a commit's fixed cost (BEGIN, a WAL frame per dirty page,
 /// COMMIT, the wake-ups around it) was most of the writer's CPU, about
 /// 80 µs a commit. Load bench, 20 s runs on the session-11 VM, store writer
@@ -417,9 +421,15 @@ pub struct SqliteStore {
     /// The writer's queue; closed when the store is dropped.
     queue: Arc<JobQueue>,
     writer: Option<JoinHandle<()>>,
-    /// For reads the cache cannot answer (evicted records, the outbox).
-    /// WAL readers never block the writer.
+    /// For the request path's reads the cache cannot answer (evicted
+    /// records, idempotency keys): point reads by key. WAL readers never
+    /// block the writer.
     reader: Mutex<Connection>,
+    /// For the background's reads (the expiry sweep, the webhook outbox),
+    /// which can take longer: on the request path's connection they made
+    /// a check or GET wait for them behind its mutex, and with the SIP
+    /// driver on the HTTP worker (`sip.thread`) so did the SIP loop.
+    background: Mutex<Connection>,
     /// Serialises read-modify-write of records not in the cache.
     miss: Mutex<()>,
     path: PathBuf,
@@ -857,63 +867,31 @@ fn drain(q: &JobQueue, batch: &mut Vec<Job>, closed: &mut bool) {
     *closed |= q.drain(batch, MAX_BATCH);
 }
 
-/// Holds a fresh batch open for more jobs before it is committed, so that
-/// under load one commit carries many (the fixed cost of a commit, which
-/// writes every page the transaction touched to the WAL, is most of the
-/// writer's CPU when batches are small):
-/// - a job someone waits for (a create's 201, a flush) waits at most
-///   `window` (`store.commit_window_us`), and only when the writer is busy
-///   (see [`hold_for_siblings`]); otherwise it is committed at once,
-///   adding no latency;
-/// - jobs nobody waits for (the SIP driver's status updates, checks) wait
-///   up to `LAZY` after they were queued: they are in the cache already,
-///   and a `flush` or a create commits them sooner (see [`defer_young`]).
-fn gather(q: &JobQueue, batch: &mut Vec<Job>, closed: &mut bool, busy: bool, window: Duration) {
+/// Holds a batch of jobs nobody waits for (the SIP driver's status
+/// updates, checks) open until a job someone waits for arrives (a create,
+/// a flush: committed at once with them) or the oldest is `LAZY` old:
+/// they are in the cache already, and riding a create's commit is cheaper
+/// than a commit of their own (see [`defer_young`]). A batch with a waited
+/// job is left as it is. The hold for company a busy writer gives creates
+/// is its tick in [`writer`], before this.
+fn gather(q: &JobQueue, batch: &mut Vec<Job>, closed: &mut bool, window: Duration) {
     // A window past LAZY would be cut short by the lazy deadline of any
     // update in the batch.
     let lazy_for = LAZY.max(window);
-    let waited_for = |b: &[Job]| b.iter().any(|j| j.waiter.is_some());
-    let now = Instant::now();
-    let lazy = batch
+    if batch.iter().any(|j| j.waiter.is_some()) {
+        return;
+    }
+    let deadline = batch
         .iter()
         .map(|j| j.queued_at + lazy_for)
         .min()
-        .unwrap_or(now + lazy_for);
-    let mut deadline = if !waited_for(batch) {
-        lazy
-    } else if busy {
-        lazy.min(now + window)
-    } else {
-        return;
-    };
-    while !*closed && batch.len() < MAX_BATCH {
-        let now = Instant::now();
-        if now >= deadline {
-            break;
-        }
-        if waited_for(batch) {
-            // Nothing that arrives can bring the deadline closer: sleep
-            // rather than be woken by every sender. Not ended sooner when
-            // "enough" creates have come: ending at the count the last
-            // commits carried let batch sizes drift down under open-loop
-            // load (at 1,000/s, 586-928 commits/s instead of 237, and 176-195
-            // µs of engine CPU per verification instead of 139).
-            std::thread::sleep(deadline - now);
-            drain(q, batch, closed);
-            break;
-        }
+        .unwrap_or_else(|| Instant::now() + lazy_for);
+    while !*closed && batch.len() < MAX_BATCH && Instant::now() < deadline {
         // Woken only by a job someone waits for, or the deadline: the
         // updates that arrive meanwhile are taken then (see `queue`).
         let before = batch.len();
         *closed |= q.wait(batch, MAX_BATCH, Wake::Waited, Some(deadline));
         if batch[before..].iter().any(|j| j.waiter.is_some()) {
-            let due = if busy {
-                Instant::now() + window
-            } else {
-                Instant::now()
-            };
-            deadline = deadline.min(due);
-        } else if Instant::now() >= deadline {
             break;
         }
     }
@@ -991,7 +969,7 @@ fn defer_young(batch: &mut Vec<Job>, carry: &mut Vec<Job>) {
 }
 
 /// The writer thread: take everything queued (holding the batch open a
-/// moment when that pays, see [`gather`]), commit it in one transaction,
+/// moment when that pays: the busy tick below, [`gather`]), commit it in one transaction,
 /// wake the waiters; repeat until every sender is gone.
 fn writer(
     conn: Connection,
@@ -1032,17 +1010,16 @@ fn writer(
             // updates, then its window ended), each ~15-30 µs of CPU on
             // the bench VM (`cargo bench --bench wake`); now one. A create
             // waits no longer than with a hold that starts at its arrival.
-            let ticked = match committed_at {
-                Some(at) if busy && !closed => {
-                    let wait = (at + window).saturating_duration_since(Instant::now());
-                    if !wait.is_zero() {
-                        std::thread::sleep(wait);
-                    }
-                    drain(&q, &mut batch, &mut closed);
-                    true
+            // Not when a full batch is queued already: it goes at once.
+            // A flush or the store's close that comes during the sleep
+            // waits for its end: a window at most.
+            if let Some(at) = committed_at.filter(|_| busy && !closed) {
+                let wait = (at + window).saturating_duration_since(Instant::now());
+                if !wait.is_zero() && q.len() < MAX_BATCH {
+                    std::thread::sleep(wait);
                 }
-                _ => false,
-            };
+                drain(&q, &mut batch, &mut closed);
+            }
             if batch.is_empty() {
                 if closed {
                     break;
@@ -1053,10 +1030,9 @@ fn writer(
                 }
             }
             drain(&q, &mut batch, &mut closed);
-            // After a tick the hold is served: what it gathered is
-            // committed at once (and updates alone wait for a create or
-            // their LAZY deadline, as from idle).
-            gather(&q, &mut batch, &mut closed, busy && !ticked, window);
+            // What a tick gathered is committed at once; updates alone wait
+            // for a create or their LAZY deadline.
+            gather(&q, &mut batch, &mut closed, window);
             if !closed {
                 defer_young(&mut batch, &mut carry);
             }
@@ -1292,6 +1268,10 @@ impl SqliteStore {
         reader
             .pragma_update(None, "query_only", true)
             .map_err(sql)?;
+        let background = connect(path, OpenFlags::default()).map_err(sql)?;
+        background
+            .pragma_update(None, "query_only", true)
+            .map_err(sql)?;
         let checkpoint_conn = connect(path, OpenFlags::default()).map_err(sql)?;
         let gate = Arc::new(Mutex::new(()));
         let (stop_checkpoints, checkpoint_rx) = mpsc::channel::<()>();
@@ -1335,6 +1315,7 @@ impl SqliteStore {
             queue,
             writer: Some(writer),
             reader: Mutex::new(reader),
+            background: Mutex::new(background),
             miss: Mutex::new(()),
             path: path.into(),
             stop_checkpoints: Some(stop_checkpoints),
@@ -1390,6 +1371,15 @@ impl SqliteStore {
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
         let conn = self.reader.lock().map_err(|_| poisoned())?;
+        f(&conn).map_err(unavailable)
+    }
+
+    /// [`read`](Self::read) on the background's connection.
+    fn read_background<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let conn = self.background.lock().map_err(|_| poisoned())?;
         f(&conn).map_err(unavailable)
     }
 
@@ -1579,7 +1569,7 @@ impl SqliteStore {
             // partial index of open ones. The cache may be ahead (a change
             // queued, not committed yet): `update` works on the cached
             // state, so a record already closed there is left alone.
-            let due: Vec<String> = self.read(|c| {
+            let due: Vec<String> = self.read_background(|c| {
                 let mut stmt = c.prepare_cached(&EXPIRE_DUE)?;
                 let rows = stmt.query_map(params![now_ms, batch as i64], |r| r.get(0))?;
                 rows.collect()
@@ -1787,7 +1777,7 @@ impl Store for SqliteStore {
     }
 
     fn outbox_due(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {
-        self.read(|c| {
+        self.read_background(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT id, project, payload, created_at_ms, attempts, next_attempt_ms \
                  FROM webhook_outbox WHERE done = 0 AND next_attempt_ms <= ?1 \

@@ -91,6 +91,11 @@ impl JobQueue {
         Ok(())
     }
 
+    /// Jobs queued, not yet taken.
+    pub(super) fn len(&self) -> usize {
+        self.lock().jobs.len()
+    }
+
     /// No more jobs: the writer commits what is queued and stops.
     pub(super) fn close(&self) {
         self.lock().closed = true;
