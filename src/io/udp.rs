@@ -858,6 +858,20 @@ mod tests {
         assert_eq!(drops, Some((SENT - queued) as u32));
     }
 
+    /// An endpoint for the driver tests, seeded, at `to`.
+    fn endpoint_at(to: SocketAddr) -> Endpoint<StdRng> {
+        Endpoint::new(
+            crate::sip::EndpointConfig {
+                timers: Default::default(),
+                local: to,
+                public_host: "127.0.0.1".into(),
+                user_agent: "test".into(),
+                media: to,
+            },
+            <StdRng as rand::SeedableRng>::seed_from_u64(1),
+        )
+    }
+
     /// The driver counts those drops and tells the app once per report:
     /// a burst overflows a small queue before the loop runs, then the app
     /// sends one more datagram, which carries the kernel's count.
@@ -891,16 +905,7 @@ mod tests {
         }
         // `run` enlarges the queue when it starts, after the drops.
         let (a, peer, to) = flooded().await;
-        let mut ep = Endpoint::new(
-            crate::sip::EndpointConfig {
-                timers: Default::default(),
-                local: to,
-                public_host: "127.0.0.1".into(),
-                user_agent: "test".into(),
-                media: to,
-            },
-            <StdRng as rand::SeedableRng>::seed_from_u64(1),
-        );
+        let mut ep = endpoint_at(to);
         let mut app = Flooded {
             peer,
             to,
@@ -962,16 +967,7 @@ mod tests {
             })
         };
         let driver = tokio::spawn(async move {
-            let mut ep = Endpoint::new(
-                crate::sip::EndpointConfig {
-                    timers: Default::default(),
-                    local: to,
-                    public_host: "127.0.0.1".into(),
-                    user_agent: "test".into(),
-                    media: to,
-                },
-                <StdRng as rand::SeedableRng>::seed_from_u64(1),
-            );
+            let mut ep = endpoint_at(to);
             let mut app = Busy {
                 until: Instant::now() + span,
             };
