@@ -371,6 +371,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let limits = crate::io::http::Limits {
         header_timeout: Duration::from_millis(cfg.http.read_timeout_ms),
         write_timeout: Duration::from_millis(cfg.http.write_timeout_ms),
+        min_send_bytes: crate::io::http::min_send_bytes(cfg.http.write_timeout_ms),
         drain: Duration::from_millis(cfg.shutdown.grace_ms),
     };
     // Scrapes are not drained: the task is aborted at exit.

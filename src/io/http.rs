@@ -13,7 +13,10 @@
 //! reading a response (a large CSV export, say) is cut off once a write
 //! has made no progress for `http.write_timeout_ms`; before, it held the
 //! connection, the export's blocking thread and its database cursor for
-//! as long as it liked.
+//! as long as it liked. A client that reads a trickle, enough to unblock
+//! a write within each such span but next to nothing overall, is cut off
+//! too: once the client is what holds the writes back, the response must
+//! move [`Limits::min_send_bytes`] per `write_timeout`.
 //!
 //! HTTP/1.1 only, and no upgrades (axum::serve allowed them): no route
 //! here upgrades a connection; a WebSocket route would need
@@ -38,29 +41,89 @@ pub struct Limits {
     /// A write to the client that makes no progress for this long (the
     /// client stopped reading) closes the connection.
     pub write_timeout: Duration,
+    /// Once a write has been blocked (the client is the bottleneck), at
+    /// least this many bytes must go out per `write_timeout`, else the
+    /// connection is closed; measured from that first block to the next
+    /// request read on the connection.
+    pub min_send_bytes: usize,
     /// After the shutdown signal, how long requests in progress have to
     /// finish before their connections are closed.
     pub drain: Duration,
 }
 
+/// The slowest a client may read a response once it holds the writes
+/// back: 1 KiB/s, a fraction of what the slowest mobile link carries
+/// (Apache's `mod_reqtimeout` asks 500 bytes/s of a request body).
+pub const MIN_SEND_BYTES_PER_SEC: u64 = 1024;
+
+/// [`Limits::min_send_bytes`] for a `write_timeout_ms` span at
+/// [`MIN_SEND_BYTES_PER_SEC`].
+pub fn min_send_bytes(write_timeout_ms: u64) -> usize {
+    usize::try_from(MIN_SEND_BYTES_PER_SEC.saturating_mul(write_timeout_ms) / 1000)
+        .unwrap_or(usize::MAX)
+}
+
 /// A connection whose writes fail with `TimedOut` once one has been
-/// blocked (the socket's send buffer full) for `limit`. Hyper then drops
-/// the connection and the response body with it. The timer exists only
-/// while a write is blocked: a write that goes through at once, nearly
-/// every one, costs a branch.
+/// blocked (the socket's send buffer full) for `limit`, or once, after a
+/// block, fewer than `min_bytes` went out in a span of `limit`. Hyper then
+/// drops the connection and the response body with it. The timer and the
+/// clock reads exist only from a write's first block on: a write that
+/// goes through at once on a connection that never blocked, nearly every
+/// one, costs a branch.
+///
+/// Why a rate and not only the blocked timer: any read that frees enough
+/// of the server's send buffer unblocks its write, so how slowly a client
+/// could read and never be cut off was up to the kernel's buffer sizing
+/// (Linux wakes a TCP writer once half its queued bytes are gone: with a
+/// send buffer of ~46 KB, a client reading ~800 bytes a second kept an
+/// export's thread for as long as it liked). The rate makes it a floor
+/// of our own.
 struct WriteLimit<T> {
     io: T,
     limit: Duration,
+    min_bytes: usize,
     blocked: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Since the first block of this span (None: no block since the last
+    /// request was read), and the bytes written since then.
+    slow_since: Option<std::time::Instant>,
+    slow_bytes: usize,
 }
 
 impl<T> WriteLimit<T> {
-    fn new(io: T, limit: Duration) -> Self {
+    fn new(io: T, limit: Duration, min_bytes: usize) -> Self {
         WriteLimit {
             io,
             limit,
+            min_bytes,
             blocked: None,
+            slow_since: None,
+            slow_bytes: 0,
         }
+    }
+
+    /// After a write that went through: in a slow span, counts its bytes
+    /// and, once the span is `limit` long, fails the write if too few went
+    /// out, or starts the next span.
+    fn progress(&mut self, n: usize) -> std::io::Result<usize> {
+        let Some(since) = self.slow_since else {
+            return Ok(n);
+        };
+        self.slow_bytes = self.slow_bytes.saturating_add(n);
+        if since.elapsed() < self.limit {
+            return Ok(n);
+        }
+        if self.slow_bytes < self.min_bytes {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the client read {} bytes in {:?}, under the {} required",
+                    self.slow_bytes, self.limit, self.min_bytes
+                ),
+            ));
+        }
+        self.slow_since = Some(std::time::Instant::now());
+        self.slow_bytes = 0;
+        Ok(n)
     }
 
     /// After a write-side poll of the inner stream: on progress the timer
@@ -77,6 +140,10 @@ impl<T> WriteLimit<T> {
                 Poll::Ready(r)
             }
             Poll::Pending => {
+                if self.slow_since.is_none() {
+                    self.slow_since = Some(std::time::Instant::now());
+                    self.slow_bytes = 0;
+                }
                 let limit = self.limit;
                 let timer = self
                     .blocked
@@ -99,7 +166,15 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteLimit<T> {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        // Bytes read: the next request (HTTP/1.1 without pipelining sends
+        // it once the last response was read). A slow span ends here, so
+        // an idle keep-alive gap is never counted as slow sending.
+        if buf.filled().len() > before {
+            self.slow_since = None;
+        }
+        r
     }
 }
 
@@ -110,7 +185,10 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteLimit<T> {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
-        self.watch(cx, r)
+        match self.watch(cx, r) {
+            std::task::Poll::Ready(Ok(n)) => std::task::Poll::Ready(self.progress(n)),
+            other => other,
+        }
     }
 
     fn poll_write_vectored(
@@ -119,7 +197,10 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteLimit<T> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.watch(cx, r)
+        match self.watch(cx, r) {
+            std::task::Poll::Ready(Ok(n)) => std::task::Poll::Ready(self.progress(n)),
+            other => other,
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -197,7 +278,11 @@ pub async fn serve(
                     tracing::debug!(error = %e, "http: cannot set TCP_NODELAY");
                 }
                 let conn = builder.serve_connection(
-                    TokioIo::new(WriteLimit::new(tcp, limits.write_timeout)),
+                    TokioIo::new(WriteLimit::new(
+                        tcp,
+                        limits.write_timeout,
+                        limits.min_send_bytes,
+                    )),
                     TowerToHyperService::new(app.clone()),
                 );
                 let conn = graceful.watch(conn);
@@ -309,6 +394,8 @@ mod tests {
         let limits = Limits {
             header_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_millis(300),
+            // The rate rule off: this is the blocked timer's test.
+            min_send_bytes: 0,
             drain: Duration::from_secs(1),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -336,5 +423,84 @@ mod tests {
         let _ = stop.send(());
         let open = rt.block_on(server).expect("serve");
         assert_eq!(open, 0, "no connection left to cut at shutdown");
+    }
+
+    /// The rate rule on its own, over an in-memory pipe of 64 bytes,
+    /// which (unlike TCP, whose sender wakes only once half its buffer is
+    /// free) lets a write through as soon as any byte is read: a reader
+    /// that takes 16 bytes every 5 ms unblocks every write far within the
+    /// 200 ms limit, so only the rate (10,000 bytes per span asked, ~640
+    /// moved) can end it. A reader that drains the pipe is not cut off by
+    /// the same limit, and bytes read from the peer (the next request)
+    /// end a slow span, so an idle gap after it does not count.
+    #[test]
+    fn a_reader_that_takes_a_trickle_is_cut_off() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let limit = Duration::from_millis(200);
+            let endless = |w: tokio::io::DuplexStream| async move {
+                let mut w = WriteLimit::new(w, limit, 10_000);
+                let chunk = [b'x'; 1024];
+                let mut sent = 0usize;
+                loop {
+                    match w.write(&chunk).await {
+                        Ok(n) => sent += n,
+                        Err(e) => return (sent, e),
+                    }
+                }
+            };
+
+            let (w, mut r) = tokio::io::duplex(64);
+            let writer = tokio::spawn(endless(w));
+            let mut buf = [0u8; 16];
+            let mut got = 0usize;
+            let cut = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    match r.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await;
+            assert!(cut.is_ok(), "still writing after 5 s ({got} bytes read)");
+            let (sent, e) = writer.await.expect("writer");
+            assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+            assert!(e.to_string().contains("under the 10000 required"), "{e}");
+            assert!(sent > 64, "writes went through before the cut: {sent}");
+
+            // Draining as fast as it comes: same limits, never cut.
+            let (w, mut r) = tokio::io::duplex(64);
+            let writer = tokio::spawn(endless(w));
+            let mut big = vec![0u8; 64];
+            let started = tokio::time::Instant::now();
+            let mut got = 0usize;
+            while started.elapsed() < 3 * limit {
+                got += r.read(&mut big).await.expect("the writer goes on");
+            }
+            assert!(got > 10_000, "{got}");
+            assert!(!writer.is_finished(), "a reader that keeps up was cut off");
+            writer.abort();
+
+            // A block, then the peer's next request, then a gap of twice the
+            // limit: the next write goes through.
+            let (w, mut peer) = tokio::io::duplex(64);
+            let mut w = WriteLimit::new(w, limit, 10_000);
+            w.write_all(&[b'x'; 64]).await.expect("fills the pipe");
+            let blocked = tokio::time::timeout(Duration::from_millis(20), w.write(b"y")).await;
+            assert!(blocked.is_err(), "the pipe was full");
+            let mut drained = [0u8; 64];
+            peer.read_exact(&mut drained).await.expect("drain");
+            peer.write_all(b"GET /").await.expect("request");
+            let mut req = [0u8; 5];
+            w.read_exact(&mut req).await.expect("read the request");
+            tokio::time::sleep(2 * limit).await;
+            assert_eq!(w.write(b"z").await.expect("after an idle gap"), 1);
+        });
     }
 }
