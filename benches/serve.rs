@@ -25,7 +25,7 @@ const CONFIG: &str = r#"
 [sandbox]
 enabled = true
 [limits.per_phone]
-max = 1000000
+max = 1000
 per_secs = 1
 [[projects]]
 login = "bench"

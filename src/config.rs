@@ -190,6 +190,9 @@ pub enum SipThread {
 /// shares the HTTP worker: 1 ms, the most a request should wait for a tick.
 pub const SHARE_WINDOW_MAX_US: u32 = 1_000;
 
+/// The most `limits.per_phone.max` may be.
+pub const MAX_SENDS_PER_PHONE: u32 = 1_000;
+
 impl Default for SipConfig {
     fn default() -> Self {
         SipConfig {
@@ -745,6 +748,20 @@ impl Config {
         if pp.max > 0 && pp.per_secs == 0 {
             return bad("limits.per_phone.per_secs", "must be > 0 when max > 0");
         }
+        // A destination keeps the time of each send in its window (8
+        // bytes each, limits.rs): `max` bounds what one phone can hold.
+        if pp.max > MAX_SENDS_PER_PHONE {
+            return bad(
+                "limits.per_phone.max",
+                &format!("must be at most {MAX_SENDS_PER_PHONE}"),
+            );
+        }
+        if pp.per_secs > 366 * 86_400 {
+            return bad(
+                "limits.per_phone.per_secs",
+                "must be at most 31622400 (a year)",
+            );
+        }
         if pp.max_tracked == 0 {
             return bad("limits.per_phone.max_tracked", "must be > 0");
         }
@@ -984,6 +1001,11 @@ mod tests {
             ),
             (
                 "[limits.per_phone]\nper_secs = 0",
+                "limits.per_phone.per_secs",
+            ),
+            ("[limits.per_phone]\nmax = 1001", "limits.per_phone.max"),
+            (
+                "[limits.per_phone]\nper_secs = 31622401",
                 "limits.per_phone.per_secs",
             ),
         ] {

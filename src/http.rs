@@ -513,17 +513,16 @@ async fn create(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Timed
     })?;
     // ThreadRng is not Send: it lives only in this block, never across an
     // await. It is a CSPRNG (ChaCha, seeded from the OS), as codes need.
-    let (picked, id) = {
+    let (picked, id, phone_send) = {
         let mut rng = rand::thread_rng();
-        let picked = {
+        let (picked, send) = {
             let mut pool = match st.pool.lock() {
                 Ok(p) => p,
                 Err(p) => p.into_inner(),
             };
             // The number first, used only once the destination's limit
-            // passes: a send counted by the per-phone limit cannot be
-            // given back (governor has no refund), so a 409 or 503 from
-            // the pool must come before it, and a 429 must use no number
+            // passes: a 409 or 503 from the pool must not count a send to
+            // the destination, and a 429 must use no number
             // (with a cooldown, a client sending to a phone at its limit
             // would block numbers it never called).
             let choice = pool
@@ -543,10 +542,10 @@ async fn create(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Timed
             // so of a sweep that takes ~1 ms at 240,000 keys), and creates
             // behind it wait for the pool meanwhile. A give-back to the pool
             // instead would have to restore its rotation and stamp.
-            st.limits.check_phone(phone_num)?;
-            choice.take()
+            let send = st.limits.check_phone(phone_num)?;
+            (choice.take(), send)
         };
-        (picked, crate::verification::new_id(now, &mut rng))
+        (picked, crate::verification::new_id(now, &mut rng), send)
     };
     let v = Verification {
         id,
@@ -584,6 +583,10 @@ async fn create(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Timed
     Accepted {
         insert: Some(st.store.insert(v, idem)),
         call: Some((reservation, cmd)),
+        refund: Refund {
+            st: Arc::clone(&st),
+            send: phone_send,
+        },
         _idem: idem_guard,
     }
     .finish()
@@ -607,6 +610,8 @@ async fn create(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Timed
 struct Accepted {
     insert: Option<StoreFuture<'static, ()>>,
     call: Option<(Reservation, CallCmd)>,
+    /// Given back if the insert fails.
+    refund: Refund,
     /// Released when this is done, in whichever task finishes it.
     _idem: Option<IdemGuard>,
 }
@@ -619,10 +624,27 @@ impl Accepted {
         };
         // Disarm `drop` before anything else happens.
         self.insert = None;
-        if let (Ok(()), Some((reservation, cmd))) = (&stored, self.call.take()) {
-            send_call(reservation, cmd);
+        match (&stored, self.call.take()) {
+            (Ok(()), Some((reservation, cmd))) => send_call(reservation, cmd),
+            (Err(_), _) => self.refund.give_back(),
+            (Ok(()), None) => {}
         }
         stored
+    }
+}
+
+/// The destination's send a create counted, to give back when its insert
+/// fails: nothing was stored and no call goes out, so the 503 must not use
+/// up the phone's allowance (a full disk for a minute would otherwise
+/// leave every phone tried meanwhile at its limit for `per_secs`).
+struct Refund {
+    st: Arc<AppState>,
+    send: crate::limits::PhoneSend,
+}
+
+impl Refund {
+    fn give_back(&self) {
+        self.st.limits.refund(self.send);
     }
 }
 
@@ -639,6 +661,10 @@ impl Drop for Accepted {
         };
         let id = cmd.id.clone();
         let idem = self._idem.take();
+        let refund = Refund {
+            st: Arc::clone(&self.refund.st),
+            send: self.refund.send,
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 tracing::debug!(%id, "create: request dropped before its commit; the call goes ahead once stored");
@@ -648,7 +674,10 @@ impl Drop for Accepted {
                         Ok(()) => send_call(reservation, cmd),
                         // The client heard nothing either way, and nothing
                         // was stored: no call.
-                        Err(e) => tracing::warn!(%id, error = %e, "create: a dropped request's insert failed"),
+                        Err(e) => {
+                            refund.give_back();
+                            tracing::warn!(%id, error = %e, "create: a dropped request's insert failed")
+                        }
                     }
                 });
             }

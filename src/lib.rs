@@ -17,7 +17,8 @@
 //!   crate's answer, replayed on its metadata without its general parser
 //!   (fast path for strict E.164, the crate itself for anything else).
 //! - `pool` — PURE number pool: suffix index, LRU pick, cooldown, coverage.
-//! - `limits` — per-project and per-phone GCRA limits (governor), swept.
+//! - `limits` — per-project GCRA limits (governor) and per-phone sliding
+//!   windows with refunds, swept.
 //! - `verification` — PURE verification lifecycle: statuses, check, expiry.
 //! - `store/` — the `Store` trait, the in-memory store and the durable
 //!   SQLite store (cache + group-commit writer, and `sqlite/queue.rs`, the

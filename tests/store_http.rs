@@ -47,9 +47,18 @@ async fn call(app: &axum::Router, method: &str, path: &str, body: &str) -> (u16,
 /// The API on a fresh SQLite store in the target's scratch dir `name`,
 /// with one trunk whose queue nothing drains (no SIP driver runs).
 fn api_on_sqlite(name: &str) -> (Arc<SqliteStore>, Arc<EngineShared>, axum::Router) {
+    api_on_sqlite_with(name, "")
+}
+
+/// [`api_on_sqlite`] with `extra` appended to the config.
+fn api_on_sqlite_with(
+    name: &str,
+    extra: &str,
+) -> (Arc<SqliteStore>, Arc<EngineShared>, axum::Router) {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let _ = std::fs::remove_dir_all(&dir);
-    let cfg = Config::parse(CONFIG, Path::new("t.toml"), |_| None).expect("config");
+    let cfg = Config::parse(&format!("{CONFIG}\n{extra}"), Path::new("t.toml"), |_| None)
+        .expect("config");
     let engine = Arc::new(EngineShared::new(vec![Trunk {
         name: "t".into(),
         addr: "127.0.0.1:5070".parse().expect("literal"),
@@ -145,6 +154,33 @@ async fn unwritable_store_answers_503_never_201() {
     assert_eq!(s, 503, "{resp}");
 }
 
+/// A create refused 503 because its record could not be stored used
+/// none of the destination's allowance: with one send per phone per 10
+/// minutes, the same phone's create once the disk is back is a 201, and
+/// the one after it a 429 (the limit itself still holds). Before session
+/// 13 the failed create had counted the send and the retry got 429.
+#[tokio::test]
+async fn a_create_the_store_refused_gives_its_per_phone_send_back() {
+    let (sqlite, _engine, app) = api_on_sqlite_with(
+        "store-http-refund",
+        "[limits.per_phone]\nmax = 1\nper_secs = 600\n",
+    );
+    let create = r#"{"phone":"+447911123456","sender":"T"}"#;
+    // Read-only: every write fails (a full disk fails the same way, see
+    // above, but needs hundreds of creates first, past the project's rate).
+    sqlite.inject_fault(Fault::ReadOnly).expect("fault");
+    for _ in 0..3 {
+        let (s, resp) = call(&app, "POST", "/v1/verifications", create).await;
+        assert_eq!(s, 503, "{resp}");
+    }
+    sqlite.inject_fault(Fault::Healed).expect("heal");
+    let (s, resp) = call(&app, "POST", "/v1/verifications", create).await;
+    assert_eq!(s, 201, "{resp}");
+    let (s, resp) = call(&app, "POST", "/v1/verifications", create).await;
+    assert_eq!(s, 429, "{resp}");
+    assert!(resp.contains("rate_limited"), "{resp}");
+}
+
 /// A create whose request is dropped while its insert waits for the
 /// commit (hyper drops the handler when the client hangs up or times out)
 /// still sends its call once the record is stored: every stored
@@ -153,6 +189,19 @@ async fn unwritable_store_answers_503_never_201() {
 async fn a_create_dropped_before_its_commit_still_sends_its_call() {
     use futures_util::FutureExt;
     let (sqlite, engine, app) = api_on_sqlite("store-http-dropped");
+    // Another connection holds the database's write lock while the
+    // requests are polled, so no commit can finish inside a poll: without
+    // it, on a busy machine the woken writer could preempt the test's
+    // thread and commit before the handler's first poll looked, and no
+    // request was dropped mid-wait (4 runs in 20 with both cores loaded).
+    // The writer waits for the lock (its busy timeout is 5 s).
+    let blocker = rusqlite::Connection::open(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("store-http-dropped/t.db"),
+    )
+    .expect("second connection");
+    blocker
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
 
     const N: usize = 20;
     // Every request carries an Idempotency-Key, as a client that retries
@@ -178,11 +227,11 @@ async fn a_create_dropped_before_its_commit_still_sends_its_call() {
             Some(resp) => assert_eq!(resp.expect("infallible").status(), 201),
         }
     }
-    // The writer needs far longer than one poll to commit: nearly every
-    // request was dropped mid-wait, so the test is about that path.
-    assert!(
-        !dropped.is_empty(),
-        "no request was dropped before its commit"
+    // No commit could finish: every request was dropped mid-wait.
+    assert_eq!(
+        dropped.len(),
+        N,
+        "every request was dropped before its commit"
     );
     // The retry of a dropped one, at once: the dropped create's task has
     // not run yet (this runtime has one thread and the test has not
@@ -191,6 +240,9 @@ async fn a_create_dropped_before_its_commit_still_sends_its_call() {
     let i = dropped[dropped.len() - 1];
     let resp = app.clone().oneshot(request(i)).await.expect("infallible");
     assert_eq!(resp.status(), 409, "retry while the dropped create waits");
+    blocker
+        .execute_batch("ROLLBACK")
+        .expect("release the write lock");
 
     let mut sent = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -290,12 +290,14 @@ pub enum OpenError {
 /// A failure to simulate in tests (the disk cannot be made read-only or
 /// full for root in a test).
 #[doc(hidden)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// Every write fails as on a read-only database (`SQLITE_READONLY`).
     ReadOnly,
     /// The database cannot grow (`SQLITE_FULL`), as on a full disk.
     Full,
+    /// Both lifted: the disk was freed or remounted.
+    Healed,
 }
 
 type Done = Result<usize, StoreError>;
@@ -858,6 +860,11 @@ fn apply_fault(conn: &Connection, f: Fault) -> rusqlite::Result<()> {
         Fault::Full => {
             let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
             conn.pragma_update(None, "max_page_count", pages)
+        }
+        Fault::Healed => {
+            conn.pragma_update(None, "query_only", false)?;
+            // SQLite's own default (and largest) limit.
+            conn.pragma_update(None, "max_page_count", 4_294_967_294_i64)
         }
     }
 }
