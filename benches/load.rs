@@ -46,7 +46,9 @@
 //! LOAD_SIP_WINDOW_US and LOAD_SIP_REALTIME (the engine's `[sip]`
 //! `batch_window_us` and `realtime_priority`; its defaults when unset),
 //! LOAD_HTTP_WORKERS (`[http] workers`), LOAD_SIP_THREAD (`[sip] thread`:
-//! auto, shared or own), LOAD_WARMUP_SECS (2).
+//! auto, shared or own), LOAD_WARMUP_SECS (2), LOAD_IDEMPOTENCY (1: every
+//! create carries an Idempotency-Key of its own, as a careful client
+//! sends; 0 by default).
 //! Under `cargo test --all-targets` (no `--bench`) it runs once at 100/s
 //! for 2 s with a 10,000-number pool and fails unless every create got a
 //! 201 and every call and every SIPp / dial call completed: it proves the
@@ -99,6 +101,9 @@ struct Opts {
     sip_thread: Option<String>,
     /// `[http] workers`.
     http_workers: Option<u64>,
+    /// Every create with an Idempotency-Key of its own (each a lookup in
+    /// the store that finds nothing, then a row written with the record).
+    idempotency: bool,
     /// The first seconds of each rate that `create_after_warmup_ms` leaves
     /// out. Before the engine decoded its phone metadata ahead of serving,
     /// its first 100 ms after start were slow (up to 111 ms at 4,000/s);
@@ -176,6 +181,7 @@ impl Opts {
                     _ => bad("LOAD_SIP_THREAD", &v, "auto, shared or own"),
                 }),
             warmup_secs: opt("LOAD_WARMUP_SECS", 3600).unwrap_or(2),
+            idempotency: opt("LOAD_IDEMPOTENCY", 1).unwrap_or(0) == 1,
         }
     }
 }
@@ -199,7 +205,7 @@ impl Opts {
     /// The same, for the report.
     fn sip_settings(&self) -> String {
         format!(
-            "HTTP workers {}, SIP batch window {}, realtime priority {}, SIP thread {}",
+            "HTTP workers {}, SIP batch window {}, realtime priority {}, SIP thread {}{}",
             self.http_workers
                 .map_or("default".into(), |n| n.to_string()),
             self.sip_window_us.map_or_else(
@@ -212,6 +218,11 @@ impl Opts {
             self.sip_realtime
                 .map_or("default (off)".into(), |p| p.to_string()),
             self.sip_thread.as_deref().unwrap_or("default (auto)"),
+            if self.idempotency {
+                ", an Idempotency-Key on every create"
+            } else {
+                ""
+            },
         )
     }
 }
@@ -539,7 +550,14 @@ impl Sent {
 
 /// A request on the schedule: when it was due, when the generator queued
 /// it, whether it was due after the warm-up, and its body.
-type Job = (tokio::time::Instant, tokio::time::Instant, bool, Bytes);
+/// Due, queued, after the warm-up, body, Idempotency-Key.
+type Job = (
+    tokio::time::Instant,
+    tokio::time::Instant,
+    bool,
+    Bytes,
+    Option<String>,
+);
 type Queue = Rc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Job>>>;
 
 /// One keep-alive HTTP/1.1 connection taking the next due request from
@@ -550,7 +568,7 @@ async fn connection(addr: std::net::SocketAddr, auth: Rc<str>, queue: Queue) -> 
     let mut sent = Sent::new();
     let mut conn: Option<http1::SendRequest<Full<Bytes>>> = None;
     loop {
-        let Some((due, queued, steady, body)) = queue.lock().await.recv().await else {
+        let Some((due, queued, steady, body, key)) = queue.lock().await.recv().await else {
             return sent;
         };
         let taken = tokio::time::Instant::now();
@@ -576,12 +594,14 @@ async fn connection(addr: std::net::SocketAddr, auth: Rc<str>, queue: Queue) -> 
             };
         }
         let Some(c) = conn.as_mut() else { continue };
-        let req = hyper::Request::post("/v1/verifications")
+        let mut req = hyper::Request::post("/v1/verifications")
             .header("host", addr.to_string())
             .header("content-type", "application/json")
-            .header("authorization", &*auth)
-            .body(Full::new(body))
-            .expect("a valid request");
+            .header("authorization", &*auth);
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let req = req.body(Full::new(body)).expect("a valid request");
         let r = match c.ready().await {
             Ok(()) => c.send_request(req).await,
             Err(e) => Err(e),
@@ -625,6 +645,7 @@ async fn drive(
     secs: u64,
     warmup: Duration,
     phone0: u64,
+    idempotency: bool,
 ) -> Sent {
     let n = rate * secs;
     let cpu0 = rusage(libc::RUSAGE_THREAD);
@@ -642,7 +663,8 @@ async fn drive(
         let body = format!(r#"{{"phone":"+44740{:07}","sender":"LOAD"}}"#, phone0 + i);
         // Unbounded: the schedule never waits for the engine (open loop).
         let queued = tokio::time::Instant::now();
-        let _ = tx.send((due, queued, offset >= warmup, Bytes::from(body)));
+        let key = idempotency.then(|| format!("load-{}", phone0 + i));
+        let _ = tx.send((due, queued, offset >= warmup, Bytes::from(body), key));
     }
     drop(tx);
     let mut sent = Sent::new();
@@ -911,6 +933,7 @@ senders = [{{ code = "LOAD", status = "active" }}]
                 row.secs,
                 opts.warmup(row.secs),
                 phone0,
+                opts.idempotency,
             ),
         );
         // The store's figures over the generator's run only (divided by
