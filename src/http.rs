@@ -494,8 +494,8 @@ async fn create(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Timed
 
     let now = now_ms();
     // The trunk queue place first: it is given back if anything below
-    // refuses the request, while a per-phone send, once counted, is not;
-    // a 503 must not use up the destination's allowance.
+    // refuses the request; a per-phone send is given back only when the
+    // store insert fails, so pool and trunk refusals must come before it.
     let reservation = {
         let mut rng = rand::thread_rng();
         st.engine.reserve(now, &mut rng)
