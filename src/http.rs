@@ -637,6 +637,7 @@ impl Accepted {
 /// fails: nothing was stored and no call goes out, so the 503 must not use
 /// up the phone's allowance (a full disk for a minute would otherwise
 /// leave every phone tried meanwhile at its limit for `per_secs`).
+#[derive(Clone)]
 struct Refund {
     st: Arc<AppState>,
     send: crate::limits::PhoneSend,
@@ -661,10 +662,7 @@ impl Drop for Accepted {
         };
         let id = cmd.id.clone();
         let idem = self._idem.take();
-        let refund = Refund {
-            st: Arc::clone(&self.refund.st),
-            send: self.refund.send,
-        };
+        let refund = self.refund.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 tracing::debug!(%id, "create: request dropped before its commit; the call goes ahead once stored");

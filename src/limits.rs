@@ -10,7 +10,8 @@
 //! says "sends to one destination within this many seconds", and for
 //! flash calls that cap is what stops a number being flooded (or pumped
 //! for fraud): a destination keeps the times of its sends within the
-//! window (at most `max` of them, 8 bytes each), and a send passes while
+//! window (at most `max` of them; ~56 bytes a destination with up to 4
+//! inline), and a send passes while
 //! fewer than `max` are there. The log also allows what GCRA cannot: a
 //! send given back ([`Limits::refund`]) when the create failed after it
 //! counted (its record could not be stored), so a failing disk does not
@@ -174,10 +175,12 @@ impl<C: Clock + Clone> Limits<C> {
         let Some(l) = &self.phone else {
             return Ok(PhoneSend { phone, at_ns: 0 });
         };
-        let now = self.now_ns();
         // No sweep here, at the cap either: housekeeping does it (module
-        // docs). The entry's shard is locked only for this.
+        // docs). The entry's shard is locked only for this, and the clock
+        // is read under that lock so a key's times stay in order even for
+        // callers not serialised elsewhere.
         let mut e = l.sends.entry(phone).or_default();
+        let now = self.now_ns();
         let times = e.value_mut();
         let expired = times
             .iter()
@@ -222,6 +225,11 @@ impl<C: Clock + Clone> Limits<C> {
             let now = self.now_ns();
             // The newest send is the last one.
             l.sends.retain(|_, times| {
+                // A log that spilled to the heap (max > 4) and has emptied
+                // since gives its capacity back.
+                if times.spilled() && times.len() <= INLINE_SENDS {
+                    times.shrink_to_fit();
+                }
                 times
                     .last()
                     .is_some_and(|&t| now.saturating_sub(t) < l.window_ns)
