@@ -27,15 +27,27 @@ senders = [{ code = "T", status = "active" }]
 "#;
 // base64("t:s")
 const AUTH: &str = "Basic dDpz";
+/// The 429's detail when the destination's own limit refused a create
+/// (not the project's request rate).
+const PHONE_LIMITED: &str = "limit reached for sends to this phone number";
 
-async fn call(app: &axum::Router, method: &str, path: &str, body: &str) -> (u16, String) {
-    let req = Request::builder()
+fn request(method: &str, path: &str, body: &str) -> Request<Body> {
+    Request::builder()
         .method(method)
         .uri(path)
         .header("content-type", "application/json")
         .header("authorization", AUTH)
         .body(Body::from(body.to_string()))
-        .expect("request");
+        .expect("request")
+}
+
+/// A create of `body`.
+fn post(body: &str) -> Request<Body> {
+    request("POST", "/v1/verifications", body)
+}
+
+async fn call(app: &axum::Router, method: &str, path: &str, body: &str) -> (u16, String) {
+    let req = request(method, path, body);
     let resp = app.clone().oneshot(req).await.expect("infallible");
     let status = resp.status().as_u16();
     let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
@@ -178,7 +190,71 @@ async fn a_create_the_store_refused_gives_its_per_phone_send_back() {
     assert_eq!(s, 201, "{resp}");
     let (s, resp) = call(&app, "POST", "/v1/verifications", create).await;
     assert_eq!(s, 429, "{resp}");
-    assert!(resp.contains("rate_limited"), "{resp}");
+    assert!(resp.contains(PHONE_LIMITED), "{resp}");
+}
+
+/// The same refund on the other path: a create whose client hung up while
+/// its insert waited (hyper drops the handler), and whose insert then
+/// failed. Nobody heard a 503, nothing was stored and no call went out, so
+/// the phone's send comes back here too: once the disk is back the same
+/// phone gets its 201, and the limit still holds after it.
+#[tokio::test]
+async fn a_dropped_create_the_store_refused_gives_its_per_phone_send_back() {
+    use futures_util::FutureExt;
+    let (sqlite, engine, app) = api_on_sqlite_with(
+        "store-http-drop-refund",
+        "[limits.per_phone]\nmax = 1\nper_secs = 600\n",
+    );
+    let create = r#"{"phone":"+447911123457","sender":"T"}"#;
+    // Another connection holds the write lock, so the writer cannot finish
+    // the insert inside the poll below (on a busy machine the woken writer
+    // may preempt this thread, and a read-only store fails at once): the
+    // insert waits out the writer's 5 s busy timeout and fails.
+    let blocker = rusqlite::Connection::open(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("store-http-drop-refund/t.db"),
+    )
+    .expect("second connection");
+    blocker
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    // One poll runs the handler up to its wait for the commit; then the
+    // request is dropped, as hyper does for a client that left.
+    assert!(
+        app.clone().oneshot(post(create)).now_or_never().is_none(),
+        "the request was dropped while its insert waited"
+    );
+    // Read-only from the writer's next batch on: queued behind the dropped
+    // insert, so this returns once that insert failed (on the lock, or
+    // read-only if both came in one batch), and it cannot commit when the
+    // lock is let go. In one batch with it, the fault is applied first
+    // and its answer is that batch's failed commit: an Err here too.
+    let _ = sqlite.inject_fault(Fault::ReadOnly);
+    blocker
+        .execute_batch("ROLLBACK")
+        .expect("release the write lock");
+    sqlite.inject_fault(Fault::Healed).expect("heal");
+    // The dropped create's task hears of the failure when this runtime
+    // next runs it; until it has, the phone is still at its limit (a 429
+    // uses nothing up). Without the refund every try is a 429.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut last = (0, String::new());
+    while std::time::Instant::now() < deadline {
+        last = call(&app, "POST", "/v1/verifications", create).await;
+        if last.0 != 429 {
+            break;
+        }
+        // Slow enough to stay under the project's request rate.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(last.0, 201, "{}", last.1);
+    let (s, resp) = call(&app, "POST", "/v1/verifications", create).await;
+    assert_eq!(s, 429, "{resp}");
+    assert!(resp.contains(PHONE_LIMITED), "{resp}");
+    // Only the 201's call went out: the dropped create stored nothing.
+    let mut sent = Vec::new();
+    engine.take_submitted(&mut sent);
+    assert_eq!(sent.len(), 1, "one call, for the stored create");
+    assert_eq!(sqlite.len(), 1, "one record: the dropped create left none");
 }
 
 /// A create whose request is dropped while its insert waits for the
