@@ -27,6 +27,8 @@ senders = [{ code = "T", status = "active" }]
 "#;
 // base64("t:s")
 const AUTH: &str = "Basic dDpz";
+/// One send per phone per 10 minutes: the second create is refused.
+const ONE_SEND_PER_PHONE: &str = "[limits.per_phone]\nmax = 1\nper_secs = 600\n";
 /// The 429's detail when the destination's own limit refused a create
 /// (not the project's request rate).
 const PHONE_LIMITED: &str = "limit reached for sends to this phone number";
@@ -86,6 +88,21 @@ fn api_on_sqlite_with(
     let pool = Pool::parse("+44770090XXXX\n", 4, "t", &mut StdRng::seed_from_u64(1)).expect("pool");
     let app = router(Arc::new(AppState::new(&cfg, pool, store, engine.clone())));
     (sqlite, engine, app)
+}
+
+/// A second connection to the store `name` holding its write lock: the
+/// writer's commits wait (its busy timeout is 5 s, then they fail) until
+/// the returned connection rolls back.
+fn hold_write_lock(name: &str) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(
+        Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(name)
+            .join("t.db"),
+    )
+    .expect("second connection");
+    c.execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    c
 }
 
 #[tokio::test]
@@ -173,10 +190,7 @@ async fn unwritable_store_answers_503_never_201() {
 /// 13 the failed create had counted the send and the retry got 429.
 #[tokio::test]
 async fn a_create_the_store_refused_gives_its_per_phone_send_back() {
-    let (sqlite, _engine, app) = api_on_sqlite_with(
-        "store-http-refund",
-        "[limits.per_phone]\nmax = 1\nper_secs = 600\n",
-    );
+    let (sqlite, _engine, app) = api_on_sqlite_with("store-http-refund", ONE_SEND_PER_PHONE);
     let create = r#"{"phone":"+447911123456","sender":"T"}"#;
     // Read-only: every write fails (a full disk fails the same way, see
     // above, but needs hundreds of creates first, past the project's rate).
@@ -201,22 +215,13 @@ async fn a_create_the_store_refused_gives_its_per_phone_send_back() {
 #[tokio::test]
 async fn a_dropped_create_the_store_refused_gives_its_per_phone_send_back() {
     use futures_util::FutureExt;
-    let (sqlite, engine, app) = api_on_sqlite_with(
-        "store-http-drop-refund",
-        "[limits.per_phone]\nmax = 1\nper_secs = 600\n",
-    );
+    let (sqlite, engine, app) = api_on_sqlite_with("store-http-drop-refund", ONE_SEND_PER_PHONE);
     let create = r#"{"phone":"+447911123457","sender":"T"}"#;
     // Another connection holds the write lock, so the writer cannot finish
     // the insert inside the poll below (on a busy machine the woken writer
     // may preempt this thread, and a read-only store fails at once): the
     // insert waits out the writer's 5 s busy timeout and fails.
-    let blocker = rusqlite::Connection::open(
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join("store-http-drop-refund/t.db"),
-    )
-    .expect("second connection");
-    blocker
-        .execute_batch("BEGIN IMMEDIATE")
-        .expect("take the write lock");
+    let blocker = hold_write_lock("store-http-drop-refund");
     // One poll runs the handler up to its wait for the commit; then the
     // request is dropped, as hyper does for a client that left.
     assert!(
@@ -271,13 +276,7 @@ async fn a_create_dropped_before_its_commit_still_sends_its_call() {
     // thread and commit before the handler's first poll looked, and no
     // request was dropped mid-wait (4 runs in 20 with both cores loaded).
     // The writer waits for the lock (its busy timeout is 5 s).
-    let blocker = rusqlite::Connection::open(
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join("store-http-dropped/t.db"),
-    )
-    .expect("second connection");
-    blocker
-        .execute_batch("BEGIN IMMEDIATE")
-        .expect("take the write lock");
+    let blocker = hold_write_lock("store-http-dropped");
 
     const N: usize = 20;
     // Every request carries an Idempotency-Key, as a client that retries
