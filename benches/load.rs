@@ -1101,6 +1101,35 @@ fn per_rate(rows: &[Row], sep: &str, f: impl Fn(&Row) -> String) -> String {
     rows.iter().map(f).collect::<Vec<_>>().join(sep)
 }
 
+/// Above this share of steal in any run the figures are not comparable
+/// with a quiet machine's: on session 16's shared VM, 3–30% steal doubled
+/// SIPp's own CPU per call (against session 12's VM) and took the
+/// engine's create p99 at 4,000/s from 6.5 ms there to 13–564 ms.
+const STEAL_WARN: f64 = 0.02;
+
+/// The line that says a run drew too much steal to compare, if one did.
+fn steal_warning(rows: &[Row]) -> Option<String> {
+    let (share, what, rate) = rows
+        .iter()
+        .flat_map(|r| {
+            [
+                (r.steal, "end-to-end", r.rate),
+                (r.sipp_steal, "SIPp caller", r.rate),
+                (r.dial_steal, "dial", r.rate),
+            ]
+        })
+        .max_by(|a, b| a.0.total_cmp(&b.0))?;
+    (share > STEAL_WARN).then(|| {
+        format!(
+            "Steal time reached {:.1}% (the {what} run at {rate}/s): the host ran something \
+             else on this VM's CPUs, so CPU per call and the latency tails are inflated and \
+             not comparable with a quiet machine's. Rerun when steal stays under {:.0}%.",
+            share * 100.0,
+            STEAL_WARN * 100.0
+        )
+    })
+}
+
 /// Step 6: stdout, target/load-bench.{json,md}.
 fn report(opts: &Opts, target: &Path, rows: &[Row]) {
     let fmt_opt =
@@ -1145,6 +1174,10 @@ fn report(opts: &Opts, target: &Path, rows: &[Row]) {
             fmt_opt(r.sipp_us.zip(r.dial_us).map(|(s, d)| d / s), 2),
             r.hwm_mib,
         );
+    }
+    if let Some(w) = steal_warning(rows) {
+        eprintln!("load: {w}");
+        let _ = writeln!(md, "\n**{w}**");
     }
     let _ = writeln!(
         md,
