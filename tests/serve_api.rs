@@ -738,6 +738,68 @@ fn per_phone_limit_is_429_and_counted() {
     );
 }
 
+/// A retry with the same Idempotency-Key is told by its insert (no
+/// look-up first, session 16) and by the limit that refuses it; either
+/// way it answers the stored 201, uses none of the phone's allowance, and
+/// counts no 429 (nobody was refused).
+#[test]
+fn idempotent_retries_use_no_per_phone_allowance_and_count_no_429() {
+    let extra = "[limits.per_phone]\nmax = 2\nper_secs = 600\n";
+    let e = engine_with("idem-allowance", POOL, SANDBOX, extra);
+    let body = json!({"phone": "+447700900123", "sender": "SHOP"});
+    let keyed = || {
+        e.post_as(
+            (LOGIN, SECRET),
+            CREATE,
+            &body,
+            &[("idempotency-key", "k-9")],
+        )
+    };
+    let first = keyed();
+    assert_eq!(first.status, 201, "{}", first.body);
+    // Retries while the phone has a send left: each insert finds the key
+    // stored and gives its send back.
+    for _ in 0..3 {
+        let again = keyed();
+        assert_eq!(again.status, 201, "{}", again.body);
+        assert_eq!(again.body, first.body);
+    }
+    // So the phone's second send is still there.
+    let second = e.create(body.clone());
+    // Now at its limit: the retry is refused by the limit, and answered
+    // from the store all the same.
+    let again = keyed();
+    assert_eq!(again.status, 201, "{}", again.body);
+    assert_eq!(again.body, first.body);
+    e.post(CREATE, &body).assert_problem(429, "rate_limited");
+    e.wait_call_done(&id_of(&first.json()));
+    e.wait_call_done(&id_of(&second));
+    let m = e.metrics_text();
+    assert_eq!(
+        metric(&m, "flashcall_rate_limited_total", &[("scope", "phone")]),
+        1.0,
+        "only the create without a key was refused: {m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "flashcall_verifications_total",
+            &[("project", "shop"), ("status", "pending")]
+        ),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "flashcall_calls_total",
+            &[("trunk", "sandbox"), ("outcome", "delivered")]
+        ),
+        2.0,
+        "{m}"
+    );
+}
+
 #[test]
 fn full_trunk_queue_is_503_overloaded() {
     // cps = 1: one INVITE a second, a queue of 10 waiting.

@@ -145,11 +145,22 @@ impl Store for MemoryStore {
             if self.by_id.contains_key(&v.id) {
                 return Err(StoreError::Duplicate(v.id.clone()));
             }
-            let key = idem.map(|(k, rec)| {
-                let key = (v.project.clone(), k);
-                self.idem.insert(key.clone(), rec);
-                key
-            });
+            // As the SQLite store: a key already stored refuses the insert
+            // and writes nothing.
+            let key = match idem {
+                None => None,
+                Some((k, rec)) => match self.idem.entry((v.project.clone(), k)) {
+                    dashmap::mapref::entry::Entry::Occupied(e) => {
+                        let (p, k) = e.key();
+                        return Err(StoreError::KeyTaken(format!("{p}/{k}")));
+                    }
+                    dashmap::mapref::entry::Entry::Vacant(e) => {
+                        let key = e.key().clone();
+                        e.insert(rec);
+                        Some(key)
+                    }
+                },
+            };
             self.expiries
                 .lock()
                 .map_err(|_| poisoned())?
@@ -314,6 +325,12 @@ mod tests {
             block(s.insert(v("a", 100), None)),
             Err(StoreError::Duplicate(_))
         ));
+        // A retry with the stored key: refused, nothing written.
+        assert!(matches!(
+            block(s.insert(v("c", 300), Some(("k".into(), idem.clone())))),
+            Err(StoreError::KeyTaken(_))
+        ));
+        assert!(s.get("c").unwrap().is_none());
         assert_eq!(s.idempotent("p", "k").unwrap(), Some(idem));
         assert_eq!(s.idempotent("other", "k").unwrap(), None);
         let got = s

@@ -23,6 +23,11 @@ pub enum StoreError {
     Unavailable(String),
     #[error("id {0} already exists")]
     Duplicate(String),
+    /// The insert's Idempotency-Key is already stored for its project
+    /// (`project/key`): nothing was written. The create is a retry of an
+    /// earlier one, and [`Store::idempotent`] has that one's answer.
+    #[error("idempotency key {0} is already stored")]
+    KeyTaken(String),
 }
 
 /// What an `Idempotency-Key` remembers: the request it came with and the
@@ -66,7 +71,8 @@ pub struct DeliveryAttempt {
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 pub trait Store: Send + Sync + 'static {
-    /// Stores a new verification (and its idempotency record, atomically).
+    /// Stores a new verification (and its idempotency record, atomically;
+    /// a key already stored for the project stores neither: `KeyTaken`).
     /// The future owns what it waits on (`'static`): a create whose request
     /// is dropped hands it to a task of its own, which then sends the call.
     fn insert(

@@ -711,10 +711,11 @@ fn write_insert(
                 rec.response
             ])?;
         if n == 0 {
-            // The HTTP layer's in-flight guard makes this unreachable; if
-            // it happens, undo this verification only.
+            // A retry of a stored create (the HTTP layer does not look the
+            // key up first: see `http::create`): undo this verification
+            // only, the rest of the batch commits.
             tx.execute("DELETE FROM verifications WHERE id = ?1", [&v.id])?;
-            return Ok(Err(StoreError::Duplicate(format!("{}/{key}", v.project))));
+            return Ok(Err(StoreError::KeyTaken(format!("{}/{key}", v.project))));
         }
     }
     hooks.event(tx, v, v.created_at_ms)?;

@@ -109,6 +109,40 @@ fn insert_is_durable_and_reads_back_after_reopen() {
     );
 }
 
+/// A second insert with a stored Idempotency-Key (a client's retry) is
+/// refused as `KeyTaken` and writes nothing: not its verification, not its
+/// key's record; an insert beside it in the same batch still commits. The
+/// HTTP layer relies on this instead of looking the key up first.
+#[test]
+fn an_insert_with_a_stored_key_is_key_taken_and_writes_nothing() {
+    let (_dir, path) = db("key-taken");
+    let now = now_ms();
+    let idem = |id: &str| Idempotent {
+        body_sha256: [7; 32],
+        verification_id: id.into(),
+        response: format!("{{\"id\":\"{id}\"}}"),
+    };
+    let s = open(&path);
+    block(s.insert(v("a", now, now + 600_000), Some(("k1".into(), idem("a"))))).unwrap();
+    // Queued together, so one commit carries both.
+    let retry = s.insert(v("b", now, now + 600_000), Some(("k1".into(), idem("b"))));
+    let other = s.insert(v("c", now, now + 600_000), Some(("k2".into(), idem("c"))));
+    assert!(
+        matches!(block(retry), Err(StoreError::KeyTaken(ref k)) if k == "p/k1"),
+        "the retry's insert"
+    );
+    block(other).unwrap();
+    assert!(
+        s.get("b").unwrap().is_none(),
+        "no verification for the retry"
+    );
+    assert_eq!(s.idempotent("p", "k1").unwrap(), Some(idem("a")));
+    assert_eq!(s.idempotent("p", "k2").unwrap(), Some(idem("c")));
+    drop(s);
+    assert_eq!(count(&path, "SELECT count(*) FROM verifications"), 2);
+    assert_eq!(count(&path, "SELECT count(*) FROM idempotency"), 2);
+}
+
 #[test]
 fn updates_expiry_idempotency_and_checks_persist() {
     let (_dir, path) = db("updates");
