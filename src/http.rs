@@ -56,6 +56,9 @@ pub struct AppState {
     pub read_timeout: std::time::Duration,
     /// Idempotency keys whose first request is still being handled.
     pub idem_in_flight: DashMap<(String, String), ()>,
+    /// Look an Idempotency-Key up before creating: only with a number
+    /// cooldown (see `create`).
+    keys_first: bool,
 }
 
 impl AppState {
@@ -65,6 +68,7 @@ impl AppState {
         store: Arc<dyn Store>,
         engine: Arc<EngineShared>,
     ) -> Self {
+        let keys_first = pool.cooldown() > std::time::Duration::ZERO;
         AppState {
             projects: cfg
                 .projects
@@ -91,6 +95,7 @@ impl AppState {
             max_body_bytes: cfg.http.max_body_bytes,
             read_timeout: std::time::Duration::from_millis(cfg.http.read_timeout_ms),
             idem_in_flight: DashMap::new(),
+            keys_first,
         }
     }
 }
@@ -441,9 +446,19 @@ async fn create(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Timed
     // written, the phone's send given back), and by any refusal on the way
     // (the phone now at its limit, a number for its code cooling down): a
     // keyed create that fails looks the key up, and a stored one answers.
-    // The one cost of a retry is the caller number its insert had picked:
-    // it cools down unused (giving it back would have to restore the
-    // pool's rotation).
+    // A retry told by its insert has picked a caller number; with a number
+    // cooldown that number would then cool down unused (giving it back
+    // would have to restore the pool's rotation), so a retry storm could
+    // leave the pool, or the few numbers for a client's code, cooling
+    // down. With a cooldown the key is looked up first, as a read costs
+    // no number.
+    if st.keys_first {
+        if let Some(answer) = stored_answer(&st, &project.login, &idem_key, &body_sha256)
+            .map_err(ApiError::internal)?
+        {
+            return answer;
+        }
+    }
     let answer = create_new(
         &st,
         project,
@@ -458,21 +473,47 @@ async fn create(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Timed
     let Err(refused) = answer else {
         return answer;
     };
-    match st.store.idempotent(&project.login, &idem_key) {
-        Ok(Some(prev)) if prev.body_sha256 == body_sha256 => {
-            let mut r = json_response(StatusCode::CREATED, prev.response);
-            r.headers_mut()
-                .insert("idempotent-replayed", HeaderValue::from_static("true"));
-            Ok(r)
+    match stored_answer(&st, &project.login, &idem_key, &body_sha256) {
+        Ok(Some(answer)) => answer,
+        // Not a retry: this request's own answer.
+        Ok(None) => Err(refused),
+        // The store cannot say. A refusal of its own still stands (a 429
+        // is true whether or not this was a retry); the insert's "key
+        // taken" without the stored answer to go with it is a 503.
+        Err(e) if refused.slug == KEY_TAKEN => Err(ApiError::internal(e)),
+        Err(e) => {
+            tracing::warn!(error = %e, "create: an Idempotency-Key look-up failed");
+            Err(refused)
         }
-        Ok(Some(_)) => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "idempotency_key_reused",
-            "this Idempotency-Key was used with a different request body",
-        )),
-        // Not a retry (or the store cannot say): this request's own answer.
-        Ok(None) | Err(_) => Err(refused),
     }
+}
+
+/// The slug a keyed create's insert answers when its key is stored: the
+/// stored answer replaces it (a client sees it only if the record went
+/// meanwhile, say pruned: then a retry later is a new create).
+const KEY_TAKEN: &str = "idempotency_key_in_progress";
+
+/// The stored answer to a retry of `(login, key)`: its 201 replayed for
+/// the same body, 422 for another; `None` if the key is not stored.
+fn stored_answer(
+    st: &AppState,
+    login: &str,
+    key: &str,
+    body_sha256: &[u8; 32],
+) -> Result<Option<ApiResult>, StoreError> {
+    Ok(st.store.idempotent(login, key)?.map(|prev| {
+        if prev.body_sha256 != *body_sha256 {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with a different request body",
+            ));
+        }
+        let mut r = json_response(StatusCode::CREATED, prev.response);
+        r.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+        Ok(r)
+    }))
 }
 
 /// A keyed create's key, its body's digest and its in-flight mark.
@@ -637,8 +678,8 @@ async fn create_new(
         // record; never seen by a client as such.
         StoreError::KeyTaken(_) => ApiError::new(
             StatusCode::CONFLICT,
-            "idempotency_key_in_progress",
-            "this Idempotency-Key's create is stored",
+            KEY_TAKEN,
+            "this Idempotency-Key's create is stored; retry it",
         ),
         e => ApiError::internal(e),
     })?;
@@ -723,6 +764,8 @@ impl Drop for Accepted {
                         Ok(()) => send_call(reservation, cmd),
                         // The client heard nothing either way, and nothing
                         // was stored: no call.
+                        // A retry of a stored create: nothing to tell.
+                        Err(StoreError::KeyTaken(_)) => refund.give_back(),
                         Err(e) => {
                             refund.give_back();
                             tracing::warn!(%id, error = %e, "create: a dropped request's insert failed")

@@ -745,7 +745,33 @@ fn per_phone_limit_is_429_and_counted() {
 #[test]
 fn idempotent_retries_use_no_per_phone_allowance_and_count_no_429() {
     let extra = "[limits.per_phone]\nmax = 2\nper_secs = 600\n";
-    let e = engine_with("idem-allowance", POOL, SANDBOX, extra);
+    idempotent_retries_use_nothing(&engine_with("idem-allowance", POOL, SANDBOX, extra));
+}
+
+/// The same with a number cooldown, where a retry looks its key up first
+/// so it picks no number: three numbers, each cooling 60 s after a use,
+/// are enough for the two creates and the final refusal only if the
+/// three retries took none (one that did would leave the second create
+/// a 503, every number cooling down).
+#[test]
+fn idempotent_retries_with_a_number_cooldown_use_no_number() {
+    let dir = test_dir("api-idem-cooldown");
+    let cfg = config(
+        &dir,
+        "+447700900001\n+447700900002\n+447700900003\n",
+        SANDBOX,
+        "[limits.per_phone]\nmax = 2\nper_secs = 600\n",
+    );
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(
+        &cfg,
+        text.replacen("[pool]\n", "[pool]\nnumber_cooldown_ms = 60000\n", 1),
+    )
+    .expect("config");
+    idempotent_retries_use_nothing(&Engine::start(&cfg));
+}
+
+fn idempotent_retries_use_nothing(e: &Engine) {
     let body = json!({"phone": "+447700900123", "sender": "SHOP"});
     let keyed = || {
         e.post_as(
