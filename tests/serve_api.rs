@@ -26,6 +26,23 @@ fn engine_with(name: &str, pool: &str, trunks: &str, extra: &str) -> Engine {
     Engine::start(&config(&dir, pool, trunks, extra))
 }
 
+/// An engine on the sandbox with `pool` whose numbers each cool down for
+/// `cooldown_ms` after a use.
+fn engine_with_cooldown(dir: &str, pool: &str, cooldown_ms: u64, extra: &str) -> Engine {
+    let cfg = config(&test_dir(dir), pool, SANDBOX, extra);
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(
+        &cfg,
+        text.replacen(
+            "[pool]\n",
+            &format!("[pool]\nnumber_cooldown_ms = {cooldown_ms}\n"),
+            1,
+        ),
+    )
+    .expect("config");
+    Engine::start(&cfg)
+}
+
 /// POST raw bytes with this content type as the test project.
 fn post_raw(e: &Engine, path: &str, content_type: &str, body: &[u8]) -> Resp {
     e.request(
@@ -755,20 +772,13 @@ fn idempotent_retries_use_no_per_phone_allowance_and_count_no_429() {
 /// a 503, every number cooling down).
 #[test]
 fn idempotent_retries_with_a_number_cooldown_use_no_number() {
-    let dir = test_dir("api-idem-cooldown");
-    let cfg = config(
-        &dir,
+    let e = engine_with_cooldown(
+        "api-idem-cooldown",
         "+447700900001\n+447700900002\n+447700900003\n",
-        SANDBOX,
+        60_000,
         "[limits.per_phone]\nmax = 2\nper_secs = 600\n",
     );
-    let text = std::fs::read_to_string(&cfg).expect("config");
-    std::fs::write(
-        &cfg,
-        text.replacen("[pool]\n", "[pool]\nnumber_cooldown_ms = 60000\n", 1),
-    )
-    .expect("config");
-    idempotent_retries_use_nothing(&Engine::start(&cfg));
+    idempotent_retries_use_nothing(&e);
 }
 
 fn idempotent_retries_use_nothing(e: &Engine) {
@@ -925,21 +935,13 @@ fn overloaded_creates_do_not_use_the_per_phone_allowance() {
 /// its limit block a number per refused request.)
 #[test]
 fn pool_refusals_and_phone_limits_use_nothing_of_each_other() {
-    let dir = test_dir("api-pool-vs-phone");
     // Two numbers, 0001 and 0002, each cooling 5 s after a use.
-    let cfg = config(
-        &dir,
+    let e = engine_with_cooldown(
+        "api-pool-vs-phone",
         "+447700900001\n+447700900002\n",
-        SANDBOX,
+        5_000,
         "[limits.per_phone]\nmax = 1\nper_secs = 600\n",
     );
-    let text = std::fs::read_to_string(&cfg).expect("config");
-    std::fs::write(
-        &cfg,
-        text.replacen("[pool]\n", "[pool]\nnumber_cooldown_ms = 5000\n", 1),
-    )
-    .expect("config");
-    let e = Engine::start(&cfg);
     let to = |phone: &str, code: Option<&str>| match code {
         Some(c) => json!({"phone": phone, "sender": "SHOP", "code": c}),
         None => json!({"phone": phone, "sender": "SHOP"}),
