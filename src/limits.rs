@@ -108,6 +108,9 @@ struct PhoneLog {
 /// Sends kept in place per destination; the default `max` is 3.
 const INLINE_SENDS: usize = 4;
 type Times = smallvec::SmallVec<[u64; INLINE_SENDS]>;
+// Up to `max_tracked` (1,000,000 by default) of these are held: smallvec's
+// `union` keeps the inline and heap forms in the same bytes (48 without).
+const _: () = assert!(std::mem::size_of::<Times>() == 40);
 
 /// A send that [`Limits::check_phone`] counted: what [`Limits::refund`]
 /// takes back.
