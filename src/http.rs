@@ -475,23 +475,14 @@ async fn create(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Timed
     };
     match stored_answer(&st, &project.login, &idem_key, &body_sha256) {
         Ok(Some(answer)) => answer,
-        // Not a retry: this request's own answer.
+        // Not a retry (or the store cannot say): this request's own answer.
         Ok(None) => Err(refused),
-        // The store cannot say. A refusal of its own still stands (a 429
-        // is true whether or not this was a retry); the insert's "key
-        // taken" without the stored answer to go with it is a 503.
-        Err(e) if refused.slug == KEY_TAKEN => Err(ApiError::internal(e)),
         Err(e) => {
             tracing::warn!(error = %e, "create: an Idempotency-Key look-up failed");
             Err(refused)
         }
     }
 }
-
-/// The slug a keyed create's insert answers when its key is stored: the
-/// stored answer replaces it (a client sees it only if the record went
-/// meanwhile, say pruned: then a retry later is a new create).
-const KEY_TAKEN: &str = "idempotency_key_in_progress";
 
 /// The stored answer to a retry of `(login, key)`: its 201 replayed for
 /// the same body, 422 for another; `None` if the key is not stored.
@@ -674,12 +665,12 @@ async fn create_new(
     .finish()
     .await
     .map_err(|e| match e {
-        // A retry of a stored create, answered by `create` from the stored
-        // record; never seen by a client as such.
-        StoreError::KeyTaken(_) => ApiError::new(
-            StatusCode::CONFLICT,
-            KEY_TAKEN,
-            "this Idempotency-Key's create is stored; retry it",
+        // A retry of a stored create: `create` answers it from the stored
+        // record. A client sees this only if that record could not be
+        // read back (or went meanwhile, say pruned).
+        StoreError::KeyTaken(_) => ApiError::overloaded(
+            "this Idempotency-Key's create is stored but could not be read back",
+            1,
         ),
         e => ApiError::internal(e),
     })?;
@@ -762,10 +753,10 @@ impl Drop for Accepted {
                     let _idem = idem;
                     match insert.await {
                         Ok(()) => send_call(reservation, cmd),
-                        // The client heard nothing either way, and nothing
-                        // was stored: no call.
                         // A retry of a stored create: nothing to tell.
                         Err(StoreError::KeyTaken(_)) => refund.give_back(),
+                        // The client heard nothing either way, and nothing
+                        // was stored: no call.
                         Err(e) => {
                             refund.give_back();
                             tracing::warn!(%id, error = %e, "create: a dropped request's insert failed")
