@@ -112,6 +112,11 @@ pub struct ApiError {
     /// is made: a keyed create refused by a limit may turn out to be a
     /// retry, answered with its stored 201).
     pub limited: Option<Scope>,
+    /// The store failure behind a 503, logged at error level when this is
+    /// answered (not when it is made: a keyed create the store refused may
+    /// turn out to be a retry, answered with its stored 201, and an outage
+    /// would otherwise log "request failed" for a request that succeeded).
+    pub failure: Option<String>,
 }
 
 impl ApiError {
@@ -122,6 +127,7 @@ impl ApiError {
             detail: detail.into(),
             retry_after: None,
             limited: None,
+            failure: None,
         }
     }
     fn bad(slug: &'static str, detail: impl Into<String>) -> Self {
@@ -137,9 +143,11 @@ impl ApiError {
         }
     }
     fn internal(e: impl std::fmt::Display) -> Self {
-        tracing::error!(error = %e, "request failed");
         // The store refusing to write is "try again", not a bug of ours.
-        Self::overloaded(format!("the store could not take the request: {e}"), 1)
+        ApiError {
+            failure: Some(e.to_string()),
+            ..Self::overloaded(format!("the store could not take the request: {e}"), 1)
+        }
     }
 }
 
@@ -176,6 +184,9 @@ impl IntoResponse for ApiError {
         });
         if let Some(scope) = self.limited {
             m::rate_limited(scope);
+        }
+        if let Some(e) = &self.failure {
+            tracing::error!(error = %e, "request failed");
         }
         let mut resp = (self.status, body.to_string()).into_response();
         let h = resp.headers_mut();

@@ -370,3 +370,86 @@ async fn a_create_dropped_before_its_commit_still_sends_its_call() {
         .expect("scan");
     assert_eq!(count, N, "no second verification");
 }
+
+/// What the handlers on this test's thread log, as text.
+#[derive(Clone, Default)]
+struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log").extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Log {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log")).into_owned()
+    }
+}
+
+/// During a write outage a keyed retry of a stored create is answered
+/// with its stored 201, and nothing is logged as a failed request: the
+/// store's refusal of its insert is logged only when it is what the
+/// client hears. Before, every such retry logged "request failed" at
+/// error level, so an operator saw failures for requests that succeeded.
+#[tokio::test]
+async fn a_replayed_create_in_a_write_outage_logs_no_failed_request() {
+    let log = Log::default();
+    let writer = log.clone();
+    // This thread only (the test's runtime has one): the handlers run here.
+    let _logging = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish(),
+    );
+    let (sqlite, _engine, app) = api_on_sqlite("store-http-replay-log");
+    let keyed = || {
+        Request::builder()
+            .method("POST")
+            .uri("/v1/verifications")
+            .header("content-type", "application/json")
+            .header("authorization", AUTH)
+            .header("idempotency-key", "replay-1")
+            .body(Body::from(r#"{"phone":"+447911123458","sender":"T"}"#))
+            .expect("request")
+    };
+    let read = |resp: axum::response::Response| async move {
+        let replayed = resp.headers().contains_key("idempotent-replayed");
+        let status = resp.status().as_u16();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (
+            status,
+            replayed,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    };
+    let first = read(app.clone().oneshot(keyed()).await.expect("infallible")).await;
+    assert_eq!((first.0, first.1), (201, false), "{}", first.2);
+
+    sqlite.inject_fault(Fault::ReadOnly).expect("fault");
+    let retry = read(app.clone().oneshot(keyed()).await.expect("infallible")).await;
+    assert_eq!((retry.0, retry.1), (201, true), "{}", retry.2);
+    assert_eq!(retry.2, first.2, "the stored answer, byte for byte");
+    assert!(
+        !log.text().contains("request failed"),
+        "a replayed create logged a failure:\n{}",
+        log.text()
+    );
+    // The log is captured: a create nobody stored is logged as failed.
+    let (s, resp) = call(
+        &app,
+        "POST",
+        "/v1/verifications",
+        r#"{"phone":"+447911123459","sender":"T"}"#,
+    )
+    .await;
+    assert_eq!(s, 503, "{resp}");
+    assert!(log.text().contains("request failed"), "{}", log.text());
+}
