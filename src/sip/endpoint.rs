@@ -921,10 +921,15 @@ impl<R: RngCore> Endpoint<R> {
             (300..=699, _) => {
                 c.state = InviteState::Completed;
                 c.auth_invite = None;
+                // The phone rang and we cancelled: the missed call was shown
+                // (SPEC §4's `delivered`), whatever final the network then
+                // sends. Not only 487: a carrier interworking with ISUP may
+                // close a cancelled call with 480 or 603, and a user who
+                // rejected while our CANCEL was on its way gives 486/603.
                 let outcome = match (code, c.cancel_wanted) {
-                    (487, Some(CancelReason::Rang)) => Outcome::Delivered,
+                    (_, Some(CancelReason::Rang)) => Outcome::Delivered,
+                    (_, Some(CancelReason::Shutdown)) if c.rang => Outcome::Delivered,
                     (487, Some(CancelReason::NoRinging)) => Outcome::NoRinging,
-                    (487, Some(CancelReason::Shutdown)) if c.rang => Outcome::Delivered,
                     _ => Outcome::for_final(code),
                 };
                 let kind = c.invite_kind;

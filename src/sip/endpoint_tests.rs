@@ -582,6 +582,40 @@ fn call_to_487(ep: &mut Endpoint<StdRng>, t0: Instant) -> (Transmit, Transmit, V
     (invite, cancel, r487, ack)
 }
 
+/// SPEC §4: `delivered` = the phone rang and the call was cancelled. A
+/// cancelled call that rang is delivered whatever final closes it (the
+/// final is still ACKed in the transaction and its code reported), while
+/// the same finals with no CANCEL of ours keep their own outcomes.
+#[test]
+fn a_rung_and_cancelled_call_is_delivered_whatever_its_final() {
+    for code in [480u16, 486, 500, 603] {
+        let mut ep = endpoint();
+        let t0 = Instant::now();
+        ep.start_call(t0, request(0, 15_000));
+        let invite = drain(&mut ep).remove(0);
+        feed(&mut ep, t0 + ms(10), &reply(&invite, 180, &[]));
+        let cancel = drain(&mut ep).remove(0);
+        assert_eq!(method(&cancel), "CANCEL");
+        feed(&mut ep, t0 + ms(11), &reply(&cancel, 200, &[]));
+        feed(&mut ep, t0 + ms(12), &reply(&invite, code, &[]));
+        let out = drain(&mut ep);
+        assert_eq!(out.iter().map(method).collect::<Vec<_>>(), ["ACK"], "{code}");
+        let r = ended(&mut ep);
+        assert_eq!(r[0].outcome, Outcome::Delivered, "{code}");
+        assert_eq!(r[0].sip_code, Some(code));
+    }
+    // The same final during a ring hold (no CANCEL sent yet) is the
+    // callee's own answer: 486 is busy.
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(2_000, 15_000));
+    let invite = drain(&mut ep).remove(0);
+    feed(&mut ep, t0 + ms(10), &reply(&invite, 180, &[]));
+    assert!(drain(&mut ep).is_empty(), "no CANCEL during the hold");
+    feed(&mut ep, t0 + ms(500), &reply(&invite, 486, &[]));
+    assert_eq!(ended(&mut ep)[0].outcome, Outcome::Busy);
+}
+
 #[test]
 fn a_finished_call_shrinks_to_a_tombstone_that_still_acks_and_absorbs() {
     let mut ep = endpoint();
