@@ -914,7 +914,16 @@ struct ReportParams {
 fn report_params(
     q: Result<Query<ReportParams>, QueryRejection>,
 ) -> Result<(ReportParams, i64, i64, i64), ApiError> {
-    let Query(q) = q.map_err(|e| ApiError::bad("invalid_request", e.body_text()))?;
+    let Query(mut q) = q.map_err(|e| ApiError::bad("invalid_request", e.body_text()))?;
+    // An empty value is the parameter's default, as for `sender=`: a
+    // client or BI tool that fills in a URL template
+    // (`?from=&to=&group_by=&sender=`, SPEC §7's own spelling) sends every
+    // parameter, the unset ones empty.
+    for p in [&mut q.from, &mut q.to, &mut q.group_by] {
+        if p.as_deref() == Some("") {
+            *p = None;
+        }
+    }
     let now = now_ms();
     let (from, to) = report::resolve_range(q.from.as_deref(), q.to.as_deref(), now)?;
     Ok((q, from, to, now))
