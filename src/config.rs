@@ -294,6 +294,12 @@ pub struct VerificationConfig {
     /// check (they still must be strict E.164). For number ranges reserved
     /// for tests and fiction, such as Ofcom's +447700900xxx, which the
     /// phone-number metadata rightly calls invalid.
+    ///
+    /// By default Ofcom's drama range ([`DRAMA_PREFIX`]): SPEC §5's own
+    /// example create uses +447700900123, and a config that names only
+    /// what it changes (SPEC §2) must still take it. Such numbers reach
+    /// no real phone (a trunk answers 404, outcome `invalid_number`); an
+    /// operator who wants them refused sets `allow_prefixes = []`.
     pub allow_prefixes: Vec<String>,
 }
 
@@ -303,10 +309,16 @@ impl Default for VerificationConfig {
             ttl_secs: 300,
             max_ttl_secs: 3600,
             max_attempts: 5,
-            allow_prefixes: Vec::new(),
+            allow_prefixes: vec![DRAMA_PREFIX.to_string()],
         }
     }
 }
+
+/// The longest `verification.max_ttl_secs` (and so `ttl_secs`): a day.
+pub const MAX_TTL_SECS: u64 = 86_400;
+
+/// Ofcom's numbers for drama and examples: +44 7700 900000 to 900999.
+pub const DRAMA_PREFIX: &str = "+447700900";
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -732,6 +744,15 @@ impl Config {
         if v.max_ttl_secs < v.ttl_secs {
             return bad("verification.max_ttl_secs", "must be >= ttl_secs");
         }
+        // A code that stays checkable for days is no longer a one-time
+        // code, and an open verification stays in the store's cache until
+        // it expires; the bound also keeps `now + ttl` far from overflow.
+        if v.max_ttl_secs > MAX_TTL_SECS {
+            return bad(
+                "verification.max_ttl_secs",
+                &format!("must be at most {MAX_TTL_SECS} (a day)"),
+            );
+        }
         if v.max_attempts == 0 {
             return bad("verification.max_attempts", "must be > 0");
         }
@@ -994,6 +1015,10 @@ mod tests {
             (
                 "[verification]\nmax_attempts = 0",
                 "verification.max_attempts",
+            ),
+            (
+                "[verification]\nmax_ttl_secs = 86401",
+                "verification.max_ttl_secs",
             ),
             (
                 "[verification]\nallow_prefixes = [\"44\"]",

@@ -1120,3 +1120,30 @@ pub async fn csv_export(
     );
     Ok(Body::from_stream(stream))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default config takes SPEC §5's example number (Ofcom's drama
+    /// range, invalid by the metadata); `allow_prefixes = []` refuses it,
+    /// and a number outside the prefix is still checked either way.
+    #[test]
+    fn the_drama_range_passes_by_default_and_is_refused_with_no_prefixes() {
+        let default = VerificationConfig::default();
+        assert!(validate_phone("+447700900123", &default).is_ok());
+        assert_eq!(
+            validate_phone("+4400000000000", &default).map_err(|e| e.slug),
+            Err("invalid_phone")
+        );
+        let none = VerificationConfig {
+            allow_prefixes: Vec::new(),
+            ..VerificationConfig::default()
+        };
+        assert_eq!(
+            validate_phone("+447700900123", &none).map_err(|e| e.slug),
+            Err("invalid_phone")
+        );
+        assert!(validate_phone("+447911123456", &none).is_ok());
+    }
+}
