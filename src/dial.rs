@@ -338,9 +338,9 @@ pub async fn run(opts: DialOptions) -> anyhow::Result<bool> {
         refused: false,
     };
     let stats = udp::run(&socket, &mut ep, &mut app, udp::COALESCE).await;
-    if app.refused && !app.any_response {
-        return Err(DialError::Unreachable(trunk).into());
-    }
+    // Nothing listens at the trunk: still the summary (SPEC §1: always
+    // one, and a script reads the last line), then the error, exit 2.
+    let unreachable = app.refused && !app.any_response;
     let elapsed = app.t0.elapsed().as_secs_f64();
     let delivered = app
         .outcomes
@@ -359,6 +359,7 @@ pub async fn run(opts: DialOptions) -> anyhow::Result<bool> {
         "datagrams_in": stats.datagrams_in,
         "datagrams_out": stats.datagrams_out,
         "stray_responses": ep.stats().stray_responses,
+        "trunk_unreachable": unreachable,
     }});
     if opts.json {
         writeln!(app.out, "{summary}")?;
@@ -366,6 +367,9 @@ pub async fn run(opts: DialOptions) -> anyhow::Result<bool> {
         writeln!(app.out, "{}", serde_json::to_string_pretty(&summary)?)?;
     }
     app.out.flush()?;
+    if unreachable {
+        return Err(DialError::Unreachable(trunk).into());
+    }
     Ok(delivered == opts.count)
 }
 

@@ -388,6 +388,13 @@ fn unreachable_trunk_exits_2() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains("unreachable"), "{err}");
+    // The summary still comes, last (SPEC §1: always a final summary).
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("a JSON summary line");
+    let summary = &last["summary"];
+    assert_eq!(summary["trunk_unreachable"], true, "{last}");
+    assert_eq!(summary["outcomes"].get("delivered"), None, "{last}");
     assert!(
         t0.elapsed() < Duration::from_secs(10),
         "not fast: {:?}",
