@@ -266,7 +266,19 @@ struct Driver {
     /// When a receive-queue overflow was last logged (at most once a
     /// minute; the counter has every one).
     drops_logged: Option<Instant>,
+    /// Per trunk: 503s without Retry-After since its last other answer.
+    plain_503s: Vec<u32>,
 }
+
+/// 503s without Retry-After in a row after which a trunk is given
+/// [`PLAIN_503_BACKOFF_SECS`] of rest. One alone is the call's own failure:
+/// RFC 3261 §21.5.4 says to take a 503 without Retry-After as a 500, and
+/// carriers map per-call causes (no circuit, congestion on one route:
+/// Q.850 34/38/41/42, RFC 3398) to 503. Backing the whole trunk off on
+/// each one refused every create for 5 s because one destination's route
+/// was busy. A trunk that answers everything 503 still gets rest.
+const PLAIN_503_STREAK: u32 = 5;
+const PLAIN_503_BACKOFF_SECS: u32 = 5;
 
 impl Driver {
     fn wall(&self, at: Instant) -> i64 {
@@ -418,7 +430,21 @@ impl udp::App for Driver {
         }
 
         let mut next: Option<Instant> = None;
+        let now_ms = self.wall(now);
         for t in 0..self.queues.len() {
+            // A trunk backing off after a 503 gets no INVITE until its
+            // Retry-After has passed (RFC 3261 §21.5.4: SHOULD NOT forward
+            // other requests for the duration), the queued ones included:
+            // they wait in its queue (creates meanwhile get 503 from
+            // `reserve`), and one that expires meanwhile rings no one.
+            let back_at = self.shared.backoff_until_ms[t].load(Ordering::Acquire);
+            if back_at > now_ms && !self.queues[t].is_empty() {
+                let wait = u64::try_from(back_at - now_ms).unwrap_or(0);
+                let at = now + Duration::from_millis(wait);
+                next = Some(next.map_or(at, |n: Instant| n.min(at)));
+                self.trunk_metrics[t].queue.set(self.queues[t].len() as f64);
+                continue;
+            }
             while !self.queues[t].is_empty() {
                 match self.limiters[t].check() {
                     Ok(()) => {
@@ -462,11 +488,34 @@ impl udp::App for Driver {
                 if let Some(d) = r.cancel_delay() {
                     self.metrics.cancel.record(d.as_secs_f64());
                 }
-                if r.outcome == Outcome::TrunkError {
-                    // Honour Retry-After; without one, back off briefly so a
-                    // failing trunk is not hammered.
-                    let secs = i64::from(r.retry_after.unwrap_or(5));
-                    let until = self.wall(r.ended_at) + secs * 1000;
+                // Honour Retry-After; without one, rest the trunk only
+                // after PLAIN_503_STREAK such 503s with no other answer
+                // between them (see there).
+                let rest = match (r.outcome, r.retry_after) {
+                    (Outcome::TrunkError, Some(secs)) => Some(secs),
+                    (Outcome::TrunkError, None) => {
+                        let n = &mut self.plain_503s[a.trunk];
+                        *n += 1;
+                        (*n >= PLAIN_503_STREAK).then(|| {
+                            *n = 0;
+                            PLAIN_503_BACKOFF_SECS
+                        })
+                    }
+                    // A timeout proves nothing about the trunk's health;
+                    // any other answer (or a delivered call) ends a streak.
+                    (Outcome::Delivered, _) => {
+                        self.plain_503s[a.trunk] = 0;
+                        None
+                    }
+                    _ => {
+                        if r.sip_code.is_some() {
+                            self.plain_503s[a.trunk] = 0;
+                        }
+                        None
+                    }
+                };
+                if let Some(secs) = rest {
+                    let until = self.wall(r.ended_at) + i64::from(secs) * 1000;
                     self.shared.backoff_until_ms[a.trunk].fetch_max(until, Ordering::AcqRel);
                     tracing::warn!(trunk = %self.shared.trunks[a.trunk].name, secs, "trunk answered 503: backing off");
                 }
@@ -574,6 +623,7 @@ pub async fn run(
             RateLimiter::direct(Quota::per_second(cps).allow_burst(burst))
         })
         .collect();
+    let n_trunks = shared.trunks.len();
     let mut driver = Driver {
         queues: shared.trunks.iter().map(|_| VecDeque::new()).collect(),
         trunk_metrics: shared
@@ -592,6 +642,7 @@ pub async fn run(
         metrics: CallMetrics::new(),
         stats_seen: Default::default(),
         drops_logged: None,
+        plain_503s: vec![0; n_trunks],
         shutdown_at: None,
         swap: Vec::new(),
         responses: HashMap::new(),

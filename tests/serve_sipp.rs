@@ -119,6 +119,90 @@ fn busy_callee_gives_failed_with_the_outcome() {
     );
 }
 
+/// A 503 without Retry-After is that call's failure (RFC 3261 §21.5.4:
+/// act as on a 500; carriers send it for one congested route), not the
+/// trunk's: the next create is taken and called. Before, each such 503
+/// rested the whole trunk for 5 s and the next create got 503. Only
+/// five in a row rest it: then creates get 503 `overloaded`, Retry-After.
+#[test]
+fn a_503_without_retry_after_fails_its_call_and_five_in_a_row_rest_the_trunk() {
+    let dir = test_dir("sipp-503");
+    let ours = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uas_503.xml");
+    let _sipp = Sipp::start(&dir, &ours, 15_414, 5);
+    let cfg = config(&dir, "+44770090XXXX\n", &trunk(15_414), "");
+    let e = Engine::start(&cfg);
+    for i in 0..5 {
+        let v = e.create(json!({"phone": format!("+44791112346{i}"), "sender": "SHOP"}));
+        let got = e.wait_call_done(v["id"].as_str().unwrap());
+        assert_eq!(got["status"], "failed", "{i}: {got}");
+        assert_eq!(got["call"]["outcome"], "trunk_error", "{i}: {got}");
+        assert_eq!(got["call"]["sip_code"], 503, "{i}: {got}");
+    }
+    let r = e.post(
+        "/v1/verifications",
+        &json!({"phone": "+447911123465", "sender": "SHOP"}),
+    );
+    r.assert_problem(503, "overloaded");
+    let secs: u64 = r
+        .header("retry-after")
+        .and_then(|s| s.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=5).contains(&secs), "{secs}");
+}
+
+/// A 503 with Retry-After rests the trunk for that long, the INVITEs
+/// already queued for it included (RFC 3261 §21.5.4: no other requests
+/// for the duration): three creates taken together, so two wait in the
+/// trunk's queue when the first call's 503 arrives, are invited at least
+/// Retry-After (2 s) apart. Before, the queued ones went out at the
+/// trunk's CPS pace (20 ms apart here) straight into the rest asked for.
+#[test]
+fn a_503_retry_after_holds_the_calls_queued_for_the_trunk() {
+    let dir = test_dir("sipp-503-retry-after");
+    let ours =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uas_503_retry_after.xml");
+    let _sipp = Sipp::start(&dir, &ours, 15_415, 3);
+    let cfg = config(&dir, "+44770090XXXX\n", &trunk(15_415), "");
+    let e = Engine::start(&cfg);
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let e = &e;
+        let threads: Vec<_> = (0..3)
+            .map(|i| {
+                s.spawn(move || {
+                    let v =
+                        e.create(json!({"phone": format!("+44791112347{i}"), "sender": "SHOP"}));
+                    v["id"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let mut invited: Vec<i128> = ids
+        .iter()
+        .map(|id| {
+            let got = e.wait_status(id, Duration::from_secs(15), |s| {
+                !matches!(s, "pending" | "calling")
+            });
+            assert_eq!(got["call"]["outcome"], "trunk_error", "{got}");
+            let at = got["call"]["invited_at"].as_str().expect("invited_at");
+            time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+                .expect("RFC 3339")
+                .unix_timestamp_nanos()
+                / 1_000_000
+        })
+        .collect();
+    invited.sort_unstable();
+    for w in invited.windows(2) {
+        // Retry-After counts from the 503's arrival, a few ms after its
+        // INVITE; the clock's millisecond rounding allows a little less.
+        assert!(
+            w[1] - w[0] >= 1_990,
+            "invited {} ms apart: {invited:?}",
+            w[1] - w[0]
+        );
+    }
+}
+
 /// `sip.realtime_priority` (SCHED_FIFO), with `sip.batch_window_us = 0`
 /// accepted beside it: calls still complete, and the SIP thread runs under
 /// the scheduling asked for, or the engine said plainly that the OS refused

@@ -599,7 +599,11 @@ fn a_rung_and_cancelled_call_is_delivered_whatever_its_final() {
         feed(&mut ep, t0 + ms(11), &reply(&cancel, 200, &[]));
         feed(&mut ep, t0 + ms(12), &reply(&invite, code, &[]));
         let out = drain(&mut ep);
-        assert_eq!(out.iter().map(method).collect::<Vec<_>>(), ["ACK"], "{code}");
+        assert_eq!(
+            out.iter().map(method).collect::<Vec<_>>(),
+            ["ACK"],
+            "{code}"
+        );
         let r = ended(&mut ep);
         assert_eq!(r[0].outcome, Outcome::Delivered, "{code}");
         assert_eq!(r[0].sip_code, Some(code));
