@@ -466,12 +466,20 @@ impl udp::App for Driver {
 
     fn on_event(&mut self, _ep: &mut Endpoint<StdRng>, event: Event) {
         match event {
-            Event::Response { tag, code, .. } => {
-                if let Some(a) = self.calls.get(&tag) {
+            Event::Response { tag, trunk, code } => {
+                // A call that has its outcome is gone from `calls`, but the
+                // responses after it (the 200 to our BYE, a retransmitted
+                // final, a late 2xx from a fork) are the trunk's answers too:
+                // those are found by the trunk's address.
+                let t = match self.calls.get(&tag) {
+                    Some(a) => Some(a.trunk),
+                    None => self.shared.trunks.iter().position(|x| x.addr == trunk),
+                };
+                if let Some(t) = t {
                     let trunks = &self.shared.trunks;
                     self.responses
-                        .entry((a.trunk, code))
-                        .or_insert_with(|| m::sip_response(&trunks[a.trunk].name, code))
+                        .entry((t, code))
+                        .or_insert_with(|| m::sip_response(&trunks[t].name, code))
                         .increment(1);
                 }
             }

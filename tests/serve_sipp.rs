@@ -203,6 +203,35 @@ fn a_503_retry_after_holds_the_calls_queued_for_the_trunk() {
     }
 }
 
+/// An answered call (the callee picked up before the CANCEL won): ACK and
+/// BYE at once, outcome `answered`; and the trunk's 200 to that BYE, which
+/// arrives after the call has its outcome, is still counted in
+/// `flashcall_sip_responses_total` (it was lost: the count looked the call
+/// up among those still open).
+#[test]
+fn an_answered_call_is_hung_up_and_every_response_is_counted() {
+    let dir = test_dir("sipp-answer");
+    let ours = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uas_answer.xml");
+    let mut sipp = Sipp::start(&dir, &ours, 15_416, 1);
+    let cfg = config(&dir, "+44770090XXXX\n", &trunk(15_416), "");
+    let e = Engine::start(&cfg);
+    let v = e.create(json!({"phone": "+447911123480", "sender": "SHOP"}));
+    let got = e.wait_call_done(v["id"].as_str().unwrap());
+    assert_eq!(got["call"]["outcome"], "answered", "{got}");
+    // SIPp's scenario ends with its 200 to our BYE: it counts the call
+    // successful only once the ACK and BYE came.
+    let (ok, failed) = sipp.finish(Duration::from_secs(10));
+    assert_eq!((ok, failed), (1, 0), "SIPp's view of the call");
+    let want = "flashcall_sip_responses_total{trunk=\"sipp\",code=\"200\"} 2";
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    let mut m = e.metrics_text();
+    while !m.contains(want) && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+        m = e.metrics_text();
+    }
+    assert!(m.contains(want), "the INVITE's 200 and the BYE's 200:\n{m}");
+}
+
 /// `sip.realtime_priority` (SCHED_FIFO), with `sip.batch_window_us = 0`
 /// accepted beside it: calls still complete, and the SIP thread runs under
 /// the scheduling asked for, or the engine said plainly that the OS refused
