@@ -17,6 +17,7 @@ fn endpoint() -> Endpoint<StdRng> {
         EndpointConfig {
             timers: TimerConfig::default(),
             local: "127.0.0.1:5060".parse().unwrap(),
+            sent_by: None,
             public_host: "127.0.0.1".into(),
             user_agent: "flashcall".into(),
             media: "127.0.0.1:40000".parse().unwrap(),
@@ -32,7 +33,12 @@ fn benches(c: &mut Criterion) {
     c.bench_function("parse_487", |b| {
         b.iter(|| Message::parse(black_box(R487)).unwrap().status())
     });
-    let local = Local::new("127.0.0.1:5060".parse().unwrap(), "127.0.0.1", "flashcall");
+    let local = Local::new(
+        "127.0.0.1:5060".parse().unwrap(),
+        None,
+        "127.0.0.1",
+        "flashcall",
+    );
     let dialog = Dialog {
         local: &local,
         to: "+447700900123",

@@ -313,6 +313,7 @@ pub async fn run(opts: DialOptions) -> anyhow::Result<bool> {
         EndpointConfig {
             timers: TimerConfig::default(),
             local,
+            sent_by: None,
             public_host: local.ip().to_string(),
             user_agent: "flashcall-dial".into(),
             media,

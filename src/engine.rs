@@ -17,7 +17,7 @@ use governor::{Quota, RateLimiter};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -588,6 +588,35 @@ impl udp::App for Driver {
     }
 }
 
+/// What our requests advertise, from the bound address and
+/// `sip.public_host` (SPEC §2: the host of Via, Contact and From): the
+/// address of the SDP offer, and the Via sent-by / Contact `host:port`
+/// when it is not the bound address (`None`). The port is always the bound
+/// one. `public_host` is used as given (a hostname too), except a
+/// loopback `public_host`, the default, beside a specific non-loopback
+/// bind: that is an operator who set `listen` and not `public_host`, and a
+/// loopback Via or Contact can never be reached from a trunk, so the bound
+/// address is kept. `resolved`: a hostname `public_host` looked up (the
+/// SDP offer needs an address; the bound one without it).
+fn advertise(
+    bound: SocketAddr,
+    public_host: &str,
+    resolved: Option<IpAddr>,
+) -> (IpAddr, Option<String>) {
+    let port = bound.port();
+    match public_host.parse::<IpAddr>() {
+        Ok(ip) if ip == bound.ip() => (ip, None),
+        Ok(ip) if ip.is_loopback() && !bound.ip().is_unspecified() && !bound.ip().is_loopback() => {
+            (bound.ip(), None)
+        }
+        Ok(ip) => (ip, Some(SocketAddr::new(ip, port).to_string())),
+        Err(_) => (
+            resolved.unwrap_or(bound.ip()),
+            Some(format!("{public_host}:{port}")),
+        ),
+    }
+}
+
 /// Runs the SIP driver until shutdown; returns how many calls were still
 /// without an outcome when the grace period ended.
 pub async fn run(
@@ -599,21 +628,35 @@ pub async fn run(
     settings: CallSettings,
 ) -> std::io::Result<usize> {
     let bound = socket.local_addr()?;
-    // The Via sent-by and Contact must be reachable: a wildcard bind
-    // advertises public_host (when it is an IP) with the bound port.
-    let local = match public_host.parse::<std::net::IpAddr>() {
-        Ok(ip) if bound.ip().is_unspecified() => SocketAddr::new(ip, bound.port()),
-        _ => bound,
+    // A hostname: the SDP offer needs an address, looked up once here
+    // (bounded: a resolver that does not answer must not hold the start).
+    let resolved = if public_host.parse::<IpAddr>().is_err() {
+        let lookup = tokio::net::lookup_host((public_host, 0));
+        match tokio::time::timeout(Duration::from_secs(2), lookup).await {
+            Ok(Ok(mut addrs)) => addrs.next().map(|a| a.ip()),
+            Ok(Err(e)) => {
+                tracing::warn!(public_host, error = %e, "sip.public_host does not resolve: the SDP offer carries the bound address");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(public_host, "sip.public_host: no DNS answer in 2 s: the SDP offer carries the bound address");
+                None
+            }
+        }
+    } else {
+        None
     };
+    let (media_ip, sent_by) = advertise(bound, public_host, resolved);
     // Kept to the end of the run: dropping it stops the sink.
     let (media, _rtp) = crate::io::rtp::spawn_sink(SocketAddr::new(bound.ip(), 0)).await?;
     let mut ep = Endpoint::new(
         EndpointConfig {
             timers: TimerConfig::default(),
-            local,
+            local: bound,
+            sent_by,
             public_host: public_host.to_string(),
             user_agent: user_agent.to_string(),
-            media: SocketAddr::new(local.ip(), media.port()),
+            media: SocketAddr::new(media_ip, media.port()),
         },
         StdRng::from_entropy(),
     );
@@ -771,5 +814,52 @@ mod tests {
             e.reserve(6_000, &mut rng),
             Err(Unavailable::ShuttingDown)
         ));
+    }
+
+    /// Via/Contact and the SDP address from `listen` and `public_host`.
+    #[test]
+    fn advertise_uses_public_host_except_a_default_loopback_one() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // The defaults: loopback both.
+        assert_eq!(
+            advertise(a("127.0.0.1:5060"), "127.0.0.1", None),
+            (ip("127.0.0.1"), None)
+        );
+        // Wildcard bind, public address: that address, the bound port.
+        assert_eq!(
+            advertise(a("0.0.0.0:5060"), "203.0.113.5", None),
+            (ip("203.0.113.5"), Some("203.0.113.5:5060".into()))
+        );
+        // Behind NAT: a private bind, the public address advertised.
+        assert_eq!(
+            advertise(a("10.0.0.5:5062"), "203.0.113.5", None),
+            (ip("203.0.113.5"), Some("203.0.113.5:5062".into()))
+        );
+        // `listen` set, `public_host` left at its loopback default: the
+        // bound address, not an unreachable 127.0.0.1.
+        assert_eq!(
+            advertise(a("10.0.0.5:5060"), "127.0.0.1", None),
+            (ip("10.0.0.5"), None)
+        );
+        // A hostname: in Via and Contact as given; the SDP carries what it
+        // resolved to, else the bound address.
+        assert_eq!(
+            advertise(
+                a("0.0.0.0:5060"),
+                "sip.example.com",
+                Some(ip("198.51.100.7"))
+            ),
+            (ip("198.51.100.7"), Some("sip.example.com:5060".into()))
+        );
+        assert_eq!(
+            advertise(a("10.0.0.5:5060"), "sip.example.com", None),
+            (ip("10.0.0.5"), Some("sip.example.com:5060".into()))
+        );
+        // IPv6: bracketed in sent-by.
+        assert_eq!(
+            advertise(a("[::]:5060"), "2001:db8::1", None),
+            (ip("2001:db8::1"), Some("[2001:db8::1]:5060".into()))
+        );
     }
 }

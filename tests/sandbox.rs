@@ -74,6 +74,7 @@ async fn dial(sandbox: &Sandbox, to: &[&str]) -> Vec<CallReport> {
         EndpointConfig {
             timers: TimerConfig::default(),
             local,
+            sent_by: None,
             public_host: local.ip().to_string(),
             user_agent: "flashcall-tests".into(),
             media: SocketAddr::new(local.ip(), 9),

@@ -864,6 +864,7 @@ mod tests {
             crate::sip::EndpointConfig {
                 timers: Default::default(),
                 local: to,
+                sent_by: None,
                 public_host: "127.0.0.1".into(),
                 user_agent: "test".into(),
                 media: to,

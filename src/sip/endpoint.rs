@@ -79,8 +79,12 @@ impl TimerConfig {
 #[derive(Debug, Clone)]
 pub struct EndpointConfig {
     pub timers: TimerConfig,
-    /// Address our SIP socket is bound to: the Via sent-by and Contact.
+    /// Address our SIP socket is bound to: the Via sent-by and Contact,
+    /// unless `sent_by` says otherwise.
     pub local: SocketAddr,
+    /// `host:port` for Via and Contact in place of `local` (see
+    /// `engine::sent_by`); `None` writes `local`.
+    pub sent_by: Option<String>,
     /// Host used in From / P-Asserted-Identity URIs.
     pub public_host: String,
     pub user_agent: String,
@@ -472,7 +476,12 @@ pub struct Endpoint<R: RngCore> {
 impl<R: RngCore> Endpoint<R> {
     pub fn new(cfg: EndpointConfig, mut rng: R) -> Self {
         let salt = rng.next_u32();
-        let local = Local::new(cfg.local, &cfg.public_host, &cfg.user_agent);
+        let local = Local::new(
+            cfg.local,
+            cfg.sent_by.as_deref(),
+            &cfg.public_host,
+            &cfg.user_agent,
+        );
         let sdp = render::sdp_offer(cfg.media, u64::from(rng.next_u32()));
         Endpoint {
             cfg,

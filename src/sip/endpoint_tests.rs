@@ -17,6 +17,7 @@ fn endpoint() -> Endpoint<StdRng> {
         EndpointConfig {
             timers: TimerConfig::default(),
             local: "127.0.0.1:5060".parse().unwrap(),
+            sent_by: None,
             public_host: "127.0.0.1".into(),
             user_agent: "flashcall-test".into(),
             media: "127.0.0.1:40000".parse().unwrap(),

@@ -29,11 +29,20 @@ pub struct Local {
 }
 
 impl Local {
-    pub fn new(local: SocketAddr, public_host: &str, user_agent: &str) -> Local {
+    /// `sent_by`: the `host:port` for Via and Contact when it is not the
+    /// socket's own address (a hostname, or a public address in front of
+    /// the bound one); `None` writes `local`.
+    pub fn new(
+        local: SocketAddr,
+        sent_by: Option<&str>,
+        public_host: &str,
+        user_agent: &str,
+    ) -> Local {
         // SocketAddr's Display brackets IPv6 literals, as a SIP URI wants.
+        let addr = sent_by.map_or_else(|| local.to_string(), str::to_owned);
         Local {
-            via_prefix: format!("SIP/2.0/UDP {local};rport"),
-            addr: local.to_string(),
+            via_prefix: format!("SIP/2.0/UDP {addr};rport"),
+            addr,
             public_host: public_host.to_owned(),
             user_agent: user_agent.to_owned(),
         }
@@ -349,6 +358,7 @@ mod tests {
     fn local() -> Local {
         Local::new(
             "127.0.0.1:5060".parse().unwrap(),
+            None,
             "flash.example",
             "flashcall",
         )
@@ -439,6 +449,31 @@ mod tests {
             request_uri_string(&d),
             "sip:+447700900123@trunk.example:5070;user=phone"
         );
+    }
+
+    /// A `sent_by` (a hostname, or the public address before a NAT) is
+    /// what Via and Contact carry, in place of the socket's address.
+    #[test]
+    fn sent_by_goes_in_via_and_contact() {
+        let l = Local::new(
+            "0.0.0.0:5060".parse().unwrap(),
+            Some("sip.example.com:5060"),
+            "sip.example.com",
+            "flashcall",
+        );
+        let d = dialog(&l, CallerId::From);
+        let mut out = Vec::new();
+        let inv = invite(&mut out, &d, b"z9hG4bKbr", 1, None, b"");
+        let text = std::str::from_utf8(&inv).unwrap();
+        assert!(
+            text.contains("\r\nVia: SIP/2.0/UDP sip.example.com:5060;rport;branch=z9hG4bKbr\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\r\nContact: <sip:+447700900000@sip.example.com:5060>\r\n"),
+            "{text}"
+        );
+        assert!(!text.contains("0.0.0.0"), "{text}");
     }
 
     /// The scratch is sized up front: no regrowth for long parts either.

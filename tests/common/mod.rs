@@ -39,6 +39,7 @@ pub fn endpoint(seed: u64) -> Endpoint<StdRng> {
         EndpointConfig {
             timers: TimerConfig::default(),
             local: "127.0.0.1:5060".parse().unwrap(),
+            sent_by: None,
             public_host: "flash.example.org".to_owned(),
             user_agent: "flashcall-tests".to_owned(),
             media: "127.0.0.1:40000".parse().unwrap(),
