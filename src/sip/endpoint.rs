@@ -349,6 +349,9 @@ const KIND_INVITE: u8 = b'i';
 const KIND_INVITE_AUTH: u8 = b'j';
 const KIND_ACK2XX: u8 = b'a';
 const KIND_BYE: u8 = b'b';
+/// The BYE to a second answered leg of a forked call (its own branch, so
+/// its 200 is not taken for the first leg's).
+const KIND_BYE_FORK: u8 = b'f';
 /// The kind byte of our From tag.
 const KIND_TAG: u8 = b't';
 
@@ -367,6 +370,9 @@ struct Bye {
     dest: SocketAddr,
     interval: Duration,
     done: bool,
+    /// The answered dialog's To tag: a 2xx with another is a second leg
+    /// of a forked call.
+    to_tag: Box<str>,
 }
 
 /// What a call's requests are written from, in every state including the
@@ -802,6 +808,8 @@ impl<R: RngCore> Endpoint<R> {
                 }
                 true
             }
+            // The 200 (or anything) for a second leg's BYE: nothing waits.
+            KIND_BYE_FORK if method == "BYE" => true,
             KIND_BYE if method == "BYE" => {
                 let t2 = self.cfg.timers.t2;
                 if let Some(c) = self.call_mut(handle) {
@@ -912,8 +920,22 @@ impl<R: RngCore> Endpoint<R> {
             }
             (100..=199, _) => {}
             (200..=299, InviteState::Accepted) => {
-                if let Some((dest, ack)) = c.ack_2xx.clone() {
+                let same_leg = c
+                    .bye
+                    .as_ref()
+                    .is_none_or(|b| msg.to_tag.is_none_or(|t| *b.to_tag == *t));
+                if same_leg {
+                    // A retransmission of the answer: the same ACK again.
+                    if let Some((dest, ack)) = c.ack_2xx.clone() {
+                        self.transmits.push_back(Transmit { dest, payload: ack });
+                    }
+                } else if let Some((dest, ack, bye)) = self.dialog_requests(h, msg, KIND_BYE_FORK) {
+                    // Another leg of a forked call answered too (§13.2.2.4:
+                    // an ACK for each 2xx): ACK and hang up that dialog as
+                    // well. Sent once per 2xx: a leg that missed our ACK
+                    // retransmits its 2xx, and each copy gets both again.
                     self.transmits.push_back(Transmit { dest, payload: ack });
+                    self.transmits.push_back(Transmit { dest, payload: bye });
                 }
             }
             (200..=299, _) => self.on_2xx(now, h, code, msg),
@@ -954,47 +976,11 @@ impl<R: RngCore> Endpoint<R> {
     /// 2xx: the callee answered before the CANCEL won (or the network gives
     /// false answer supervision). ACK it to the Contact and hang up at once.
     fn on_2xx(&mut self, now: Instant, h: CallHandle, code: u16, msg: &Message<'_>) {
-        let mut to = Vec::with_capacity(msg.to.len());
-        unfold(msg.to, &mut to);
-        // The route set is the Record-Route values, reversed (§12.1.2).
-        let mut routes: Vec<String> = msg
-            .values(Name::RecordRoute)
-            .map(|v| {
-                let mut o = Vec::new();
-                unfold(v, &mut o);
-                String::from_utf8_lossy(&o).into_owned()
-            })
-            .collect();
-        routes.reverse();
-        let ack_branch = self.branch(h, KIND_ACK2XX);
-        let bye_branch = self.branch(h, KIND_BYE);
-        let t1 = self.cfg.timers.t1;
-        let Some(c) = self.call(h) else { return };
-        // A Contact we could not put on a request line (spaces, controls,
-        // not a URI) would make the ACK and BYE unparsable: fall back to the
-        // Request-URI, which reaches the callee through the trunk.
-        let target = match msg.contact_uri.filter(|u| is_sendable_uri(u)) {
-            Some(u) => Target::Uri(u),
-            None => Target::RequestUri,
+        let Some((next_hop, ack, bye)) = self.dialog_requests(h, msg, KIND_BYE) else {
+            return;
         };
-        let trunk = self.trunk_addr(&c.ids);
-        // Loose routing: the request goes to the first route, else to the
-        // Contact. Names we cannot resolve without DNS fall back to the trunk.
-        let next_hop = match routes.first().and_then(|r| addr_uri(r.as_bytes())) {
-            Some(r) => uri_socket_addr(r),
-            None => match target {
-                Target::Uri(u) => uri_socket_addr(u),
-                Target::RequestUri => None,
-            },
-        }
-        .unwrap_or(trunk);
-        let tag = self.tag(h);
-        let d = self.dialog(&c.ids, &tag);
-        let ack = self
-            .with_scratch(|out| render::ack(out, &d, target, &ack_branch, c.cseq, &to, &routes));
-        let bye = self.with_scratch(|out| {
-            render::bye(out, &d, target, &bye_branch, c.cseq + 1, &to, &routes)
-        });
+        let t1 = self.cfg.timers.t1;
+        let to_tag: Box<str> = msg.to_tag.unwrap_or("").into();
         let Some(c) = self.call_mut(h) else { return };
         c.state = InviteState::Accepted;
         c.auth_invite = None;
@@ -1004,6 +990,7 @@ impl<R: RngCore> Endpoint<R> {
             dest: next_hop,
             interval: t1,
             done: false,
+            to_tag,
         });
         // The CANCEL, if any, no longer matters: the call is up.
         c.cancel = None;
@@ -1031,6 +1018,58 @@ impl<R: RngCore> Endpoint<R> {
         self.arm(h, Timer::ByeTimeout, now + self.cfg.timers.b());
         self.arm(h, Timer::Linger, now + self.cfg.timers.b());
         self.end(now, h, Outcome::Answered, Some(code), None);
+    }
+
+    /// The ACK and the BYE for the dialog a 2xx made, and where they go:
+    /// to the first Record-Route, else the Contact, else the trunk. The BYE
+    /// takes the branch of `bye_kind`.
+    fn dialog_requests(
+        &mut self,
+        h: CallHandle,
+        msg: &Message<'_>,
+        bye_kind: u8,
+    ) -> Option<(SocketAddr, Bytes, Bytes)> {
+        let mut to = Vec::with_capacity(msg.to.len());
+        unfold(msg.to, &mut to);
+        // The route set is the Record-Route values, reversed (§12.1.2).
+        let mut routes: Vec<String> = msg
+            .values(Name::RecordRoute)
+            .map(|v| {
+                let mut o = Vec::new();
+                unfold(v, &mut o);
+                String::from_utf8_lossy(&o).into_owned()
+            })
+            .collect();
+        routes.reverse();
+        let ack_branch = self.branch(h, KIND_ACK2XX);
+        let bye_branch = self.branch(h, bye_kind);
+        let c = self.call(h)?;
+        // A Contact we could not put on a request line (spaces, controls,
+        // not a URI) would make the ACK and BYE unparsable: fall back to the
+        // Request-URI, which reaches the callee through the trunk.
+        let target = match msg.contact_uri.filter(|u| is_sendable_uri(u)) {
+            Some(u) => Target::Uri(u),
+            None => Target::RequestUri,
+        };
+        let trunk = self.trunk_addr(&c.ids);
+        // Loose routing: the request goes to the first route, else to the
+        // Contact. Names we cannot resolve without DNS fall back to the trunk.
+        let next_hop = match routes.first().and_then(|r| addr_uri(r.as_bytes())) {
+            Some(r) => uri_socket_addr(r),
+            None => match target {
+                Target::Uri(u) => uri_socket_addr(u),
+                Target::RequestUri => None,
+            },
+        }
+        .unwrap_or(trunk);
+        let tag = self.tag(h);
+        let d = self.dialog(&c.ids, &tag);
+        let ack = self
+            .with_scratch(|out| render::ack(out, &d, target, &ack_branch, c.cseq, &to, &routes));
+        let bye = self.with_scratch(|out| {
+            render::bye(out, &d, target, &bye_branch, c.cseq + 1, &to, &routes)
+        });
+        Some((next_hop, ack, bye))
     }
 
     /// 401/407: ACK the challenge, then one new INVITE with credentials,

@@ -358,6 +358,76 @@ fn answer_before_cancel_gets_ack_to_contact_and_bye() {
     assert!(ended(&mut ep).is_empty());
 }
 
+/// Two legs of a forked call answer (parallel ringing): each 2xx gets an
+/// ACK of its own dialog (§13.2.2.4: one for each 2xx) and a BYE. The
+/// second leg's BYE has a branch of its own, so its 200 does not end the
+/// first leg's BYE, which keeps to Timer E until its own 200. Before, the
+/// second leg got the first leg's ACK and no BYE, and stayed up.
+#[test]
+fn a_second_forked_leg_that_answers_gets_its_own_ack_and_bye() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(0, 15_000));
+    let invite = drain(&mut ep).remove(0);
+    feed(&mut ep, t0 + ms(10), &reply(&invite, 180, &[]));
+    assert_eq!(method(&drain(&mut ep)[0]), "CANCEL");
+    let ok1 = reply(&invite, 200, &[("Contact", "<sip:leg1@127.0.0.1:5080>")]);
+    feed(&mut ep, t0 + ms(20), &ok1);
+    let leg1 = drain(&mut ep);
+    assert_eq!(leg1.iter().map(method).collect::<Vec<_>>(), ["ACK", "BYE"]);
+    let inv = Message::parse(&invite.payload).unwrap();
+    let ok2 = render::response(
+        &inv,
+        200,
+        "OK",
+        "callee2",
+        &[("Contact", "<sip:leg2@127.0.0.1:5081>")],
+    )
+    .to_vec();
+    feed(&mut ep, t0 + ms(30), &ok2);
+    let leg2 = drain(&mut ep);
+    assert_eq!(leg2.iter().map(method).collect::<Vec<_>>(), ["ACK", "BYE"]);
+    let (ack2, bye2) = (
+        Message::parse(&leg2[0].payload).unwrap(),
+        Message::parse(&leg2[1].payload).unwrap(),
+    );
+    assert_eq!(ack2.to_tag, Some("callee2"));
+    assert_eq!(bye2.to_tag, Some("callee2"));
+    assert!(matches!(
+        ack2.start,
+        StartLine::Request {
+            uri: "sip:leg2@127.0.0.1:5081",
+            ..
+        }
+    ));
+    assert_eq!(
+        leg2[1].dest,
+        "127.0.0.1:5081".parse::<SocketAddr>().unwrap()
+    );
+    let bye1 = Message::parse(&leg1[1].payload).unwrap();
+    assert_ne!(bye2.top_via_branch, bye1.top_via_branch);
+    // Leg 2's 200 to its BYE is taken (not a stray) and leaves leg 1's
+    // BYE retransmitting.
+    let input = feed(&mut ep, t0 + ms(40), &reply(&leg2[1], 200, &[]));
+    assert!(matches!(input, Input::Response), "{input:?}");
+    assert_eq!(run_until(&mut ep, t0, ms(600)), [(ms(520), "BYE".into())]);
+    // Each leg's retransmitted 2xx: leg 1 its ACK again (no BYE), leg 2
+    // its ACK and BYE again.
+    feed(&mut ep, t0 + ms(700), &ok1);
+    let again = drain(&mut ep);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].payload, leg1[0].payload);
+    feed(&mut ep, t0 + ms(710), &ok2);
+    assert_eq!(
+        drain(&mut ep).iter().map(method).collect::<Vec<_>>(),
+        ["ACK", "BYE"]
+    );
+    // One outcome for the call: answered.
+    let r = ended(&mut ep);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].outcome, Outcome::Answered);
+}
+
 #[test]
 fn timed_out_call_that_starts_ringing_late_is_cancelled() {
     let mut ep = endpoint();
