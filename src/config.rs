@@ -44,7 +44,14 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     pub shutdown: ShutdownConfig,
     pub webhooks: WebhooksConfig,
+    /// The config named no `[[projects]]` and got the built-in demo
+    /// project ([`DEMO_LOGIN`], secret `demo-secret`); `serve` warns.
+    #[serde(skip)]
+    pub demo_project: bool,
 }
+
+/// The login of the built-in demo project (SPEC §2's example).
+pub const DEMO_LOGIN: &str = "demo";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -225,9 +232,11 @@ pub struct TrunkConfig {
 
 impl Default for TrunkConfig {
     fn default() -> Self {
+        // SPEC §2's own: a config may name only what it changes, and one
+        // `[[trunks]]` with just its address is a whole trunk.
         TrunkConfig {
-            name: String::new(),
-            address: String::new(),
+            name: "main".into(),
+            address: "127.0.0.1:5070".into(),
             cps: 50,
             queue: 0,
             weight: 1,
@@ -451,7 +460,14 @@ pub enum SenderStatus {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SandboxConfig {
+    /// Resolved at parse: as written, else on exactly when the config
+    /// names no `[[trunks]]` (then there is nothing real to call, so it
+    /// cannot be on by accident beside a trunk: SPEC §9).
+    #[serde(skip)]
     pub enabled: bool,
+    /// `enabled` as the file wrote it.
+    #[serde(rename = "enabled")]
+    pub enabled_set: Option<bool>,
     /// Where the sandbox callee listens (loopback only).
     pub listen: SocketAddr,
     /// Delay before its 180 Ringing.
@@ -464,6 +480,7 @@ impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
             enabled: false,
+            enabled_set: None,
             listen: ([127, 0, 0, 1], 0).into(),
             ring_delay_ms: 0,
             cps: 200,
@@ -606,6 +623,23 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut cfg: Config = toml::from_str(text)
             .map_err(|e| ConfigError::Parse(path.to_path_buf(), one_line(text, &e)))?;
+        cfg.sandbox.enabled = cfg.sandbox.enabled_set.unwrap_or(cfg.trunks.is_empty());
+        // No `[[projects]]`: SPEC §2's demo project, so a config that names
+        // only what it changes still serves; only on a loopback listen (a
+        // well-known secret must not answer the network: `validate`), and
+        // `serve` warns about it.
+        if cfg.projects.is_empty() && cfg.http.listen.ip().is_loopback() {
+            cfg.projects.push(ProjectConfig {
+                login: DEMO_LOGIN.into(),
+                secret: Some("demo-secret".into()),
+                senders: vec![SenderConfig {
+                    code: "DEMO".into(),
+                    status: SenderStatus::Active,
+                }],
+                ..ProjectConfig::default()
+            });
+            cfg.demo_project = true;
+        }
         for p in &mut cfg.projects {
             if let Some(s) = env(&secret_env_var(&p.login)) {
                 p.secret = Some(s);
@@ -787,7 +821,10 @@ impl Config {
             return bad("limits.per_phone.max_tracked", "must be > 0");
         }
         if self.projects.is_empty() {
-            return bad("projects", "at least one [[projects]] entry is needed");
+            return bad(
+                "projects",
+                "at least one [[projects]] entry is needed (the built-in demo project serves only on a loopback http.listen)",
+            );
         }
         let mut logins = std::collections::HashSet::new();
         for (i, p) in self.projects.iter().enumerate() {
@@ -945,6 +982,46 @@ mod tests {
         assert!(e.contains("store.retention_days"), "{e}");
         let e = parse(&format!("{MIN}\n[store]\nbackend = \"postgres\"\n")).unwrap_err();
         assert!(e.contains("store.backend"), "{e}");
+    }
+
+    /// SPEC §2: every key has a default, so a config names only what it
+    /// changes. An empty config is the sandbox with the demo project; one
+    /// `[[trunks]]` with only an address is a whole trunk, named `main`,
+    /// and turns the sandbox off; the demo project never answers a
+    /// non-loopback listen.
+    #[test]
+    fn a_config_names_only_what_it_changes() {
+        let c = parse("").unwrap();
+        assert!(c.sandbox.enabled, "no trunks: the sandbox");
+        assert!(c.demo_project);
+        assert_eq!(c.projects.len(), 1);
+        assert_eq!(c.projects[0].login, DEMO_LOGIN);
+        assert_eq!(c.projects[0].secret.as_deref(), Some("demo-secret"));
+        assert_eq!(c.projects[0].senders[0].code, "DEMO");
+        let c = parse("[[trunks]]\naddress = \"127.0.0.1:15070\"\n").unwrap();
+        assert!(!c.sandbox.enabled, "a trunk named: no sandbox");
+        assert_eq!(c.trunks[0].name, "main");
+        assert_eq!(c.trunks[0].cps, 50);
+        let c = parse("[[trunks]]\n").unwrap();
+        assert_eq!(c.trunks[0].address, "127.0.0.1:5070");
+        // Two unnamed trunks: the default name twice, named as the problem.
+        let e = parse("[[trunks]]\n[[trunks]]\naddress = \"127.0.0.1:5071\"\n").unwrap_err();
+        assert!(
+            e.contains("trunks[1].name") && e.contains("used twice"),
+            "{e}"
+        );
+        // Projects named: no demo project beside them.
+        let c = parse(MIN).unwrap();
+        assert!(!c.demo_project);
+        assert_eq!(c.projects.len(), 1);
+        assert_eq!(c.projects[0].secret.as_deref(), Some("s"));
+        // A listen off loopback and no projects: refused, naming the key.
+        let e = parse("[http]\nlisten = \"0.0.0.0:8080\"\n").unwrap_err();
+        assert!(e.contains("projects") && e.contains("loopback"), "{e}");
+        // The sandbox asked for beside a trunk is still refused, and
+        // turned off with no trunk is still "nothing to call through".
+        let e = parse("[sandbox]\nenabled = false\n").unwrap_err();
+        assert!(e.contains("nothing to call through"), "{e}");
     }
 
     #[test]

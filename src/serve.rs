@@ -239,7 +239,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         tracing::warn!(
             addr = %sb.addr,
             "SANDBOX: calls go to the built-in loopback callee, no phone rings; \
-             configure [[trunks]] and set sandbox.enabled = false for real calls"
+             configure [[trunks]] (and no sandbox.enabled = true) for real calls"
         );
         Some(sb)
     } else {
@@ -247,6 +247,13 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     };
     let trunks = trunks(&cfg, sandbox.as_ref().map(|s| s.addr))?;
 
+    if cfg.demo_project {
+        tracing::warn!(
+            "no [[projects]] configured: the built-in demo project is on (login \"demo\", \
+             secret \"demo-secret\", sender DEMO), on this loopback listen only; name your \
+             own [[projects]] for real clients"
+        );
+    }
     let projects: Vec<String> = cfg.projects.iter().map(|p| p.login.clone()).collect();
     let trunk_names: Vec<String> = trunks.iter().map(|t| t.name.clone()).collect();
     crate::metrics::describe(&projects, &trunk_names);
