@@ -352,6 +352,8 @@ const KIND_BYE: u8 = b'b';
 /// The BYE to a second answered leg of a forked call (its own branch, so
 /// its 200 is not taken for the first leg's).
 const KIND_BYE_FORK: u8 = b'f';
+/// The BYE resent with credentials after a 401/407.
+const KIND_BYE_AUTH: u8 = b'g';
 /// The kind byte of our From tag.
 const KIND_TAG: u8 = b't';
 
@@ -373,6 +375,25 @@ struct Bye {
     /// The answered dialog's To tag: a 2xx with another is a second leg
     /// of a forked call.
     to_tag: Box<str>,
+    /// What the BYE is written from, for its one resend with credentials
+    /// after a 401/407: the Contact it goes to (`None`: the Request-URI),
+    /// the dialog's To and route set.
+    target: Option<Box<str>>,
+    to: Box<[u8]>,
+    routes: Vec<String>,
+    /// It was challenged and resent with credentials (once only).
+    challenged: bool,
+}
+
+/// The ACK and BYE for a dialog a 2xx made, and what they were written
+/// from.
+struct DialogRequests {
+    next_hop: SocketAddr,
+    ack: Bytes,
+    bye: Bytes,
+    target: Option<Box<str>>,
+    to: Box<[u8]>,
+    routes: Vec<String>,
 }
 
 /// What a call's requests are written from, in every state including the
@@ -402,6 +423,9 @@ struct Call {
     /// cnonce, so it is resent as it was rather than rendered again. (The
     /// first INVITE is rendered again: the same bytes.)
     auth_invite: Option<Bytes>,
+    /// The INVITE's credentials (header name, value): an ACK for a 2xx
+    /// carries the same (RFC 3261 §13.2.2.4).
+    auth_header: Option<(&'static str, Box<str>)>,
     retransmit_interval: Duration,
     rang: bool,
     cancel_wanted: Option<CancelReason>,
@@ -576,6 +600,7 @@ impl<R: RngCore> Endpoint<R> {
             invite_kind: KIND_INVITE,
             state: InviteState::Calling,
             auth_invite: None,
+            auth_header: None,
             retransmit_interval: t1,
             rang: false,
             cancel_wanted: None,
@@ -810,20 +835,28 @@ impl<R: RngCore> Endpoint<R> {
             }
             // The 200 (or anything) for a second leg's BYE: nothing waits.
             KIND_BYE_FORK if method == "BYE" => true,
-            KIND_BYE if method == "BYE" => {
-                let t2 = self.cfg.timers.t2;
-                if let Some(c) = self.call_mut(handle) {
-                    if let Some(bye) = c.bye.as_mut() {
-                        if code >= 200 {
-                            bye.done = true;
-                        } else {
-                            bye.interval = t2;
-                        }
+            k @ (KIND_BYE | KIND_BYE_AUTH) if method == "BYE" => {
+                let (challenged, creds) = self
+                    .call(handle)
+                    .map(|c| {
+                        let b = c.bye.as_ref().is_some_and(|b| b.challenged);
+                        (b, c.credentials.is_some())
+                    })
+                    .unwrap_or((false, false));
+                if k == KIND_BYE && challenged {
+                    // The first BYE's transaction, replaced by the one with
+                    // credentials: a late copy of its answer changes nothing.
+                } else if k == KIND_BYE && creds && matches!(code, 401 | 407) {
+                    self.bye_auth_retry(now, handle, code, msg);
+                } else if code >= 200 {
+                    // 2xx, or any other final (a second challenge too): no
+                    // more can be done for this BYE.
+                    self.bye_done(handle);
+                } else {
+                    let t2 = self.cfg.timers.t2;
+                    if let Some(bye) = self.call_mut(handle).and_then(|c| c.bye.as_mut()) {
+                        bye.interval = t2;
                     }
-                }
-                if code >= 200 {
-                    self.disarm(handle, Timer::ByeRetransmit);
-                    self.disarm(handle, Timer::ByeTimeout);
                 }
                 true
             }
@@ -929,7 +962,13 @@ impl<R: RngCore> Endpoint<R> {
                     if let Some((dest, ack)) = c.ack_2xx.clone() {
                         self.transmits.push_back(Transmit { dest, payload: ack });
                     }
-                } else if let Some((dest, ack, bye)) = self.dialog_requests(h, msg, KIND_BYE_FORK) {
+                } else if let Some(DialogRequests {
+                    next_hop: dest,
+                    ack,
+                    bye,
+                    ..
+                }) = self.dialog_requests(h, msg, KIND_BYE_FORK)
+                {
                     // Another leg of a forked call answered too (§13.2.2.4:
                     // an ACK for each 2xx): ACK and hang up that dialog as
                     // well. Sent once per 2xx: a leg that missed our ACK
@@ -976,7 +1015,15 @@ impl<R: RngCore> Endpoint<R> {
     /// 2xx: the callee answered before the CANCEL won (or the network gives
     /// false answer supervision). ACK it to the Contact and hang up at once.
     fn on_2xx(&mut self, now: Instant, h: CallHandle, code: u16, msg: &Message<'_>) {
-        let Some((next_hop, ack, bye)) = self.dialog_requests(h, msg, KIND_BYE) else {
+        let Some(DialogRequests {
+            next_hop,
+            ack,
+            bye,
+            target,
+            to,
+            routes,
+        }) = self.dialog_requests(h, msg, KIND_BYE)
+        else {
             return;
         };
         let t1 = self.cfg.timers.t1;
@@ -991,6 +1038,10 @@ impl<R: RngCore> Endpoint<R> {
             interval: t1,
             done: false,
             to_tag,
+            target,
+            to,
+            routes,
+            challenged: false,
         });
         // The CANCEL, if any, no longer matters: the call is up.
         c.cancel = None;
@@ -1028,7 +1079,7 @@ impl<R: RngCore> Endpoint<R> {
         h: CallHandle,
         msg: &Message<'_>,
         bye_kind: u8,
-    ) -> Option<(SocketAddr, Bytes, Bytes)> {
+    ) -> Option<DialogRequests> {
         let mut to = Vec::with_capacity(msg.to.len());
         unfold(msg.to, &mut to);
         // The route set is the Record-Route values, reversed (§12.1.2).
@@ -1064,12 +1115,106 @@ impl<R: RngCore> Endpoint<R> {
         .unwrap_or(trunk);
         let tag = self.tag(h);
         let d = self.dialog(&c.ids, &tag);
-        let ack = self
-            .with_scratch(|out| render::ack(out, &d, target, &ack_branch, c.cseq, &to, &routes));
-        let bye = self.with_scratch(|out| {
-            render::bye(out, &d, target, &bye_branch, c.cseq + 1, &to, &routes)
+        let auth = c.auth_header.as_ref().map(|(n, v)| (*n, &**v));
+        let ack = self.with_scratch(|out| {
+            render::ack(out, &d, target, &ack_branch, c.cseq, &to, &routes, auth)
         });
-        Some((next_hop, ack, bye))
+        let bye = self.with_scratch(|out| {
+            render::bye(out, &d, target, &bye_branch, c.cseq + 1, &to, &routes, None)
+        });
+        Some(DialogRequests {
+            next_hop,
+            ack,
+            bye,
+            target: match target {
+                Target::Uri(u) => Some(u.into()),
+                Target::RequestUri => None,
+            },
+            to: to.into(),
+            routes,
+        })
+    }
+
+    /// A 401/407 to our BYE: the BYE once more with credentials for it,
+    /// CSeq+1 and a new branch (RFC 3261 §22.2). Without a usable
+    /// challenge the BYE is done: nothing more can be sent.
+    fn bye_auth_retry(&mut self, now: Instant, h: CallHandle, code: u16, msg: &Message<'_>) {
+        let wanted = if code == 401 {
+            Name::WwwAuthenticate
+        } else {
+            Name::ProxyAuthenticate
+        };
+        let challenge = digest::choose(
+            msg.values(wanted)
+                .filter_map(|v| std::str::from_utf8(v).ok()),
+        );
+        let cnonce = format!("{:016x}", self.rng.next_u64());
+        let branch = self.branch(h, KIND_BYE_AUTH);
+        let (t1, b) = (self.cfg.timers.t1, self.cfg.timers.b());
+        let tag = self.tag(h);
+        let Some(c) = self.call(h) else { return };
+        let (Some(challenge), Some(creds), Some(bye)) =
+            (challenge, c.credentials.as_ref(), c.bye.as_ref())
+        else {
+            self.bye_done(h);
+            return;
+        };
+        let d = self.dialog(&c.ids, &tag);
+        let target = bye
+            .target
+            .as_deref()
+            .map_or(Target::RequestUri, Target::Uri);
+        let uri = match target {
+            Target::Uri(u) => u.to_string(),
+            Target::RequestUri => render::request_uri_string(&d),
+        };
+        let value = digest::authorization(
+            &challenge,
+            &creds.username,
+            &creds.password,
+            "BYE",
+            &uri,
+            &cnonce,
+            1,
+        );
+        let header = if code == 401 {
+            "Authorization"
+        } else {
+            "Proxy-Authorization"
+        };
+        let payload = self.with_scratch(|out| {
+            render::bye(
+                out,
+                &d,
+                target,
+                &branch,
+                c.cseq + 2,
+                &bye.to,
+                &bye.routes,
+                Some((header, &value)),
+            )
+        });
+        let Some(bye) = self.call_mut(h).and_then(|c| c.bye.as_mut()) else {
+            return;
+        };
+        bye.payload = payload.clone();
+        bye.interval = t1;
+        bye.done = false;
+        bye.challenged = true;
+        let dest = bye.dest;
+        self.transmits.push_back(Transmit { dest, payload });
+        self.arm(h, Timer::ByeRetransmit, now + t1);
+        self.arm(h, Timer::ByeTimeout, now + b);
+        self.arm(h, Timer::Linger, now + b);
+    }
+
+    /// The BYE got its final answer (or can get none): stop sending it.
+    fn bye_done(&mut self, h: CallHandle) {
+        if let Some(bye) = self.call_mut(h).and_then(|c| c.bye.as_mut()) {
+            bye.done = true;
+        }
+        self.disarm(h, Timer::ByeRetransmit);
+        self.disarm(h, Timer::ByeTimeout);
     }
 
     /// 401/407: ACK the challenge, then one new INVITE with credentials,
@@ -1137,6 +1282,7 @@ impl<R: RngCore> Endpoint<R> {
         c.state = InviteState::Calling;
         c.retransmit_interval = t1;
         c.auth_invite = Some(invite.clone());
+        c.auth_header = Some((header, value.into()));
         self.transmits.push_back(Transmit {
             dest: trunk,
             payload: invite,
@@ -1358,8 +1504,9 @@ impl<R: RngCore> Endpoint<R> {
         let branch = self.branch(h, kind);
         let tag = self.tag(h);
         let d = self.dialog(ids, &tag);
-        let payload = self
-            .with_scratch(|out| render::ack(out, &d, Target::RequestUri, &branch, cseq, to, &[]));
+        let payload = self.with_scratch(|out| {
+            render::ack(out, &d, Target::RequestUri, &branch, cseq, to, &[], None)
+        });
         let dest = self.trunk_addr(ids);
         self.transmits.push_back(Transmit { dest, payload });
     }
@@ -1449,6 +1596,7 @@ impl<R: RngCore> Endpoint<R> {
             invite_kind: t.invite_kind,
             state: InviteState::Completed,
             auth_invite: None,
+            auth_header: None,
             retransmit_interval: self.cfg.timers.t1,
             rang: false,
             cancel_wanted: None,

@@ -924,3 +924,96 @@ fn a_queued_180_counts_its_wait_in_the_cancel_delay() {
     assert_eq!(r[0].post_dial_delay(), Some(ms(5)));
     assert_eq!(r[0].cancel_delay(), Some(ms(0)));
 }
+
+/// The value of header `name` in a request we sent.
+fn header_of(t: &Transmit, name: &str) -> Option<String> {
+    Message::parse(&t.payload)
+        .unwrap()
+        .headers()
+        .find(|(_, raw, _)| raw.eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, _, v)| std::str::from_utf8(v).unwrap().to_string())
+}
+
+/// An authenticated trunk whose callee answers: the ACK for the 2xx
+/// carries the INVITE's credentials (RFC 3261 §13.2.2.4), and a 407 to
+/// our BYE is answered once with a BYE of its own digest (method BYE, the
+/// Contact as uri), CSeq+1 and a new branch, retransmitted until its 200.
+/// Before, the ACK had no credentials and the challenged BYE was taken as
+/// final: the call stayed up (and billed) until the far end gave up.
+#[test]
+fn an_answered_authenticated_call_acks_with_credentials_and_answers_a_bye_challenge() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    let mut req = request(0, 15_000);
+    req.credentials = Some(Credentials {
+        username: "trunkuser".into(),
+        password: "s3cret".into(),
+    });
+    ep.start_call(t0, req);
+    let invite = drain(&mut ep).remove(0);
+    let challenge = "Digest realm=\"carrier\", nonce=\"n1\", qop=\"auth\", algorithm=SHA-256";
+    feed(
+        &mut ep,
+        t0 + ms(10),
+        &reply(&invite, 407, &[("Proxy-Authenticate", challenge)]),
+    );
+    let out = drain(&mut ep);
+    let invite2 = out[1].clone();
+    let invite_auth = header_of(&invite2, "Proxy-Authorization").expect("credentials");
+    let ok = reply(&invite2, 200, &[("Contact", "<sip:callee@127.0.0.1:5080>")]);
+    feed(&mut ep, t0 + ms(20), &ok);
+    let out = drain(&mut ep);
+    assert_eq!(out.iter().map(method).collect::<Vec<_>>(), ["ACK", "BYE"]);
+    assert_eq!(
+        header_of(&out[0], "Proxy-Authorization").as_deref(),
+        Some(invite_auth.as_str()),
+        "the 2xx ACK carries the INVITE's credentials"
+    );
+    let bye1 = out[1].clone();
+    assert_eq!(header_of(&bye1, "Proxy-Authorization"), None);
+
+    // The BYE is challenged.
+    let bye_challenge = "Digest realm=\"carrier\", nonce=\"n2\", qop=\"auth\", algorithm=SHA-256";
+    let c407 = reply(&bye1, 407, &[("Proxy-Authenticate", bye_challenge)]);
+    feed(&mut ep, t0 + ms(30), &c407);
+    let out = drain(&mut ep);
+    assert_eq!(out.iter().map(method).collect::<Vec<_>>(), ["BYE"]);
+    let bye2 = out[0].clone();
+    let (m1, m2) = (
+        Message::parse(&bye1.payload).unwrap(),
+        Message::parse(&bye2.payload).unwrap(),
+    );
+    assert_eq!(m2.cseq.number, m1.cseq.number + 1);
+    assert_ne!(m2.top_via_branch, m1.top_via_branch);
+    assert_eq!(m2.to_tag, m1.to_tag);
+    assert_eq!(bye2.dest, bye1.dest);
+    let auth = header_of(&bye2, "Proxy-Authorization").expect("BYE credentials");
+    let cnonce = auth
+        .split("cnonce=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let ch = super::digest::Challenge::parse(bye_challenge).unwrap();
+    let expected = super::digest::response(
+        &ch,
+        "trunkuser",
+        "s3cret",
+        "BYE",
+        "sip:callee@127.0.0.1:5080",
+        cnonce,
+        1,
+    );
+    assert!(auth.contains(&format!("response=\"{expected}\"")), "{auth}");
+    // A retransmitted 407 of the first BYE changes nothing; the new BYE
+    // follows Timer E until its 200, then nothing more is sent.
+    feed(&mut ep, t0 + ms(40), &c407);
+    assert!(drain(&mut ep).is_empty());
+    let sent = run_until(&mut ep, t0, ms(600));
+    assert_eq!(sent, [(ms(530), "BYE".into())]);
+    feed(&mut ep, t0 + ms(600), &reply(&bye2, 200, &[]));
+    assert!(run_until(&mut ep, t0, Duration::from_secs(40))
+        .iter()
+        .all(|(_, m)| m != "BYE"));
+}

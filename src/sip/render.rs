@@ -239,8 +239,9 @@ pub fn ack(
     cseq: u32,
     to: &[u8],
     routes: &[String],
+    auth: Option<(&str, &str)>,
 ) -> Bytes {
-    in_dialog(out, d, "ACK", target, branch, cseq, to, routes)
+    in_dialog(out, d, "ACK", target, branch, cseq, to, routes, auth)
 }
 
 /// BYE for a call that was answered before the CANCEL won.
@@ -252,8 +253,9 @@ pub fn bye(
     cseq: u32,
     to: &[u8],
     routes: &[String],
+    auth: Option<(&str, &str)>,
 ) -> Bytes {
-    in_dialog(out, d, "BYE", target, branch, cseq, to, routes)
+    in_dialog(out, d, "BYE", target, branch, cseq, to, routes, auth)
 }
 
 // Private: `ack` and `bye` name each part; a struct would only move the list.
@@ -267,15 +269,20 @@ fn in_dialog(
     cseq: u32,
     to: &[u8],
     routes: &[String],
+    auth: Option<(&str, &str)>,
 ) -> Bytes {
     let target_len = match target {
         Target::RequestUri => 0,
         Target::Uri(u) => u.len(),
     };
     let routes_len: usize = routes.iter().map(|r| r.len() + 9).sum();
+    let auth_len = auth.map_or(0, |(n, v)| n.len() + v.len() + 4);
     let buf = start(
         out,
-        capacity(d, branch.len() + target_len + to.len() + routes_len),
+        capacity(
+            d,
+            branch.len() + target_len + to.len() + routes_len + auth_len,
+        ),
     );
     head(buf, method, target, d, branch);
     buf.put_slice(b"To: ");
@@ -287,6 +294,12 @@ fn in_dialog(
         buf.put_slice(b"\r\n");
     }
     tail(buf, d, cseq, method);
+    if let Some((name, value)) = auth {
+        buf.put_slice(name.as_bytes());
+        buf.put_slice(b": ");
+        buf.put_slice(value.as_bytes());
+        buf.put_slice(b"\r\n");
+    }
     buf.put_slice(b"Content-Length: 0\r\n\r\n");
     Bytes::copy_from_slice(buf)
 }
@@ -431,6 +444,7 @@ mod tests {
             1,
             b"<sip:x>;tag=t",
             &routes,
+            None,
         );
         assert_eq!(
             std::str::from_utf8(&a).unwrap(),
