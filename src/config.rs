@@ -771,6 +771,15 @@ impl Config {
         if !(1..=8).contains(&self.pool.code_length) {
             return bad("pool.code_length", "must be 1 to 8 digits");
         }
+        // The pool keeps cooldowns in 30 bits of milliseconds (about 12.4
+        // days); a longer one was cut to that without a word.
+        let max_cooldown = crate::pool::MAX_COOLDOWN.as_millis() as u64;
+        if self.pool.number_cooldown_ms > max_cooldown {
+            return bad(
+                "pool.number_cooldown_ms",
+                &format!("must be at most {max_cooldown} (about 12 days)"),
+            );
+        }
         let v = &self.verification;
         if v.ttl_secs == 0 {
             return bad("verification.ttl_secs", "must be > 0");
@@ -1096,6 +1105,10 @@ mod tests {
             (
                 "[verification]\nmax_ttl_secs = 86401",
                 "verification.max_ttl_secs",
+            ),
+            (
+                "[pool]\nnumber_cooldown_ms = 1073741825",
+                "pool.number_cooldown_ms",
             ),
             (
                 "[verification]\nallow_prefixes = [\"44\"]",

@@ -231,8 +231,11 @@ impl CallReport {
         self.ringing_at.map(|r| r - self.invited_at)
     }
     /// 180/183 received -> CANCEL sent.
+    /// 180/183 -> CANCEL; `None` when the CANCEL came first (a call
+    /// cancelled for `no_ringing` that rang late has no such delay: a 0
+    /// in the histogram would flatter it).
     pub fn cancel_delay(&self) -> Option<Duration> {
-        Some(self.cancel_at? - self.ringing_at?)
+        self.cancel_at?.checked_duration_since(self.ringing_at?)
     }
 }
 

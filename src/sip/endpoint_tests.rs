@@ -1017,3 +1017,23 @@ fn an_answered_authenticated_call_acks_with_credentials_and_answers_a_bye_challe
         .iter()
         .all(|(_, m)| m != "BYE"));
 }
+
+/// A call cancelled for `no_ringing` that then rings has no 180 -> CANCEL
+/// delay (the CANCEL came first): `None`, not a 0 that would pull the
+/// cancel-delay histogram down.
+#[test]
+fn a_cancel_before_the_ringing_has_no_cancel_delay() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(0, 1_000));
+    let invite = drain(&mut ep).remove(0);
+    feed(&mut ep, t0 + ms(10), &reply(&invite, 100, &[]));
+    let sent = run_until(&mut ep, t0, ms(1_000));
+    assert!(sent.contains(&(ms(1_000), "CANCEL".into())), "{sent:?}");
+    feed(&mut ep, t0 + ms(1_100), &reply(&invite, 180, &[]));
+    feed(&mut ep, t0 + ms(1_120), &reply(&invite, 487, &[]));
+    let r = ended(&mut ep);
+    assert_eq!(r[0].outcome, Outcome::NoRinging);
+    assert!(r[0].ringing_at.is_some(), "the late 180 is recorded");
+    assert_eq!(r[0].cancel_delay(), None);
+}
