@@ -1138,20 +1138,30 @@ impl<R: RngCore> Endpoint<R> {
         })
     }
 
-    /// A 401/407 to our BYE: the BYE once more with credentials for it,
-    /// CSeq+1 and a new branch (RFC 3261 §22.2). Without a usable
-    /// challenge the BYE is done: nothing more can be sent.
-    fn bye_auth_retry(&mut self, now: Instant, h: CallHandle, code: u16, msg: &Message<'_>) {
-        let wanted = if code == 401 {
-            Name::WwwAuthenticate
+    /// What a 401/407 asks for: its strongest usable challenge, a fresh
+    /// cnonce, and the header our credentials go in.
+    fn challenge(
+        &mut self,
+        code: u16,
+        msg: &Message<'_>,
+    ) -> (Option<digest::Challenge>, String, &'static str) {
+        let (wanted, header) = if code == 401 {
+            (Name::WwwAuthenticate, "Authorization")
         } else {
-            Name::ProxyAuthenticate
+            (Name::ProxyAuthenticate, "Proxy-Authorization")
         };
         let challenge = digest::choose(
             msg.values(wanted)
                 .filter_map(|v| std::str::from_utf8(v).ok()),
         );
-        let cnonce = format!("{:016x}", self.rng.next_u64());
+        (challenge, format!("{:016x}", self.rng.next_u64()), header)
+    }
+
+    /// A 401/407 to our BYE: the BYE once more with credentials for it,
+    /// CSeq+1 and a new branch (RFC 3261 §22.2). Without a usable
+    /// challenge the BYE is done: nothing more can be sent.
+    fn bye_auth_retry(&mut self, now: Instant, h: CallHandle, code: u16, msg: &Message<'_>) {
+        let (challenge, cnonce, header) = self.challenge(code, msg);
         let branch = self.branch(h, KIND_BYE_AUTH);
         let (t1, b) = (self.cfg.timers.t1, self.cfg.timers.b());
         let tag = self.tag(h);
@@ -1180,11 +1190,6 @@ impl<R: RngCore> Endpoint<R> {
             &cnonce,
             1,
         );
-        let header = if code == 401 {
-            "Authorization"
-        } else {
-            "Proxy-Authorization"
-        };
         let payload = self.with_scratch(|out| {
             render::bye(
                 out,
@@ -1223,16 +1228,7 @@ impl<R: RngCore> Endpoint<R> {
     /// 401/407: ACK the challenge, then one new INVITE with credentials,
     /// CSeq+1 and a new branch (RFC 3261 §22.2).
     fn auth_retry(&mut self, now: Instant, h: CallHandle, code: u16, msg: &Message<'_>) {
-        let wanted = if code == 401 {
-            Name::WwwAuthenticate
-        } else {
-            Name::ProxyAuthenticate
-        };
-        let challenge = digest::choose(
-            msg.values(wanted)
-                .filter_map(|v| std::str::from_utf8(v).ok()),
-        );
-        let cnonce = format!("{:016x}", self.rng.next_u64());
+        let (challenge, cnonce, header) = self.challenge(code, msg);
         let t1 = self.cfg.timers.t1;
         let Some(c) = self.call(h) else { return };
         let cseq = c.cseq;
@@ -1248,11 +1244,6 @@ impl<R: RngCore> Endpoint<R> {
         };
         // From here on the old branch only re-ACKs.
         c.invite_kind = KIND_INVITE_AUTH;
-        let header = if code == 401 {
-            "Authorization"
-        } else {
-            "Proxy-Authorization"
-        };
         let Some(c) = self.call(h) else { return };
         let Some(creds) = c.credentials.as_ref() else {
             return;

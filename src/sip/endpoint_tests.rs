@@ -40,6 +40,18 @@ fn request(ring_ms: u64, ring_timeout_ms: u64) -> CallRequest {
     }
 }
 
+/// [`request`] (no ring hold, 15 s ring timeout) to a trunk that asks for
+/// digest credentials.
+fn with_credentials(username: &str, password: &str) -> CallRequest {
+    CallRequest {
+        credentials: Some(Credentials {
+            username: username.into(),
+            password: password.into(),
+        }),
+        ..request(0, 15_000)
+    }
+}
+
 fn drain(ep: &mut Endpoint<StdRng>) -> Vec<Transmit> {
     std::iter::from_fn(|| ep.poll_transmit()).collect()
 }
@@ -543,12 +555,7 @@ fn shutdown_cancels_a_ringing_call() {
 fn proxy_challenge_is_answered_once_with_digest_and_cancel_uses_the_new_branch() {
     let mut ep = endpoint();
     let t0 = Instant::now();
-    let mut req = request(0, 15_000);
-    req.credentials = Some(Credentials {
-        username: "trunkuser".into(),
-        password: "s3cret".into(),
-    });
-    ep.start_call(t0, req);
+    ep.start_call(t0, with_credentials("trunkuser", "s3cret"));
     let invite = drain(&mut ep).remove(0);
     let challenge = "Digest realm=\"carrier\", nonce=\"abc123\", qop=\"auth\", algorithm=SHA-256";
     let first = reply(
@@ -578,27 +585,13 @@ fn proxy_challenge_is_answered_once_with_digest_and_cancel_uses_the_new_branch()
     assert_eq!(i2.cseq.number, i1.cseq.number + 1);
     assert_eq!(i2.call_id, i1.call_id);
     assert_eq!(i2.from, i1.from);
-    let auth = i2
-        .headers()
-        .find(|(_, raw, _)| raw.eq_ignore_ascii_case(b"Proxy-Authorization"))
-        .map(|(_, _, v)| std::str::from_utf8(v).unwrap().to_string())
-        .expect("Proxy-Authorization");
+    let auth = header_of(&out[1], "Proxy-Authorization").expect("Proxy-Authorization");
     assert!(auth.contains("algorithm=SHA-256"), "{auth}");
-    // Recompute the expected response from the cnonce we sent.
-    let cnonce = auth
-        .split("cnonce=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap();
     let uri = match i2.start {
         StartLine::Request { uri, .. } => uri,
         _ => unreachable!(),
     };
-    let ch = super::digest::Challenge::parse(challenge).unwrap();
-    let expected = super::digest::response(&ch, "trunkuser", "s3cret", "INVITE", uri, cnonce, 1);
-    assert!(auth.contains(&format!("response=\"{expected}\"")), "{auth}");
+    assert_digest(&auth, challenge, "INVITE", uri);
 
     // The 407 retransmitted: ACKed again, no third INVITE.
     feed(&mut ep, t0 + ms(20), &first);
@@ -621,12 +614,7 @@ fn proxy_challenge_is_answered_once_with_digest_and_cancel_uses_the_new_branch()
 fn a_second_challenge_ends_the_call() {
     let mut ep = endpoint();
     let t0 = Instant::now();
-    let mut req = request(0, 15_000);
-    req.credentials = Some(Credentials {
-        username: "u".into(),
-        password: "p".into(),
-    });
-    ep.start_call(t0, req);
+    ep.start_call(t0, with_credentials("u", "p"));
     let invite = drain(&mut ep).remove(0);
     let ch = [("WWW-Authenticate", "Digest realm=\"r\", nonce=\"n\"")];
     feed(&mut ep, t0, &reply(&invite, 401, &ch));
@@ -804,12 +792,7 @@ fn a_2xx_from_a_forked_leg_after_the_487_is_acked_and_hung_up() {
 fn tombstone_after_a_digest_retry_acks_both_finals() {
     let mut ep = endpoint();
     let t0 = Instant::now();
-    let mut req = request(0, 15_000);
-    req.credentials = Some(Credentials {
-        username: "u".into(),
-        password: "p".into(),
-    });
-    ep.start_call(t0, req);
+    ep.start_call(t0, with_credentials("u", "p"));
     let invite = drain(&mut ep).remove(0);
     let ch = [("Proxy-Authenticate", "Digest realm=\"r\", nonce=\"n\"")];
     let r407 = reply(&invite, 407, &ch);
@@ -925,6 +908,20 @@ fn a_queued_180_counts_its_wait_in_the_cancel_delay() {
     assert_eq!(r[0].cancel_delay(), Some(ms(0)));
 }
 
+/// `auth` (credentials we sent for trunkuser / s3cret) answers
+/// `challenge` for `method` on `uri`: the response recomputed from the
+/// cnonce it carries.
+fn assert_digest(auth: &str, challenge: &str, method: &str, uri: &str) {
+    let cnonce = auth
+        .split("cnonce=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("a cnonce");
+    let ch = super::digest::Challenge::parse(challenge).unwrap();
+    let expected = super::digest::response(&ch, "trunkuser", "s3cret", method, uri, cnonce, 1);
+    assert!(auth.contains(&format!("response=\"{expected}\"")), "{auth}");
+}
+
 /// The value of header `name` in a request we sent.
 fn header_of(t: &Transmit, name: &str) -> Option<String> {
     Message::parse(&t.payload)
@@ -944,12 +941,7 @@ fn header_of(t: &Transmit, name: &str) -> Option<String> {
 fn an_answered_authenticated_call_acks_with_credentials_and_answers_a_bye_challenge() {
     let mut ep = endpoint();
     let t0 = Instant::now();
-    let mut req = request(0, 15_000);
-    req.credentials = Some(Credentials {
-        username: "trunkuser".into(),
-        password: "s3cret".into(),
-    });
-    ep.start_call(t0, req);
+    ep.start_call(t0, with_credentials("trunkuser", "s3cret"));
     let invite = drain(&mut ep).remove(0);
     let challenge = "Digest realm=\"carrier\", nonce=\"n1\", qop=\"auth\", algorithm=SHA-256";
     feed(
@@ -988,24 +980,7 @@ fn an_answered_authenticated_call_acks_with_credentials_and_answers_a_bye_challe
     assert_eq!(m2.to_tag, m1.to_tag);
     assert_eq!(bye2.dest, bye1.dest);
     let auth = header_of(&bye2, "Proxy-Authorization").expect("BYE credentials");
-    let cnonce = auth
-        .split("cnonce=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap();
-    let ch = super::digest::Challenge::parse(bye_challenge).unwrap();
-    let expected = super::digest::response(
-        &ch,
-        "trunkuser",
-        "s3cret",
-        "BYE",
-        "sip:callee@127.0.0.1:5080",
-        cnonce,
-        1,
-    );
-    assert!(auth.contains(&format!("response=\"{expected}\"")), "{auth}");
+    assert_digest(&auth, bye_challenge, "BYE", "sip:callee@127.0.0.1:5080");
     // A retransmitted 407 of the first BYE changes nothing; the new BYE
     // follows Timer E until its 200, then nothing more is sent.
     feed(&mut ep, t0 + ms(40), &c407);
