@@ -220,7 +220,9 @@ impl udp::App for Dialer<'_> {
     fn on_event(&mut self, _ep: &mut Endpoint<StdRng>, event: Event) {
         match event {
             Event::Response { .. } => self.any_response = true,
-            Event::Ringing { .. } => {}
+            // A load tool keeps its pace: a trunk's request for rest is
+            // for the operator to read in the outcomes (trunk_error).
+            Event::Ringing { .. } | Event::TrunkRetryAfter { .. } => {}
             Event::Ended(r) => {
                 self.ended += 1;
                 *self.outcomes.entry(r.outcome.as_str()).or_default() += 1;

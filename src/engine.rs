@@ -290,6 +290,14 @@ impl Driver {
         }
     }
 
+    /// Trunk `t` gets no INVITE for `secs` from `from` (its 503 asked, or
+    /// a streak of them: see PLAIN_503_STREAK); creates meanwhile get 503.
+    fn rest_trunk(&self, t: usize, from: Instant, secs: u32) {
+        let until = self.wall(from) + i64::from(secs) * 1000;
+        self.shared.backoff_until_ms[t].fetch_max(until, Ordering::AcqRel);
+        tracing::warn!(trunk = %self.shared.trunks[t].name, secs, "trunk answered 503: backing off");
+    }
+
     fn start(&mut self, now: Instant, ep: &mut Endpoint<StdRng>, cmd: CallCmd) {
         self.shared.dequeued(cmd.trunk);
         let shared = self.shared.clone();
@@ -484,6 +492,12 @@ impl udp::App for Driver {
                 }
             }
             Event::Ringing { .. } => {}
+            Event::TrunkRetryAfter { trunk, secs } => {
+                if let Some(t) = self.shared.trunks.iter().position(|x| x.addr == trunk) {
+                    let now = Instant::now();
+                    self.rest_trunk(t, now, secs);
+                }
+            }
             Event::Ended(r) => {
                 let Some(a) = self.calls.remove(&r.tag) else {
                     return;
@@ -523,9 +537,7 @@ impl udp::App for Driver {
                     }
                 };
                 if let Some(secs) = rest {
-                    let until = self.wall(r.ended_at) + i64::from(secs) * 1000;
-                    self.shared.backoff_until_ms[a.trunk].fetch_max(until, Ordering::AcqRel);
-                    tracing::warn!(trunk = %self.shared.trunks[a.trunk].name, secs, "trunk answered 503: backing off");
+                    self.rest_trunk(a.trunk, r.ended_at, secs);
                 }
                 let record = CallRecord {
                     trunk: self.shared.trunks[a.trunk].name.clone(),

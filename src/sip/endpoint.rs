@@ -256,6 +256,11 @@ pub enum Event {
     },
     /// The call's outcome; emitted once per call.
     Ended(CallReport),
+    /// A 503 with Retry-After for a call that already had its outcome
+    /// (Timer B gave `timeout`, then the slow trunk's 503 came): the trunk
+    /// still asks for that much rest (RFC 3261 §21.5.4), which the outcome
+    /// could no longer carry.
+    TrunkRetryAfter { trunk: SocketAddr, secs: u32 },
 }
 
 /// A datagram to send.
@@ -1515,6 +1520,11 @@ impl<R: RngCore> Endpoint<R> {
     ) {
         let Some(c) = self.call(h) else { return };
         if c.ended {
+            if let Some(secs) = retry_after {
+                let trunk = self.trunk_addr(&c.ids);
+                self.events
+                    .push_back(Event::TrunkRetryAfter { trunk, secs });
+            }
             return;
         }
         let report = CallReport {

@@ -1012,3 +1012,34 @@ fn a_cancel_before_the_ringing_has_no_cancel_delay() {
     assert!(r[0].ringing_at.is_some(), "the late 180 is recorded");
     assert_eq!(r[0].cancel_delay(), None);
 }
+
+/// A slow trunk's 503 with Retry-After after Timer B already gave the
+/// call `timeout`: ACKed, no second outcome, and the trunk's request for
+/// rest still reaches the driver (it was dropped with the late final).
+#[test]
+fn a_503_after_timer_b_still_asks_for_the_trunks_rest() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(0, 60_000));
+    let invite = drain(&mut ep).remove(0);
+    run_until(&mut ep, t0, Duration::from_secs(32));
+    assert_eq!(ended(&mut ep)[0].outcome, Outcome::Timeout);
+    feed(
+        &mut ep,
+        t0 + Duration::from_secs(33),
+        &reply(&invite, 503, &[("Retry-After", "30")]),
+    );
+    assert_eq!(
+        drain(&mut ep).iter().map(method).collect::<Vec<_>>(),
+        ["ACK"]
+    );
+    let evs = events(&mut ep);
+    assert!(
+        evs.contains(&Event::TrunkRetryAfter {
+            trunk: TRUNK.parse().unwrap(),
+            secs: 30
+        }),
+        "{evs:?}"
+    );
+    assert!(!evs.iter().any(|e| matches!(e, Event::Ended(_))), "{evs:?}");
+}
