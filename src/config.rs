@@ -625,10 +625,11 @@ impl Config {
             .map_err(|e| ConfigError::Parse(path.to_path_buf(), one_line(text, &e)))?;
         cfg.sandbox.enabled = cfg.sandbox.enabled_set.unwrap_or(cfg.trunks.is_empty());
         // No `[[projects]]`: SPEC §2's demo project, so a config that names
-        // only what it changes still serves; only on a loopback listen (a
-        // well-known secret must not answer the network: `validate`), and
-        // `serve` warns about it.
-        if cfg.projects.is_empty() && cfg.http.listen.ip().is_loopback() {
+        // only what it changes still serves; only with the sandbox (a
+        // well-known secret must never place real, billed calls, and a
+        // loopback listen may still sit behind a proxy) and on a loopback
+        // listen; `serve` warns about it.
+        if cfg.projects.is_empty() && cfg.http.listen.ip().is_loopback() && cfg.sandbox.enabled {
             cfg.projects.push(ProjectConfig {
                 login: DEMO_LOGIN.into(),
                 secret: Some("demo-secret".into()),
@@ -832,7 +833,7 @@ impl Config {
         if self.projects.is_empty() {
             return bad(
                 "projects",
-                "at least one [[projects]] entry is needed (the built-in demo project serves only on a loopback http.listen)",
+                "at least one [[projects]] entry is needed (the built-in demo project serves only the sandbox, on a loopback http.listen)",
             );
         }
         let mut logins = std::collections::HashSet::new();
@@ -1007,14 +1008,21 @@ mod tests {
         assert_eq!(c.projects[0].login, DEMO_LOGIN);
         assert_eq!(c.projects[0].secret.as_deref(), Some("demo-secret"));
         assert_eq!(c.projects[0].senders[0].code, "DEMO");
-        let c = parse("[[trunks]]\naddress = \"127.0.0.1:15070\"\n").unwrap();
+        // Real trunks and no projects: no demo login that places real calls.
+        let e = parse("[[trunks]]\naddress = \"127.0.0.1:15070\"\n").unwrap_err();
+        assert!(e.contains("projects") && e.contains("sandbox"), "{e}");
+        let p = "[[projects]]\nlogin = \"p\"\nsecret = \"s\"\n";
+        let c = parse(&format!("{p}[[trunks]]\naddress = \"127.0.0.1:15070\"\n")).unwrap();
         assert!(!c.sandbox.enabled, "a trunk named: no sandbox");
         assert_eq!(c.trunks[0].name, "main");
         assert_eq!(c.trunks[0].cps, 50);
-        let c = parse("[[trunks]]\n").unwrap();
+        let c = parse(&format!("{p}[[trunks]]\n")).unwrap();
         assert_eq!(c.trunks[0].address, "127.0.0.1:5070");
         // Two unnamed trunks: the default name twice, named as the problem.
-        let e = parse("[[trunks]]\n[[trunks]]\naddress = \"127.0.0.1:5071\"\n").unwrap_err();
+        let e = parse(&format!(
+            "{p}[[trunks]]\n[[trunks]]\naddress = \"127.0.0.1:5071\"\n"
+        ))
+        .unwrap_err();
         assert!(
             e.contains("trunks[1].name") && e.contains("used twice"),
             "{e}"

@@ -250,8 +250,8 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     if cfg.demo_project {
         tracing::warn!(
             "no [[projects]] configured: the built-in demo project is on (login \"demo\", \
-             secret \"demo-secret\", sender DEMO), on this loopback listen only; name your \
-             own [[projects]] for real clients"
+             secret \"demo-secret\", sender DEMO), beside the sandbox on this loopback \
+             listen only; name your own [[projects]] for real clients"
         );
     }
     let projects: Vec<String> = cfg.projects.iter().map(|p| p.login.clone()).collect();
