@@ -223,6 +223,10 @@ pub struct CallReport {
     pub ended_at: Instant,
     /// Retry-After of a 503, for the trunk's back-off.
     pub retry_after: Option<u32>,
+    /// The CANCEL went out because the phone rang (not for the ring
+    /// timeout or a shutdown): only then is 180/183 -> CANCEL the engine's
+    /// reaction time.
+    pub cancelled_for_ringing: bool,
 }
 
 impl CallReport {
@@ -230,11 +234,14 @@ impl CallReport {
     pub fn post_dial_delay(&self) -> Option<Duration> {
         self.ringing_at.map(|r| r - self.invited_at)
     }
-    /// 180/183 received -> CANCEL sent.
-    /// 180/183 -> CANCEL; `None` when the CANCEL came first (a call
-    /// cancelled for `no_ringing` that rang late has no such delay: a 0
-    /// in the histogram would flatter it).
+    /// 180/183 received -> CANCEL sent, for a CANCEL the ringing caused.
+    /// `None` otherwise: a call cancelled for `no_ringing` that rang late
+    /// (the pending CANCEL then goes out at once, or went before) has no
+    /// such delay, and a 0 in the histogram would flatter it.
     pub fn cancel_delay(&self) -> Option<Duration> {
+        if !self.cancelled_for_ringing {
+            return None;
+        }
         self.cancel_at?.checked_duration_since(self.ringing_at?)
     }
 }
@@ -1000,14 +1007,20 @@ impl<R: RngCore> Endpoint<R> {
                 c.state = InviteState::Completed;
                 c.auth_invite = None;
                 // The phone rang and we cancelled: the missed call was shown
-                // (SPEC §4's `delivered`), whatever final the network then
-                // sends. Not only 487: a carrier interworking with ISUP may
-                // close a cancelled call with 480 or 603, and a user who
-                // rejected while our CANCEL was on its way gives 486/603.
-                let outcome = match (code, c.cancel_wanted) {
-                    (_, Some(CancelReason::Rang)) => Outcome::Delivered,
-                    (_, Some(CancelReason::Shutdown)) if c.rang => Outcome::Delivered,
-                    (487, Some(CancelReason::NoRinging)) => Outcome::NoRinging,
+                // (SPEC §4's `delivered`) when the final is one a cancelled
+                // or refused ringing call ends with. Not only 487: a carrier
+                // interworking with ISUP may close a cancelled call with 480
+                // or 603, and a user who rejected while our CANCEL was on
+                // its way gives 486/600/603. Any other final (404 after a
+                // 183 announcing "not in service", a 5xx, a 503) says the
+                // phone never rang, and keeps its own outcome.
+                let closed_by_cancel = matches!(code, 480 | 486 | 487 | 600 | 603);
+                let outcome = match c.cancel_wanted {
+                    Some(CancelReason::Rang) if closed_by_cancel => Outcome::Delivered,
+                    Some(CancelReason::Shutdown) if c.rang && closed_by_cancel => {
+                        Outcome::Delivered
+                    }
+                    Some(CancelReason::NoRinging) if closed_by_cancel => Outcome::NoRinging,
                     _ => Outcome::for_final(code),
                 };
                 let kind = c.invite_kind;
@@ -1539,6 +1552,7 @@ impl<R: RngCore> Endpoint<R> {
             cancel_at: c.cancel_at,
             ended_at: now,
             retry_after,
+            cancelled_for_ringing: c.cancel_wanted == Some(CancelReason::Rang),
         };
         if let Some(c) = self.call_mut(h) {
             c.ended = true;

@@ -642,12 +642,21 @@ fn call_to_487(ep: &mut Endpoint<StdRng>, t0: Instant) -> (Transmit, Transmit, V
 }
 
 /// SPEC §4: `delivered` = the phone rang and the call was cancelled. A
-/// cancelled call that rang is delivered whatever final closes it (the
-/// final is still ACKed in the transaction and its code reported), while
-/// the same finals with no CANCEL of ours keep their own outcomes.
+/// cancelled call that rang is delivered when a final that closes a
+/// cancelled or refused ringing call follows (487, or 480/486/600/603 from
+/// carriers and users), ACKed and its code reported; a final that says the
+/// phone never rang (404 after a 183 announcement, a 5xx) keeps its own
+/// outcome, and so do these finals with no CANCEL of ours.
 #[test]
-fn a_rung_and_cancelled_call_is_delivered_whatever_its_final() {
-    for code in [480u16, 486, 500, 603] {
+fn a_rung_and_cancelled_call_is_delivered_by_the_finals_that_close_one() {
+    for (code, want) in [
+        (480u16, Outcome::Delivered),
+        (486, Outcome::Delivered),
+        (603, Outcome::Delivered),
+        (404, Outcome::InvalidNumber),
+        (500, Outcome::Failed),
+        (503, Outcome::TrunkError),
+    ] {
         let mut ep = endpoint();
         let t0 = Instant::now();
         ep.start_call(t0, request(0, 15_000));
@@ -664,7 +673,7 @@ fn a_rung_and_cancelled_call_is_delivered_whatever_its_final() {
             "{code}"
         );
         let r = ended(&mut ep);
-        assert_eq!(r[0].outcome, Outcome::Delivered, "{code}");
+        assert_eq!(r[0].outcome, want, "{code}");
         assert_eq!(r[0].sip_code, Some(code));
     }
     // The same final during a ring hold (no CANCEL sent yet) is the
@@ -1010,6 +1019,21 @@ fn a_cancel_before_the_ringing_has_no_cancel_delay() {
     let r = ended(&mut ep);
     assert_eq!(r[0].outcome, Outcome::NoRinging);
     assert!(r[0].ringing_at.is_some(), "the late 180 is recorded");
+    assert_eq!(r[0].cancel_delay(), None);
+
+    // The ring timeout before any provisional: the CANCEL waits, and the
+    // late 180 sends it at once. Still no cancel delay (it was ~0), and a
+    // 480 closing it is still `no_ringing`.
+    let mut ep = endpoint();
+    ep.start_call(t0, request(0, 1_000));
+    let invite = drain(&mut ep).remove(0);
+    run_until(&mut ep, t0, ms(1_000));
+    feed(&mut ep, t0 + ms(1_100), &reply(&invite, 180, &[]));
+    assert!(drain(&mut ep).iter().any(|t| method(t) == "CANCEL"));
+    feed(&mut ep, t0 + ms(1_120), &reply(&invite, 480, &[]));
+    let r = ended(&mut ep);
+    assert_eq!(r[0].outcome, Outcome::NoRinging);
+    assert!(r[0].cancel_at >= r[0].ringing_at);
     assert_eq!(r[0].cancel_delay(), None);
 }
 
