@@ -278,6 +278,12 @@ struct Driver {
 /// each one refused every create for 5 s because one destination's route
 /// was busy. A trunk that answers everything 503 still gets rest.
 const PLAIN_503_STREAK: u32 = 5;
+/// The longest rest after a 503 that the calls already queued for the
+/// trunk wait out; past it they end unplaced (see `Driver::poll`).
+const QUEUE_HOLD_MAX_MS: i64 = 10_000;
+/// Retry-After is honoured up to an hour: a larger value (or a garbled
+/// one near u32::MAX) would take the trunk out for days.
+const RETRY_AFTER_MAX_SECS: u32 = 3_600;
 const PLAIN_503_BACKOFF_SECS: u32 = 5;
 
 impl Driver {
@@ -293,6 +299,7 @@ impl Driver {
     /// Trunk `t` gets no INVITE for `secs` from `from` (its 503 asked, or
     /// a streak of them: see PLAIN_503_STREAK); creates meanwhile get 503.
     fn rest_trunk(&self, t: usize, from: Instant, secs: u32) {
+        let secs = secs.min(RETRY_AFTER_MAX_SECS);
         let until = self.wall(from) + i64::from(secs) * 1000;
         self.shared.backoff_until_ms[t].fetch_max(until, Ordering::AcqRel);
         tracing::warn!(trunk = %self.shared.trunks[t].name, secs, "trunk answered 503: backing off");
@@ -362,39 +369,44 @@ impl Driver {
     /// closed the same way, and the memory store lost them.
     fn close_unplaced(&mut self) {
         for t in 0..self.queues.len() {
-            let trunk = self.shared.trunks[t].name.clone();
-            while let Some(cmd) = self.queues[t].pop_front() {
-                self.shared.dequeued(t);
-                let mut before = Status::Pending;
-                let closed = self.store.update_status(&cmd.id, &mut |v| {
-                    before = v.status;
-                    if matches!(v.status, Status::Pending | Status::Calling) {
-                        v.call_ended(
-                            Outcome::Interrupted,
-                            // Never invited: no call times, as the next
-                            // start's recovery writes them.
-                            CallRecord {
-                                trunk: trunk.clone(),
-                                ..Default::default()
-                            },
-                        );
-                    }
-                });
-                match closed {
-                    Ok(Some(status)) if status != before => {
-                        self.trunk_metrics[t]
-                            .call(Outcome::Interrupted)
-                            .increment(1);
-                        m::verification(&cmd.project, status);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::error!(id = %cmd.id, error = %e, "store update failed; an unplaced call was not closed")
-                    }
+            self.close_queued(t, Outcome::Interrupted);
+        }
+    }
+
+    /// Closes the calls queued for trunk `t` unplaced, with `outcome`:
+    /// each verification becomes `failed`, with no call times (never
+    /// invited), its status change and webhook event written as any other.
+    fn close_queued(&mut self, t: usize, outcome: Outcome) {
+        let trunk = self.shared.trunks[t].name.clone();
+        while let Some(cmd) = self.queues[t].pop_front() {
+            self.shared.dequeued(t);
+            let mut before = Status::Pending;
+            let closed = self.store.update_status(&cmd.id, &mut |v| {
+                before = v.status;
+                if matches!(v.status, Status::Pending | Status::Calling) {
+                    v.call_ended(
+                        outcome,
+                        // Never invited: no call times, as the next
+                        // start's recovery writes them.
+                        CallRecord {
+                            trunk: trunk.clone(),
+                            ..Default::default()
+                        },
+                    );
+                }
+            });
+            match closed {
+                Ok(Some(status)) if status != before => {
+                    self.trunk_metrics[t].call(outcome).increment(1);
+                    m::verification(&cmd.project, status);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(id = %cmd.id, error = %e, "store update failed; an unplaced call was not closed")
                 }
             }
-            self.trunk_metrics[t].queue.set(0.0);
         }
+        self.trunk_metrics[t].queue.set(0.0);
     }
 }
 
@@ -446,6 +458,20 @@ impl udp::App for Driver {
             // they wait in its queue (creates meanwhile get 503 from
             // `reserve`), and one that expires meanwhile rings no one.
             let back_at = self.shared.backoff_until_ms[t].load(Ordering::Acquire);
+            if back_at > now_ms + QUEUE_HOLD_MAX_MS && !self.queues[t].is_empty() {
+                // A long rest (maintenance): the callers have been told 201
+                // and wait for a call; holding them past this would let
+                // their codes expire unseen. They end now as `trunk_error`
+                // (never invited), and a client's retry goes to a trunk
+                // that takes calls, or gets 503 with the Retry-After.
+                tracing::warn!(
+                    trunk = %self.shared.trunks[t].name,
+                    queued = self.queues[t].len(),
+                    "trunk resting after 503: its queued calls end unplaced as trunk_error"
+                );
+                self.close_queued(t, Outcome::TrunkError);
+                continue;
+            }
             if back_at > now_ms && !self.queues[t].is_empty() {
                 let wait = u64::try_from(back_at - now_ms).unwrap_or(0);
                 let at = now + Duration::from_millis(wait);

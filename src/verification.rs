@@ -364,7 +364,9 @@ impl Verification {
             code: self.client_code.then_some(self.code.as_str()),
             attempts_left: full.then_some(self.attempts_left),
             call: full.then(|| {
-                c.invited_at_ms.is_some().then(|| CallView {
+                // Once invited, or closed without an INVITE (a shutdown, a
+                // trunk resting after 503): the outcome says why.
+                (c.invited_at_ms.is_some() || c.outcome.is_some()).then(|| CallView {
                     outcome: c.outcome,
                     sip_code: c.sip_code,
                     trunk: &c.trunk,

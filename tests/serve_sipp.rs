@@ -203,6 +203,59 @@ fn a_503_retry_after_holds_the_calls_queued_for_the_trunk() {
     }
 }
 
+/// A long rest (Retry-After 60 s, a trunk in maintenance): the calls
+/// already queued for the trunk are not held for a minute while their
+/// callers wait for a missed call; they end at once as `trunk_error`,
+/// never invited (no SIP code, no INVITE time), and the next create gets
+/// 503 `overloaded` with about that Retry-After.
+#[test]
+fn a_long_503_rest_ends_the_calls_queued_for_the_trunk_unplaced() {
+    let dir = test_dir("sipp-503-long-rest");
+    let ours =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uas_503_long_rest.xml");
+    let sipp = Sipp::start(&dir, &ours, 15_417, 3);
+    let cfg = config(&dir, "+44770090XXXX\n", &trunk(15_417), "");
+    let e = Engine::start(&cfg);
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let e = &e;
+        let threads: Vec<_> = (0..3)
+            .map(|i| {
+                s.spawn(move || {
+                    let v =
+                        e.create(json!({"phone": format!("+44791112349{i}"), "sender": "SHOP"}));
+                    v["id"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let got: Vec<serde_json::Value> = ids.iter().map(|id| e.wait_call_done(id)).collect();
+    let invited: Vec<&serde_json::Value> = got
+        .iter()
+        .filter(|v| v["call"]["sip_code"] == 503)
+        .collect();
+    assert_eq!(invited.len(), 1, "one call reached the trunk: {got:?}");
+    for v in &got {
+        assert_eq!(v["status"], "failed", "{v}");
+        assert_eq!(v["call"]["outcome"], "trunk_error", "{v}");
+    }
+    for v in got.iter().filter(|v| v["call"]["sip_code"] != 503) {
+        assert!(v["call"]["sip_code"].is_null(), "{v}");
+        assert!(v["call"]["invited_at"].is_null(), "never invited: {v}");
+    }
+    assert_eq!(sipp.invites().len(), 1, "SIPp saw one INVITE");
+    let r = e.post(
+        "/v1/verifications",
+        &json!({"phone": "+447911123499", "sender": "SHOP"}),
+    );
+    r.assert_problem(503, "overloaded");
+    let secs: u64 = r
+        .header("retry-after")
+        .and_then(|s| s.parse().ok())
+        .expect("Retry-After");
+    assert!((50..=60).contains(&secs), "{secs}");
+}
+
 /// An answered call (the callee picked up before the CANCEL won): ACK and
 /// BYE at once, outcome `answered`; and the trunk's 200 to that BYE, which
 /// arrives after the call has its outcome, is still counted in
