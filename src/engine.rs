@@ -685,6 +685,13 @@ pub async fn run(
         None
     };
     let (media_ip, sent_by) = advertise(bound, public_host, resolved);
+    if bound.ip().is_unspecified() && media_ip.is_loopback() {
+        tracing::warn!(
+            public_host,
+            "sip.listen is a wildcard address and sip.public_host a loopback one: Via and \
+             Contact name loopback, which no remote trunk can reach; set sip.public_host"
+        );
+    }
     // Kept to the end of the run: dropping it stops the sink.
     let (media, _rtp) = crate::io::rtp::spawn_sink(SocketAddr::new(bound.ip(), 0)).await?;
     let mut ep = Endpoint::new(
