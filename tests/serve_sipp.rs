@@ -9,6 +9,41 @@ use std::time::Duration;
 use support::sipp::{scenario, Sipp};
 use support::{config, test_dir, Engine};
 
+/// A SIPp scenario of this repository's own (tests/sipp).
+fn ours(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sipp")
+        .join(name)
+}
+
+/// `n` creates sent at once, one thread each (so they are all reserved
+/// on the trunk before the first call's answer), to `prefix` + 0..n;
+/// their ids.
+fn create_together(e: &Engine, n: usize, prefix: &str) -> Vec<String> {
+    std::thread::scope(|s| {
+        let threads: Vec<_> = (0..n)
+            .map(|i| {
+                s.spawn(move || {
+                    let v = e.create(json!({"phone": format!("{prefix}{i}"), "sender": "SHOP"}));
+                    v["id"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    })
+}
+
+/// A create refused because the only trunk rests after a 503: 503
+/// `overloaded` with a Retry-After in `secs`.
+fn assert_trunk_resting(r: &support::Resp, secs: std::ops::RangeInclusive<u64>) {
+    r.assert_problem(503, "overloaded");
+    let got: u64 = r
+        .header("retry-after")
+        .and_then(|s| s.parse().ok())
+        .expect("Retry-After");
+    assert!(secs.contains(&got), "Retry-After {got}, not in {secs:?}");
+}
+
 fn trunk(port: u16) -> String {
     format!("[[trunks]]\nname = \"sipp\"\naddress = \"127.0.0.1:{port}\"\ncps = 50\n")
 }
@@ -127,7 +162,7 @@ fn busy_callee_gives_failed_with_the_outcome() {
 #[test]
 fn a_503_without_retry_after_fails_its_call_and_five_in_a_row_rest_the_trunk() {
     let dir = test_dir("sipp-503");
-    let ours = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uas_503.xml");
+    let ours = ours("uas_503.xml");
     let _sipp = Sipp::start(&dir, &ours, 15_414, 5);
     let cfg = config(&dir, "+44770090XXXX\n", &trunk(15_414), "");
     let e = Engine::start(&cfg);
@@ -142,12 +177,7 @@ fn a_503_without_retry_after_fails_its_call_and_five_in_a_row_rest_the_trunk() {
         "/v1/verifications",
         &json!({"phone": "+447911123465", "sender": "SHOP"}),
     );
-    r.assert_problem(503, "overloaded");
-    let secs: u64 = r
-        .header("retry-after")
-        .and_then(|s| s.parse().ok())
-        .expect("Retry-After");
-    assert!((1..=5).contains(&secs), "{secs}");
+    assert_trunk_resting(&r, 1..=5);
 }
 
 /// A 503 with Retry-After rests the trunk for that long, the INVITEs
@@ -159,24 +189,11 @@ fn a_503_without_retry_after_fails_its_call_and_five_in_a_row_rest_the_trunk() {
 #[test]
 fn a_503_retry_after_holds_the_calls_queued_for_the_trunk() {
     let dir = test_dir("sipp-503-retry-after");
-    let ours =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uas_503_retry_after.xml");
+    let ours = ours("uas_503_retry_after.xml");
     let _sipp = Sipp::start(&dir, &ours, 15_415, 3);
     let cfg = config(&dir, "+44770090XXXX\n", &trunk(15_415), "");
     let e = Engine::start(&cfg);
-    let ids: Vec<String> = std::thread::scope(|s| {
-        let e = &e;
-        let threads: Vec<_> = (0..3)
-            .map(|i| {
-                s.spawn(move || {
-                    let v =
-                        e.create(json!({"phone": format!("+44791112347{i}"), "sender": "SHOP"}));
-                    v["id"].as_str().unwrap().to_string()
-                })
-            })
-            .collect();
-        threads.into_iter().map(|t| t.join().unwrap()).collect()
-    });
+    let ids = create_together(&e, 3, "+44791112347");
     let mut invited: Vec<i128> = ids
         .iter()
         .map(|id| {
@@ -211,24 +228,11 @@ fn a_503_retry_after_holds_the_calls_queued_for_the_trunk() {
 #[test]
 fn a_long_503_rest_ends_the_calls_queued_for_the_trunk_unplaced() {
     let dir = test_dir("sipp-503-long-rest");
-    let ours =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uas_503_long_rest.xml");
+    let ours = ours("uas_503_long_rest.xml");
     let sipp = Sipp::start(&dir, &ours, 15_417, 3);
     let cfg = config(&dir, "+44770090XXXX\n", &trunk(15_417), "");
     let e = Engine::start(&cfg);
-    let ids: Vec<String> = std::thread::scope(|s| {
-        let e = &e;
-        let threads: Vec<_> = (0..3)
-            .map(|i| {
-                s.spawn(move || {
-                    let v =
-                        e.create(json!({"phone": format!("+44791112349{i}"), "sender": "SHOP"}));
-                    v["id"].as_str().unwrap().to_string()
-                })
-            })
-            .collect();
-        threads.into_iter().map(|t| t.join().unwrap()).collect()
-    });
+    let ids = create_together(&e, 3, "+44791112349");
     let got: Vec<serde_json::Value> = ids.iter().map(|id| e.wait_call_done(id)).collect();
     let invited: Vec<&serde_json::Value> = got
         .iter()
@@ -248,12 +252,7 @@ fn a_long_503_rest_ends_the_calls_queued_for_the_trunk_unplaced() {
         "/v1/verifications",
         &json!({"phone": "+447911123499", "sender": "SHOP"}),
     );
-    r.assert_problem(503, "overloaded");
-    let secs: u64 = r
-        .header("retry-after")
-        .and_then(|s| s.parse().ok())
-        .expect("Retry-After");
-    assert!((50..=60).contains(&secs), "{secs}");
+    assert_trunk_resting(&r, 50..=60);
 }
 
 /// An answered call (the callee picked up before the CANCEL won): ACK and
@@ -264,7 +263,7 @@ fn a_long_503_rest_ends_the_calls_queued_for_the_trunk_unplaced() {
 #[test]
 fn an_answered_call_is_hung_up_and_every_response_is_counted() {
     let dir = test_dir("sipp-answer");
-    let ours = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uas_answer.xml");
+    let ours = ours("uas_answer.xml");
     let mut sipp = Sipp::start(&dir, &ours, 15_416, 1);
     let cfg = config(&dir, "+44770090XXXX\n", &trunk(15_416), "");
     let e = Engine::start(&cfg);

@@ -52,6 +52,18 @@ fn with_credentials(username: &str, password: &str) -> CallRequest {
     }
 }
 
+/// A call that Timer B ended as `timeout` after 32 s of silence: the
+/// endpoint, the call's start and its INVITE.
+fn timed_out_call() -> (Endpoint<StdRng>, Instant, Transmit) {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(0, 60_000));
+    let invite = drain(&mut ep).remove(0);
+    run_until(&mut ep, t0, Duration::from_secs(32));
+    assert_eq!(ended(&mut ep)[0].outcome, Outcome::Timeout);
+    (ep, t0, invite)
+}
+
 fn drain(ep: &mut Endpoint<StdRng>) -> Vec<Transmit> {
     std::iter::from_fn(|| ep.poll_transmit()).collect()
 }
@@ -442,12 +454,7 @@ fn a_second_forked_leg_that_answers_gets_its_own_ack_and_bye() {
 
 #[test]
 fn timed_out_call_that_starts_ringing_late_is_cancelled() {
-    let mut ep = endpoint();
-    let t0 = Instant::now();
-    ep.start_call(t0, request(0, 60_000));
-    let invite = drain(&mut ep).remove(0);
-    run_until(&mut ep, t0, Duration::from_secs(32));
-    assert_eq!(ended(&mut ep)[0].outcome, Outcome::Timeout);
+    let (mut ep, t0, invite) = timed_out_call();
     feed(
         &mut ep,
         t0 + Duration::from_secs(33),
@@ -1042,12 +1049,7 @@ fn a_cancel_before_the_ringing_has_no_cancel_delay() {
 /// rest still reaches the driver (it was dropped with the late final).
 #[test]
 fn a_503_after_timer_b_still_asks_for_the_trunks_rest() {
-    let mut ep = endpoint();
-    let t0 = Instant::now();
-    ep.start_call(t0, request(0, 60_000));
-    let invite = drain(&mut ep).remove(0);
-    run_until(&mut ep, t0, Duration::from_secs(32));
-    assert_eq!(ended(&mut ep)[0].outcome, Outcome::Timeout);
+    let (mut ep, t0, invite) = timed_out_call();
     feed(
         &mut ep,
         t0 + Duration::from_secs(33),
