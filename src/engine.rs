@@ -278,13 +278,13 @@ struct Driver {
 /// each one refused every create for 5 s because one destination's route
 /// was busy. A trunk that answers everything 503 still gets rest.
 const PLAIN_503_STREAK: u32 = 5;
+const PLAIN_503_BACKOFF_SECS: u32 = 5;
 /// The longest rest after a 503 that the calls already queued for the
 /// trunk wait out; past it they end unplaced (see `Driver::poll`).
 const QUEUE_HOLD_MAX_MS: i64 = 10_000;
 /// Retry-After is honoured up to an hour: a larger value (or a garbled
 /// one near u32::MAX) would take the trunk out for days.
 const RETRY_AFTER_MAX_SECS: u32 = 3_600;
-const PLAIN_503_BACKOFF_SECS: u32 = 5;
 
 impl Driver {
     fn wall(&self, at: Instant) -> i64 {
@@ -294,6 +294,12 @@ impl Driver {
         } else {
             w0 - (i0 - at).as_millis() as i64
         }
+    }
+
+    /// The trunk at `addr`, for what comes after a call has left `calls`
+    /// (the first of several trunks on one address).
+    fn trunk_at(&self, addr: SocketAddr) -> Option<usize> {
+        self.shared.trunks.iter().position(|x| x.addr == addr)
     }
 
     /// Trunk `t` gets no INVITE for `secs` from `from` (its 503 asked, or
@@ -458,25 +464,26 @@ impl udp::App for Driver {
             // they wait in its queue (creates meanwhile get 503 from
             // `reserve`), and one that expires meanwhile rings no one.
             let back_at = self.shared.backoff_until_ms[t].load(Ordering::Acquire);
-            if back_at > now_ms + QUEUE_HOLD_MAX_MS && !self.queues[t].is_empty() {
-                // A long rest (maintenance): the callers have been told 201
-                // and wait for a call; holding them past this would let
-                // their codes expire unseen. They end now as `trunk_error`
-                // (never invited), and a client's retry goes to a trunk
-                // that takes calls, or gets 503 with the Retry-After.
-                tracing::warn!(
-                    trunk = %self.shared.trunks[t].name,
-                    queued = self.queues[t].len(),
-                    "trunk resting after 503: its queued calls end unplaced as trunk_error"
-                );
-                self.close_queued(t, Outcome::TrunkError);
-                continue;
-            }
             if back_at > now_ms && !self.queues[t].is_empty() {
-                let wait = u64::try_from(back_at - now_ms).unwrap_or(0);
-                let at = now + Duration::from_millis(wait);
-                next = Some(next.map_or(at, |n: Instant| n.min(at)));
-                self.trunk_metrics[t].queue.set(self.queues[t].len() as f64);
+                if back_at - now_ms > QUEUE_HOLD_MAX_MS {
+                    // A long rest (maintenance): the callers have been told
+                    // 201 and wait for a call; holding them past this would
+                    // let their codes expire unseen. They end now as
+                    // `trunk_error` (never invited), and a client's retry
+                    // goes to a trunk that takes calls, or gets 503 with
+                    // the Retry-After.
+                    tracing::warn!(
+                        trunk = %self.shared.trunks[t].name,
+                        queued = self.queues[t].len(),
+                        "trunk resting after 503: its queued calls end unplaced as trunk_error"
+                    );
+                    self.close_queued(t, Outcome::TrunkError);
+                } else {
+                    let wait = u64::try_from(back_at - now_ms).unwrap_or(0);
+                    let at = now + Duration::from_millis(wait);
+                    next = Some(next.map_or(at, |n: Instant| n.min(at)));
+                    self.trunk_metrics[t].queue.set(self.queues[t].len() as f64);
+                }
                 continue;
             }
             while !self.queues[t].is_empty() {
@@ -507,7 +514,7 @@ impl udp::App for Driver {
                 // those are found by the trunk's address.
                 let t = match self.calls.get(&tag) {
                     Some(a) => Some(a.trunk),
-                    None => self.shared.trunks.iter().position(|x| x.addr == trunk),
+                    None => self.trunk_at(trunk),
                 };
                 if let Some(t) = t {
                     let trunks = &self.shared.trunks;
@@ -519,9 +526,8 @@ impl udp::App for Driver {
             }
             Event::Ringing { .. } => {}
             Event::TrunkRetryAfter { trunk, secs } => {
-                if let Some(t) = self.shared.trunks.iter().position(|x| x.addr == trunk) {
-                    let now = Instant::now();
-                    self.rest_trunk(t, now, secs);
+                if let Some(t) = self.trunk_at(trunk) {
+                    self.rest_trunk(t, Instant::now(), secs);
                 }
             }
             Event::Ended(r) => {
