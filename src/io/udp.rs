@@ -946,14 +946,20 @@ mod tests {
         let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let to = socket.local_addr().expect("addr");
         let span = Duration::from_millis(400);
-        // A datagram every 100-200 µs, several times the busy threshold and
-        // so evenly that every tick has some, for the driver's whole run;
-        // loopback only, and bounded.
+        // Four datagrams every 100 µs or so, many times the busy threshold
+        // and so evenly that every tick has some, for the driver's whole
+        // run; loopback only, and bounded (at most 20,000). Four at a time:
+        // on a machine busy with other tests a 100 µs sleep can take 300 µs
+        // and more, and one datagram a sleep then came to under two per
+        // 500 µs tick, which made the coalescing check below fail now and
+        // then with the coalescing working.
         let flood = std::thread::spawn(move || {
             let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("peer");
             let end = Instant::now() + span + Duration::from_millis(100);
             while Instant::now() < end {
-                let _ = peer.send_to(b"not sip", to);
+                for _ in 0..4 {
+                    let _ = peer.send_to(b"not sip", to);
+                }
                 std::thread::sleep(Duration::from_micros(100));
             }
         });

@@ -364,11 +364,25 @@ const KIND_INVITE: u8 = b'i';
 const KIND_INVITE_AUTH: u8 = b'j';
 const KIND_ACK2XX: u8 = b'a';
 const KIND_BYE: u8 = b'b';
-/// The BYE to a second answered leg of a forked call (its own branch, so
-/// its 200 is not taken for the first leg's).
+/// The BYE to an answered leg past [`FORK_LEGS`] more: sent once per copy
+/// of its 2xx, with no transaction kept.
 const KIND_BYE_FORK: u8 = b'f';
 /// The BYE resent with credentials after a 401/407.
 const KIND_BYE_AUTH: u8 = b'g';
+/// Branch kinds of the ACK, the BYE and the BYE with credentials of each
+/// further answered leg of a forked call: every leg's requests are
+/// transactions of their own (RFC 3261 §8.1.1.7: a branch is unique per
+/// transaction), so a leg's 200 or 401 is never taken for another's.
+/// Digits and lower case only, none of the kinds above, so no two kinds
+/// fold together in an element that lower-cases branches.
+const FORK_ACK_KINDS: &[u8; FORK_LEGS] = b"12345678";
+const FORK_BYE_KINDS: &[u8; FORK_LEGS] = b"klmnopqr";
+const FORK_AUTH_KINDS: &[u8; FORK_LEGS] = b"cdehsuvw";
+/// Answered legs after the first that get a BYE transaction of their own
+/// (Timer E, Timer F, a digest retry). Parallel ringing answers on two legs
+/// at most in practice; past this a leg's 2xx gets an ACK and a one-shot
+/// BYE per copy.
+const FORK_LEGS: usize = 8;
 /// The kind byte of our From tag.
 const KIND_TAG: u8 = b't';
 
@@ -380,16 +394,28 @@ struct CancelTx {
     done: bool,
 }
 
-/// The BYE of an answered call (rare: kept as sent).
+/// An answered leg (rare: kept as sent): the ACK of its dialog, sent
+/// again for each copy of its 2xx, and the BYE transaction that hangs it
+/// up (Timer E doubling to T2, Timer F at 64·T1, RFC 3261 §17.1.2.2).
 #[derive(Debug)]
-struct Bye {
+struct Leg {
+    /// The dialog's To tag: a 2xx with another is a further leg of a
+    /// forked call.
+    to_tag: Box<str>,
+    ack: Bytes,
+    /// The BYE as last sent (with credentials after a challenge).
     payload: Bytes,
     dest: SocketAddr,
+    /// Branch kinds of this leg's BYE and of its resend with credentials.
+    bye_kind: u8,
+    auth_kind: u8,
     interval: Duration,
+    /// Timer E and Timer F of the BYE transaction; the call's own
+    /// `ByeRetransmit` / `ByeTimeout` deadlines are the earliest of its
+    /// legs' (see `Endpoint::arm_byes`).
+    resend_at: Instant,
+    give_up_at: Instant,
     done: bool,
-    /// The answered dialog's To tag: a 2xx with another is a second leg
-    /// of a forked call.
-    to_tag: Box<str>,
     /// What the BYE is written from, for its one resend with credentials
     /// after a 401/407: the Contact it goes to (`None`: the Request-URI),
     /// the dialog's To and route set.
@@ -403,6 +429,7 @@ struct Bye {
 /// The ACK and BYE for a dialog a 2xx made, and what they were written
 /// from.
 struct DialogRequests {
+    to_tag: Box<str>,
     next_hop: SocketAddr,
     ack: Bytes,
     bye: Bytes,
@@ -428,7 +455,6 @@ struct Call {
     gen: u32,
     tag: u64,
     ids: Ids,
-    credentials: Option<Credentials>,
     ring: Duration,
     cseq: u32,
     /// Branch kind of the live INVITE transaction.
@@ -445,9 +471,8 @@ struct Call {
     rang: bool,
     cancel_wanted: Option<CancelReason>,
     cancel: Option<CancelTx>,
-    bye: Option<Bye>,
-    /// 2xx ACK, re-sent for each retransmitted 2xx.
-    ack_2xx: Option<(SocketAddr, Bytes)>,
+    /// The answered legs, the first 2xx's first; empty until a 2xx.
+    legs: Vec<Leg>,
     invited_at: Instant,
     first_provisional_at: Option<Instant>,
     ringing_at: Option<Instant>,
@@ -490,6 +515,14 @@ enum Slot {
     Tomb(Tomb),
 }
 
+/// A trunk as calls name it.
+#[derive(Debug)]
+struct TrunkEntry {
+    addr: SocketAddr,
+    host: Box<str>,
+    credentials: Option<Credentials>,
+}
+
 /// The flash-call user agent client.
 pub struct Endpoint<R: RngCore> {
     cfg: EndpointConfig,
@@ -502,9 +535,10 @@ pub struct Endpoint<R: RngCore> {
     /// Where requests are written before being copied out at their exact
     /// size (see `render`); a `Cell` so that rendering needs only `&self`.
     scratch: Cell<Vec<u8>>,
-    /// Trunk address and Request-URI host of each call, interned: a call
-    /// keeps an index, not a copy of the host.
-    trunks: Vec<(SocketAddr, Box<str>)>,
+    /// Trunk address, Request-URI host and credentials of each call,
+    /// interned: a call (and its tombstone, for a forked leg's 2xx after the
+    /// final) keeps an index, not a copy of the host and the secret.
+    trunks: Vec<TrunkEntry>,
     slots: Vec<Slot>,
     free: Vec<u32>,
     next_gen: u32,
@@ -595,7 +629,7 @@ impl<R: RngCore> Endpoint<R> {
             to: Text::new(&req.to),
             caller: Text::new(&req.caller),
             call_id: ids::call_id_hex(self.rng.next_u64(), self.rng.next_u64()),
-            trunk: self.intern_trunk(req.trunk, &req.trunk_host),
+            trunk: self.intern_trunk(req.trunk, &req.trunk_host, req.credentials),
             caller_id: req.caller_id,
         };
         let cseq = 1;
@@ -609,7 +643,6 @@ impl<R: RngCore> Endpoint<R> {
             gen,
             tag: req.tag,
             ids,
-            credentials: req.credentials,
             ring: req.ring,
             cseq,
             invite_kind: KIND_INVITE,
@@ -620,8 +653,7 @@ impl<R: RngCore> Endpoint<R> {
             rang: false,
             cancel_wanted: None,
             cancel: None,
-            bye: None,
-            ack_2xx: None,
+            legs: Vec::new(),
             invited_at: now,
             first_provisional_at: None,
             ringing_at: None,
@@ -848,29 +880,34 @@ impl<R: RngCore> Endpoint<R> {
                 }
                 true
             }
-            // The 200 (or anything) for a second leg's BYE: nothing waits.
+            // The 200 (or anything) for an untracked leg's BYE: nothing waits.
             KIND_BYE_FORK if method == "BYE" => true,
-            k @ (KIND_BYE | KIND_BYE_AUTH) if method == "BYE" => {
-                let (challenged, creds) = self
+            k if method == "BYE" && self.leg_of(handle, k).is_some() => {
+                let Some(i) = self.leg_of(handle, k) else {
+                    return false;
+                };
+                let (first_bye, challenged, creds) = self
                     .call(handle)
                     .map(|c| {
-                        let b = c.bye.as_ref().is_some_and(|b| b.challenged);
-                        (b, c.credentials.is_some())
+                        let leg = &c.legs[i];
+                        let creds = self.credentials(&c.ids).is_some();
+                        (k == leg.bye_kind, leg.challenged, creds)
                     })
-                    .unwrap_or((false, false));
-                if k == KIND_BYE && challenged {
+                    .unwrap_or((false, false, false));
+                if first_bye && challenged {
                     // The first BYE's transaction, replaced by the one with
                     // credentials: a late copy of its answer changes nothing.
-                } else if k == KIND_BYE && creds && matches!(code, 401 | 407) {
-                    self.bye_auth_retry(now, handle, code, msg);
+                } else if first_bye && creds && matches!(code, 401 | 407) {
+                    self.bye_auth_retry(now, handle, i, code, msg);
                 } else if code >= 200 {
                     // 2xx, or any other final (a second challenge too): no
                     // more can be done for this BYE.
-                    self.bye_done(handle);
+                    self.bye_done(handle, i);
                 } else {
+                    // Proceeding: Timer E goes on at T2 (§17.1.2.2).
                     let t2 = self.cfg.timers.t2;
-                    if let Some(bye) = self.call_mut(handle).and_then(|c| c.bye.as_mut()) {
-                        bye.interval = t2;
+                    if let Some(leg) = self.call_mut(handle).and_then(|c| c.legs.get_mut(i)) {
+                        leg.interval = t2;
                     }
                 }
                 true
@@ -926,6 +963,9 @@ impl<R: RngCore> Endpoint<R> {
     fn on_invite_response(&mut self, now: Instant, h: CallHandle, code: u16, msg: &Message<'_>) {
         // Set by handle_input_at for the datagram being handled.
         let arrived = self.arrived.map_or(now, |a| a.min(now));
+        let has_credentials = self
+            .call(h)
+            .is_some_and(|c| self.credentials(&c.ids).is_some());
         let Some(c) = self.call_mut(h) else { return };
         match (code, c.state) {
             (100..=199, InviteState::Calling | InviteState::Proceeding | InviteState::TimedOut) => {
@@ -968,26 +1008,32 @@ impl<R: RngCore> Endpoint<R> {
             }
             (100..=199, _) => {}
             (200..=299, InviteState::Accepted) => {
-                let same_leg = c
-                    .bye
-                    .as_ref()
-                    .is_none_or(|b| msg.to_tag.is_none_or(|t| *b.to_tag == *t));
-                if same_leg {
-                    // A retransmission of the answer: the same ACK again.
-                    if let Some((dest, ack)) = c.ack_2xx.clone() {
-                        self.transmits.push_back(Transmit { dest, payload: ack });
-                    }
+                // A 2xx without a To tag is taken for the first leg's.
+                let leg = match msg.to_tag {
+                    Some(t) => c.legs.iter().find(|l| *l.to_tag == *t),
+                    None => c.legs.first(),
+                };
+                if let Some(leg) = leg {
+                    // A retransmission of that leg's answer: its ACK again
+                    // (its BYE keeps to its own timers).
+                    let (dest, payload) = (leg.dest, leg.ack.clone());
+                    self.transmits.push_back(Transmit { dest, payload });
+                } else if let Some(n) = c.legs.len().checked_sub(1).filter(|&n| n < FORK_LEGS) {
+                    // Another leg of a forked call answered too (§13.2.2.4:
+                    // an ACK for each 2xx): ACK and hang up that dialog as
+                    // well, with a BYE transaction of its own.
+                    let kinds = (FORK_ACK_KINDS[n], FORK_BYE_KINDS[n], FORK_AUTH_KINDS[n]);
+                    self.answer_leg(now, h, msg, kinds);
                 } else if let Some(DialogRequests {
                     next_hop: dest,
                     ack,
                     bye,
                     ..
-                }) = self.dialog_requests(h, msg, KIND_BYE_FORK)
+                }) = self.dialog_requests(h, msg, (KIND_ACK2XX, KIND_BYE_FORK))
                 {
-                    // Another leg of a forked call answered too (§13.2.2.4:
-                    // an ACK for each 2xx): ACK and hang up that dialog as
-                    // well. Sent once per 2xx: a leg that missed our ACK
-                    // retransmits its 2xx, and each copy gets both again.
+                    // Past FORK_LEGS: sent once per 2xx. A leg that missed
+                    // our ACK retransmits its 2xx, and each copy gets both
+                    // again.
                     self.transmits.push_back(Transmit { dest, payload: ack });
                     self.transmits.push_back(Transmit { dest, payload: bye });
                 }
@@ -998,7 +1044,7 @@ impl<R: RngCore> Endpoint<R> {
                 self.send_final_ack(h, kind, msg.cseq.number, msg.to);
             }
             (401 | 407, InviteState::Calling | InviteState::Proceeding)
-                if c.credentials.is_some() && c.invite_kind == KIND_INVITE =>
+                if has_credentials && c.invite_kind == KIND_INVITE =>
             {
                 self.auth_retry(now, h, code, msg)
             }
@@ -1036,36 +1082,67 @@ impl<R: RngCore> Endpoint<R> {
     /// 2xx: the callee answered before the CANCEL won (or the network gives
     /// false answer supervision). ACK it to the Contact and hang up at once.
     fn on_2xx(&mut self, now: Instant, h: CallHandle, code: u16, msg: &Message<'_>) {
+        if !self.answer_leg(now, h, msg, (KIND_ACK2XX, KIND_BYE, KIND_BYE_AUTH)) {
+            return;
+        }
+        let Some(c) = self.call_mut(h) else { return };
+        c.state = InviteState::Accepted;
+        c.auth_invite = None;
+        // The CANCEL, if any, no longer matters: the call is up.
+        c.cancel = None;
+        // Every timer of the INVITE and the CANCEL.
+        for &t in &ALL_TIMERS[..=Timer::FinalWait as usize] {
+            self.disarm(h, t);
+        }
+        self.end(now, h, Outcome::Answered, Some(code), None);
+    }
+
+    /// A leg answered: send the ACK and the BYE of its dialog, with the
+    /// branch kinds `(ack, bye, bye with credentials)`, and keep the BYE's
+    /// transaction and the call's state until 64·T1 after it (the `Linger`
+    /// of the last leg to answer). Returns whether it could.
+    fn answer_leg(
+        &mut self,
+        now: Instant,
+        h: CallHandle,
+        msg: &Message<'_>,
+        (ack_kind, bye_kind, auth_kind): (u8, u8, u8),
+    ) -> bool {
         let Some(DialogRequests {
+            to_tag,
             next_hop,
             ack,
             bye,
             target,
             to,
             routes,
-        }) = self.dialog_requests(h, msg, KIND_BYE)
+        }) = self.dialog_requests(h, msg, (ack_kind, bye_kind))
         else {
-            return;
+            return false;
         };
-        let t1 = self.cfg.timers.t1;
-        let to_tag: Box<str> = msg.to_tag.unwrap_or("").into();
-        let Some(c) = self.call_mut(h) else { return };
-        c.state = InviteState::Accepted;
-        c.auth_invite = None;
-        c.ack_2xx = Some((next_hop, ack.clone()));
-        c.bye = Some(Bye {
+        let (t1, b) = (self.cfg.timers.t1, self.cfg.timers.b());
+        let Some(c) = self.call_mut(h) else {
+            return false;
+        };
+        c.legs.push(Leg {
+            to_tag,
+            ack: ack.clone(),
             payload: bye.clone(),
             dest: next_hop,
+            bye_kind,
+            auth_kind,
             interval: t1,
+            resend_at: now + t1,
+            give_up_at: now + b,
             done: false,
-            to_tag,
             target,
             to,
             routes,
             challenged: false,
         });
-        // The CANCEL, if any, no longer matters: the call is up.
-        c.cancel = None;
+        let linger = c.deadlines[Timer::Linger as usize]
+            .filter(|_| c.state == InviteState::Accepted)
+            .map_or(now + b, |d| d.max(now + b));
         self.transmits.push_back(Transmit {
             dest: next_hop,
             payload: ack,
@@ -1074,32 +1151,42 @@ impl<R: RngCore> Endpoint<R> {
             dest: next_hop,
             payload: bye,
         });
-        for t in [
-            Timer::Retransmit,
-            Timer::InviteTimeout,
-            Timer::RingHold,
-            Timer::RingTimeout,
-            Timer::CancelRetransmit,
-            Timer::CancelTimeout,
-            Timer::FinalWait,
-            Timer::Linger,
-        ] {
-            self.disarm(h, t);
+        self.arm_byes(h);
+        self.arm(h, Timer::Linger, linger);
+        true
+    }
+
+    /// Sets the call's `ByeRetransmit` and `ByeTimeout` deadlines to the
+    /// earliest of its open BYE transactions', or clears them.
+    fn arm_byes(&mut self, h: CallHandle) {
+        let Some(c) = self.call(h) else { return };
+        let open = || c.legs.iter().filter(|l| !l.done);
+        let resend = open().map(|l| l.resend_at).min();
+        let give_up = open().map(|l| l.give_up_at).min();
+        for (timer, at) in [(Timer::ByeRetransmit, resend), (Timer::ByeTimeout, give_up)] {
+            match at {
+                Some(at) => self.arm(h, timer, at),
+                None => self.disarm(h, timer),
+            }
         }
-        self.arm(h, Timer::ByeRetransmit, now + t1);
-        self.arm(h, Timer::ByeTimeout, now + self.cfg.timers.b());
-        self.arm(h, Timer::Linger, now + self.cfg.timers.b());
-        self.end(now, h, Outcome::Answered, Some(code), None);
+    }
+
+    /// The leg whose BYE (or BYE with credentials) has branch kind `kind`.
+    fn leg_of(&self, h: CallHandle, kind: u8) -> Option<usize> {
+        self.call(h)?
+            .legs
+            .iter()
+            .position(|l| l.bye_kind == kind || l.auth_kind == kind)
     }
 
     /// The ACK and the BYE for the dialog a 2xx made, and where they go:
-    /// to the first Record-Route, else the Contact, else the trunk. The BYE
-    /// takes the branch of `bye_kind`.
+    /// to the first Record-Route, else the Contact, else the trunk. They
+    /// take the branches of `(ack_kind, bye_kind)`.
     fn dialog_requests(
         &mut self,
         h: CallHandle,
         msg: &Message<'_>,
-        bye_kind: u8,
+        (ack_kind, bye_kind): (u8, u8),
     ) -> Option<DialogRequests> {
         let mut to = Vec::with_capacity(msg.to.len());
         unfold(msg.to, &mut to);
@@ -1113,7 +1200,7 @@ impl<R: RngCore> Endpoint<R> {
             })
             .collect();
         routes.reverse();
-        let ack_branch = self.branch(h, KIND_ACK2XX);
+        let ack_branch = self.branch(h, ack_kind);
         let bye_branch = self.branch(h, bye_kind);
         let c = self.call(h)?;
         // A Contact we could not put on a request line (spaces, controls,
@@ -1144,6 +1231,7 @@ impl<R: RngCore> Endpoint<R> {
             render::bye(out, &d, target, &bye_branch, c.cseq + 1, &to, &routes, None)
         });
         Some(DialogRequests {
+            to_tag: msg.to_tag.unwrap_or("").into(),
             next_hop,
             ack,
             bye,
@@ -1175,23 +1263,29 @@ impl<R: RngCore> Endpoint<R> {
         (challenge, format!("{:016x}", self.rng.next_u64()), header)
     }
 
-    /// A 401/407 to our BYE: the BYE once more with credentials for it,
-    /// CSeq+1 and a new branch (RFC 3261 §22.2). Without a usable
+    /// A 401/407 to the BYE of leg `i`: the BYE once more with credentials
+    /// for it, CSeq+1 and a new branch (RFC 3261 §22.2). Without a usable
     /// challenge the BYE is done: nothing more can be sent.
-    fn bye_auth_retry(&mut self, now: Instant, h: CallHandle, code: u16, msg: &Message<'_>) {
+    fn bye_auth_retry(
+        &mut self,
+        now: Instant,
+        h: CallHandle,
+        i: usize,
+        code: u16,
+        msg: &Message<'_>,
+    ) {
         let (challenge, cnonce, header) = self.challenge(code, msg);
-        let branch = self.branch(h, KIND_BYE_AUTH);
         let (t1, b) = (self.cfg.timers.t1, self.cfg.timers.b());
         let tag = self.tag(h);
         let Some(c) = self.call(h) else { return };
-        let (Some(challenge), Some(creds), Some(bye)) =
-            (challenge, c.credentials.as_ref(), c.bye.as_ref())
-        else {
-            self.bye_done(h);
+        let creds = self.credentials(&c.ids);
+        let (Some(challenge), Some(creds), Some(leg)) = (challenge, creds, c.legs.get(i)) else {
+            self.bye_done(h, i);
             return;
         };
+        let branch = self.branch(h, leg.auth_kind);
         let d = self.dialog(&c.ids, &tag);
-        let target = bye
+        let target = leg
             .target
             .as_deref()
             .map_or(Target::RequestUri, Target::Uri);
@@ -1215,32 +1309,37 @@ impl<R: RngCore> Endpoint<R> {
                 target,
                 &branch,
                 c.cseq + 2,
-                &bye.to,
-                &bye.routes,
+                &leg.to,
+                &leg.routes,
                 Some((header, &value)),
             )
         });
-        let Some(bye) = self.call_mut(h).and_then(|c| c.bye.as_mut()) else {
+        let Some(leg) = self.call_mut(h).and_then(|c| c.legs.get_mut(i)) else {
             return;
         };
-        bye.payload = payload.clone();
-        bye.interval = t1;
-        bye.done = false;
-        bye.challenged = true;
-        let dest = bye.dest;
+        leg.payload = payload.clone();
+        leg.interval = t1;
+        leg.resend_at = now + t1;
+        leg.give_up_at = now + b;
+        leg.done = false;
+        leg.challenged = true;
+        let dest = leg.dest;
         self.transmits.push_back(Transmit { dest, payload });
-        self.arm(h, Timer::ByeRetransmit, now + t1);
-        self.arm(h, Timer::ByeTimeout, now + b);
-        self.arm(h, Timer::Linger, now + b);
+        self.arm_byes(h);
+        let linger = self
+            .call(h)
+            .and_then(|c| c.deadlines[Timer::Linger as usize])
+            .map_or(now + b, |d| d.max(now + b));
+        self.arm(h, Timer::Linger, linger);
     }
 
-    /// The BYE got its final answer (or can get none): stop sending it.
-    fn bye_done(&mut self, h: CallHandle) {
-        if let Some(bye) = self.call_mut(h).and_then(|c| c.bye.as_mut()) {
-            bye.done = true;
+    /// The BYE of leg `i` got its final answer (or can get none): stop
+    /// sending it.
+    fn bye_done(&mut self, h: CallHandle, i: usize) {
+        if let Some(leg) = self.call_mut(h).and_then(|c| c.legs.get_mut(i)) {
+            leg.done = true;
         }
-        self.disarm(h, Timer::ByeRetransmit);
-        self.disarm(h, Timer::ByeTimeout);
+        self.arm_byes(h);
     }
 
     /// 401/407: ACK the challenge, then one new INVITE with credentials,
@@ -1249,10 +1348,10 @@ impl<R: RngCore> Endpoint<R> {
         let (challenge, cnonce, header) = self.challenge(code, msg);
         let t1 = self.cfg.timers.t1;
         let Some(c) = self.call(h) else { return };
-        let cseq = c.cseq;
+        let (cseq, has_credentials) = (c.cseq, self.credentials(&c.ids).is_some());
         self.send_final_ack(h, KIND_INVITE, cseq, msg.to);
         let Some(c) = self.call_mut(h) else { return };
-        let Some(challenge) = challenge.filter(|_| c.credentials.is_some()) else {
+        let Some(challenge) = challenge.filter(|_| has_credentials) else {
             // No usable challenge: the final stands as it is, and the
             // tombstone re-ACKs it on this branch.
             c.state = InviteState::Completed;
@@ -1263,7 +1362,7 @@ impl<R: RngCore> Endpoint<R> {
         // From here on the old branch only re-ACKs.
         c.invite_kind = KIND_INVITE_AUTH;
         let Some(c) = self.call(h) else { return };
-        let Some(creds) = c.credentials.as_ref() else {
+        let Some(creds) = self.credentials(&c.ids) else {
             return;
         };
         let tag = self.tag(h);
@@ -1432,19 +1531,29 @@ impl<R: RngCore> Endpoint<R> {
                 self.free(h);
             }
             Timer::ByeRetransmit => {
-                if let Some(bye) = c.bye.as_mut().filter(|x| !x.done) {
-                    let (dest, payload) = (bye.dest, bye.payload.clone());
-                    bye.interval = (bye.interval * 2).min(t2);
-                    let next = now + bye.interval;
-                    self.transmits.push_back(Transmit { dest, payload });
-                    self.arm(h, Timer::ByeRetransmit, next);
+                // Timer E of each leg's BYE that is due: doubling, capped
+                // at T2 (§17.1.2.2).
+                let transmits = &mut self.transmits;
+                let Some(Slot::Live(c)) = self.slots.get_mut(h.slot as usize) else {
+                    return;
+                };
+                for leg in c.legs.iter_mut().filter(|l| !l.done && l.resend_at <= now) {
+                    leg.interval = (leg.interval * 2).min(t2);
+                    leg.resend_at = now + leg.interval;
+                    transmits.push_back(Transmit {
+                        dest: leg.dest,
+                        payload: leg.payload.clone(),
+                    });
                 }
+                self.arm_byes(h);
             }
             Timer::ByeTimeout => {
-                if let Some(bye) = c.bye.as_mut() {
-                    bye.done = true;
+                // Timer F: that BYE gets no answer; the leg's own timers
+                // end it on the far side.
+                for leg in c.legs.iter_mut().filter(|l| l.give_up_at <= now) {
+                    leg.done = true;
                 }
-                self.disarm(h, Timer::ByeRetransmit);
+                self.arm_byes(h);
             }
             Timer::Linger => self.free(h),
         }
@@ -1608,7 +1717,6 @@ impl<R: RngCore> Endpoint<R> {
             gen: t.gen,
             tag: t.tag,
             ids: t.ids.clone(),
-            credentials: None,
             ring: Duration::ZERO,
             cseq: t.cseq,
             invite_kind: t.invite_kind,
@@ -1619,8 +1727,7 @@ impl<R: RngCore> Endpoint<R> {
             rang: false,
             cancel_wanted: None,
             cancel: None,
-            bye: None,
-            ack_2xx: None,
+            legs: Vec::new(),
             invited_at: now,
             first_provisional_at: None,
             ringing_at: None,
@@ -1696,27 +1803,41 @@ impl<R: RngCore> Endpoint<R> {
 
     /// Index of a trunk in the table, adding it the first time. Trunks are
     /// few (configured), so a scan is cheaper than hashing.
-    fn intern_trunk(&mut self, addr: SocketAddr, host: &str) -> u32 {
+    fn intern_trunk(
+        &mut self,
+        addr: SocketAddr,
+        host: &str,
+        credentials: Option<Credentials>,
+    ) -> u32 {
         if let Some(i) = self
             .trunks
             .iter()
-            .position(|(a, h)| *a == addr && **h == *host)
+            .position(|t| t.addr == addr && *t.host == *host && t.credentials == credentials)
         {
             return i as u32;
         }
-        self.trunks.push((addr, host.into()));
+        self.trunks.push(TrunkEntry {
+            addr,
+            host: host.into(),
+            credentials,
+        });
         (self.trunks.len() - 1) as u32
     }
 
     fn trunk_addr(&self, ids: &Ids) -> SocketAddr {
-        self.trunks[ids.trunk as usize].0
+        self.trunks[ids.trunk as usize].addr
+    }
+
+    /// The digest credentials of the call's trunk, if it has any.
+    fn credentials(&self, ids: &Ids) -> Option<&Credentials> {
+        self.trunks[ids.trunk as usize].credentials.as_ref()
     }
 
     fn dialog<'a>(&'a self, ids: &'a Ids, tag: &'a [u8]) -> Dialog<'a> {
         Dialog {
             local: &self.local,
             to: ids.to.as_str(),
-            trunk_host: &self.trunks[ids.trunk as usize].1,
+            trunk_host: &self.trunks[ids.trunk as usize].host,
             caller: ids.caller.as_str(),
             caller_id: ids.caller_id,
             tag,

@@ -384,9 +384,10 @@ fn answer_before_cancel_gets_ack_to_contact_and_bye() {
 
 /// Two legs of a forked call answer (parallel ringing): each 2xx gets an
 /// ACK of its own dialog (§13.2.2.4: one for each 2xx) and a BYE. The
-/// second leg's BYE has a branch of its own, so its 200 does not end the
-/// first leg's BYE, which keeps to Timer E until its own 200. Before, the
-/// second leg got the first leg's ACK and no BYE, and stayed up.
+/// second leg's ACK and BYE have branches of their own, so its 200 does
+/// not end the first leg's BYE, which keeps to Timer E until its own 200.
+/// Before, the second leg got the first leg's ACK and no BYE, and stayed
+/// up.
 #[test]
 fn a_second_forked_leg_that_answers_gets_its_own_ack_and_bye() {
     let mut ep = endpoint();
@@ -428,24 +429,26 @@ fn a_second_forked_leg_that_answers_gets_its_own_ack_and_bye() {
         leg2[1].dest,
         "127.0.0.1:5081".parse::<SocketAddr>().unwrap()
     );
-    let bye1 = Message::parse(&leg1[1].payload).unwrap();
+    let (ack1, bye1) = (
+        Message::parse(&leg1[0].payload).unwrap(),
+        Message::parse(&leg1[1].payload).unwrap(),
+    );
     assert_ne!(bye2.top_via_branch, bye1.top_via_branch);
+    assert_ne!(ack2.top_via_branch, ack1.top_via_branch);
     // Leg 2's 200 to its BYE is taken (not a stray) and leaves leg 1's
     // BYE retransmitting.
     let input = feed(&mut ep, t0 + ms(40), &reply(&leg2[1], 200, &[]));
     assert!(matches!(input, Input::Response), "{input:?}");
     assert_eq!(run_until(&mut ep, t0, ms(600)), [(ms(520), "BYE".into())]);
-    // Each leg's retransmitted 2xx: leg 1 its ACK again (no BYE), leg 2
-    // its ACK and BYE again.
-    feed(&mut ep, t0 + ms(700), &ok1);
-    let again = drain(&mut ep);
-    assert_eq!(again.len(), 1);
-    assert_eq!(again[0].payload, leg1[0].payload);
-    feed(&mut ep, t0 + ms(710), &ok2);
-    assert_eq!(
-        drain(&mut ep).iter().map(method).collect::<Vec<_>>(),
-        ["ACK", "BYE"]
-    );
+    // Each leg's retransmitted 2xx gets that leg's ACK again, and no BYE
+    // (each BYE keeps to its own transaction).
+    for (ok, leg) in [(&ok1, &leg1), (&ok2, &leg2)] {
+        feed(&mut ep, t0 + ms(700), ok);
+        let again = drain(&mut ep);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].payload, leg[0].payload);
+        assert_eq!(again[0].dest, leg[0].dest);
+    }
     // One outcome for the call: answered.
     let r = ended(&mut ep);
     assert_eq!(r.len(), 1);
@@ -637,7 +640,16 @@ fn a_second_challenge_ends_the_call() {
 
 /// One ringing call taken to its 487: (invite, cancel, the 487, the ACK).
 fn call_to_487(ep: &mut Endpoint<StdRng>, t0: Instant) -> (Transmit, Transmit, Vec<u8>, Transmit) {
-    ep.start_call(t0, request(0, 15_000));
+    call_to_487_of(ep, t0, request(0, 15_000))
+}
+
+/// [`call_to_487`] for the call `req`.
+fn call_to_487_of(
+    ep: &mut Endpoint<StdRng>,
+    t0: Instant,
+    req: CallRequest,
+) -> (Transmit, Transmit, Vec<u8>, Transmit) {
+    ep.start_call(t0, req);
     let invite = drain(ep).remove(0);
     feed(ep, t0 + ms(10), &reply(&invite, 180, &[]));
     let cancel = drain(ep).remove(0);
@@ -1068,4 +1080,153 @@ fn a_503_after_timer_b_still_asks_for_the_trunks_rest() {
         "{evs:?}"
     );
     assert!(!evs.iter().any(|e| matches!(e, Event::Ended(_))), "{evs:?}");
+}
+
+/// A call answered on two forked legs, whose INVITE was `invite`: the
+/// transmits each leg's 2xx brought (ACK, BYE), leg 1 at 20 ms, leg 2 at
+/// 30 ms, to 127.0.0.1:5080 and :5081.
+fn answered_on_two_legs(
+    ep: &mut Endpoint<StdRng>,
+    t0: Instant,
+    invite: &Transmit,
+) -> (Vec<Transmit>, Vec<Transmit>) {
+    let inv = Message::parse(&invite.payload).unwrap();
+    let ok = |tag: &str, contact: &str| {
+        render::response(&inv, 200, "OK", tag, &[("Contact", contact)]).to_vec()
+    };
+    feed(ep, t0 + ms(20), &ok("callee1", "<sip:leg1@127.0.0.1:5080>"));
+    let leg1 = drain(ep);
+    feed(ep, t0 + ms(30), &ok("callee2", "<sip:leg2@127.0.0.1:5081>"));
+    let leg2 = drain(ep);
+    assert_eq!(leg2.iter().map(method).collect::<Vec<_>>(), ["ACK", "BYE"]);
+    (leg1, leg2)
+}
+
+/// A lost BYE on a second forked leg is sent again on that leg's own
+/// Timer E (T1 doubling, RFC 3261 §17.1.2.2) until its 200, while the
+/// first leg's BYE keeps its own schedule; an unanswered BYE stops at
+/// Timer F (64·T1), and the call's state goes when the last leg's does.
+/// Before, the second leg's BYE was sent once per copy of its 2xx: with
+/// the 2xx ACKed and the BYE lost, that leg stayed up (and billed).
+#[test]
+fn a_forked_legs_bye_is_retransmitted_on_its_own_timer_e() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(0, 15_000));
+    let invite = drain(&mut ep).remove(0);
+    let (leg1, leg2) = answered_on_two_legs(&mut ep, t0, &invite);
+    // Leg 1's BYE (sent at 20 ms) is answered at once; leg 2's is lost.
+    feed(&mut ep, t0 + ms(25), &reply(&leg1[1], 200, &[]));
+    let sent = run_until(&mut ep, t0, ms(4_000));
+    assert_eq!(
+        sent,
+        [530u64, 1_530, 3_530]
+            .iter()
+            .map(|&at| (ms(at), "BYE".to_string()))
+            .collect::<Vec<_>>(),
+        "leg 2's BYE at T1, 2·T1, 4·T1 after it"
+    );
+    let resent = {
+        let mut ep2 = endpoint();
+        ep2.start_call(t0, request(0, 15_000));
+        let invite2 = drain(&mut ep2).remove(0);
+        let (_, leg2b) = answered_on_two_legs(&mut ep2, t0, &invite2);
+        feed(&mut ep2, t0 + ms(25), &reply(&leg1[1], 200, &[]));
+        ep2.handle_timeout(t0 + ms(530));
+        let out = drain(&mut ep2);
+        assert_eq!(out.len(), 1);
+        assert_eq!(leg2b[1].payload, leg2[1].payload, "same seed, same call");
+        out.into_iter().next().unwrap()
+    };
+    assert_eq!(resent.payload, leg2[1].payload, "the same BYE, same branch");
+    assert_eq!(resent.dest, leg2[1].dest);
+    // Capped at T2 (4 s): then every 4 s until Timer F, 32 s after it.
+    let sent = run_until(&mut ep, t0, Duration::from_secs(40));
+    let byes: Vec<Duration> = sent
+        .iter()
+        .filter(|(_, m)| m == "BYE")
+        .map(|(at, _)| *at)
+        .collect();
+    assert_eq!(byes.first(), Some(&ms(7_530)));
+    assert!(
+        byes.windows(2).all(|w| w[1] - w[0] == ms(4_000)),
+        "{byes:?}"
+    );
+    assert!(byes.last().is_some_and(|&l| l <= ms(32_030)), "{byes:?}");
+    assert_eq!(ep.calls_in_memory(), 0, "freed 64·T1 after the last leg");
+    assert_eq!(ep.poll_timeout(), None);
+}
+
+/// A second leg's BYE answered by its 200 stops at once, and its 401 is
+/// answered once with credentials (CSeq+1, a branch of its own), as the
+/// first leg's is.
+#[test]
+fn a_forked_legs_bye_stops_at_its_200_and_answers_its_challenge() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, with_credentials("trunkuser", "s3cret"));
+    let invite = drain(&mut ep).remove(0);
+    let (leg1, leg2) = answered_on_two_legs(&mut ep, t0, &invite);
+    feed(&mut ep, t0 + ms(25), &reply(&leg1[1], 200, &[]));
+    let challenge = "Digest realm=\"carrier\", nonce=\"n9\", qop=\"auth\"";
+    let c401 = reply(&leg2[1], 401, &[("WWW-Authenticate", challenge)]);
+    assert_eq!(feed(&mut ep, t0 + ms(40), &c401), Input::Response);
+    let out = drain(&mut ep);
+    assert_eq!(out.iter().map(method).collect::<Vec<_>>(), ["BYE"]);
+    let (first, retry) = (
+        Message::parse(&leg2[1].payload).unwrap(),
+        Message::parse(&out[0].payload).unwrap(),
+    );
+    assert_eq!(retry.cseq.number, first.cseq.number + 1);
+    assert_eq!(retry.to_tag, Some("callee2"));
+    let branches: Vec<_> = [&leg1[0], &leg1[1], &leg2[0], &leg2[1], &out[0]]
+        .iter()
+        .map(|t| {
+            Message::parse(&t.payload)
+                .unwrap()
+                .top_via_branch
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let unique: std::collections::HashSet<_> = branches.iter().collect();
+    assert_eq!(unique.len(), branches.len(), "{branches:?}");
+    assert_eq!(out[0].dest, leg2[1].dest);
+    let auth = header_of(&out[0], "Authorization").expect("credentials");
+    assert_digest(&auth, challenge, "BYE", "sip:leg2@127.0.0.1:5081");
+    // The retry keeps to Timer E until its 200; then nothing more.
+    assert_eq!(run_until(&mut ep, t0, ms(600)), [(ms(540), "BYE".into())]);
+    feed(&mut ep, t0 + ms(600), &reply(&out[0], 200, &[]));
+    assert!(run_until(&mut ep, t0, Duration::from_secs(40)).is_empty());
+    assert_eq!(ep.calls_in_memory(), 0);
+}
+
+/// A forked leg's 2xx after the 487, on a trunk with credentials: the
+/// revived call still has them (through the trunk), so a challenge to its
+/// BYE is answered. Before, the tombstone kept no credentials and the
+/// challenged BYE ended there: the leg stayed up.
+#[test]
+fn a_revived_call_answers_a_bye_challenge() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    let (invite, ..) = call_to_487_of(&mut ep, t0, with_credentials("trunkuser", "s3cret"));
+    assert_eq!(ep.tombstones(), 1);
+    let inv = Message::parse(&invite.payload).unwrap();
+    let ok = render::response(
+        &inv,
+        200,
+        "OK",
+        "leg2",
+        &[("Contact", "<sip:leg2@127.0.0.1:5090>")],
+    );
+    feed(&mut ep, t0 + ms(50), &ok);
+    let out = drain(&mut ep);
+    assert_eq!(out.iter().map(method).collect::<Vec<_>>(), ["ACK", "BYE"]);
+    let challenge = "Digest realm=\"carrier\", nonce=\"n3\", qop=\"auth\"";
+    let c407 = reply(&out[1], 407, &[("Proxy-Authenticate", challenge)]);
+    feed(&mut ep, t0 + ms(60), &c407);
+    let retry = drain(&mut ep);
+    assert_eq!(retry.iter().map(method).collect::<Vec<_>>(), ["BYE"]);
+    let auth = header_of(&retry[0], "Proxy-Authorization").expect("credentials");
+    assert_digest(&auth, challenge, "BYE", "sip:leg2@127.0.0.1:5090");
 }
