@@ -253,7 +253,8 @@ struct Driver {
     limiters: Vec<Limiter>,
     clock: DefaultClock,
     calls: HashMap<u64, Active>,
-    next_tag: u64,
+    /// Calls placed so far: the sequence part of the next tag.
+    next_seq: u64,
     /// Converts the endpoint's Instants into wall-clock milliseconds.
     epoch: (Instant, i64),
     trunk_metrics: Vec<TrunkMetrics>,
@@ -296,10 +297,19 @@ impl Driver {
         }
     }
 
-    /// The trunk at `addr`, for what comes after a call has left `calls`
-    /// (the first of several trunks on one address).
-    fn trunk_at(&self, addr: SocketAddr) -> Option<usize> {
-        self.shared.trunks.iter().position(|x| x.addr == addr)
+    /// The tag of the next call to trunk `t`: the trunk is in it (tag mod
+    /// the number of trunks), so what comes after a call has left `calls`
+    /// (the 200 to our BYE, a retransmitted final, a late 503) is put down
+    /// to its own trunk even when several trunks share one SBC address.
+    fn next_tag(&mut self, t: usize) -> u64 {
+        let tag = call_tag(self.next_seq, t, self.shared.trunks.len());
+        self.next_seq += 1;
+        tag
+    }
+
+    /// The trunk a call's tag names (see `next_tag`).
+    fn trunk_of(&self, tag: u64) -> Option<usize> {
+        tag_trunk(tag, self.shared.trunks.len())
     }
 
     /// Trunk `t` gets no INVITE for `secs` from `from` (its 503 asked, or
@@ -339,8 +349,7 @@ impl Driver {
                 return;
             }
         }
-        let tag = self.next_tag;
-        self.next_tag += 1;
+        let tag = self.next_tag(cmd.trunk);
         ep.start_call(
             now,
             CallRequest {
@@ -365,6 +374,19 @@ impl Driver {
             },
         );
     }
+}
+
+/// Tag of call number `seq` to trunk `t` of `trunks`: `seq · trunks + t`,
+/// so `tag mod trunks` gives the trunk back ([`tag_trunk`]) and tags stay
+/// unique (wrapping after 2^64 / trunks calls, centuries at any rate).
+fn call_tag(seq: u64, t: usize, trunks: usize) -> u64 {
+    seq.wrapping_mul(trunks.max(1) as u64)
+        .wrapping_add(t as u64)
+}
+
+/// The trunk [`call_tag`] put in `tag`.
+fn tag_trunk(tag: u64, trunks: usize) -> Option<usize> {
+    (trunks > 0).then(|| (tag % trunks as u64) as usize)
 }
 
 impl Driver {
@@ -507,14 +529,14 @@ impl udp::App for Driver {
 
     fn on_event(&mut self, _ep: &mut Endpoint<StdRng>, event: Event) {
         match event {
-            Event::Response { tag, trunk, code } => {
+            Event::Response { tag, code, .. } => {
                 // A call that has its outcome is gone from `calls`, but the
                 // responses after it (the 200 to our BYE, a retransmitted
                 // final, a late 2xx from a fork) are the trunk's answers too:
-                // those are found by the trunk's address.
+                // its tag still names the trunk.
                 let t = match self.calls.get(&tag) {
                     Some(a) => Some(a.trunk),
-                    None => self.trunk_at(trunk),
+                    None => self.trunk_of(tag),
                 };
                 if let Some(t) = t {
                     let trunks = &self.shared.trunks;
@@ -525,8 +547,8 @@ impl udp::App for Driver {
                 }
             }
             Event::Ringing { .. } => {}
-            Event::TrunkRetryAfter { trunk, secs } => {
-                if let Some(t) = self.trunk_at(trunk) {
+            Event::TrunkRetryAfter { tag, secs, .. } => {
+                if let Some(t) = self.trunk_of(tag) {
                     self.rest_trunk(t, Instant::now(), secs);
                 }
             }
@@ -739,7 +761,7 @@ pub async fn run(
         limiters,
         clock: DefaultClock::default(),
         calls: HashMap::new(),
-        next_tag: 0,
+        next_seq: 0,
         epoch: (Instant::now(), now_ms()),
         metrics: CallMetrics::new(),
         stats_seen: Default::default(),
@@ -779,6 +801,26 @@ mod tests {
             to: "+447911123456".into(),
             caller: "+447700900001".into(),
         }
+    }
+
+    /// A call's tag gives its trunk back after the call has left the
+    /// driver's table (late responses, a late 503), whatever the trunks'
+    /// addresses: before, that took the first trunk with the response's
+    /// address, so of two trunks on one SBC address the second's late
+    /// responses were counted (and its 503 rests taken) as the first's.
+    #[test]
+    fn a_calls_tag_names_its_trunk() {
+        for trunks in 1..=5usize {
+            let mut seen = std::collections::HashSet::new();
+            for seq in [0u64, 1, 2, 7, 1_000_003, u64::MAX / 8] {
+                for t in 0..trunks {
+                    let tag = call_tag(seq, t, trunks);
+                    assert_eq!(tag_trunk(tag, trunks), Some(t), "{seq} {t} of {trunks}");
+                    assert!(seen.insert(tag), "tag {tag} given twice");
+                }
+            }
+        }
+        assert_eq!(tag_trunk(5, 0), None);
     }
 
     #[test]

@@ -267,7 +267,11 @@ pub enum Event {
     /// (Timer B gave `timeout`, then the slow trunk's 503 came): the trunk
     /// still asks for that much rest (RFC 3261 §21.5.4), which the outcome
     /// could no longer carry.
-    TrunkRetryAfter { trunk: SocketAddr, secs: u32 },
+    TrunkRetryAfter {
+        tag: u64,
+        trunk: SocketAddr,
+        secs: u32,
+    },
 }
 
 /// A datagram to send.
@@ -1643,9 +1647,9 @@ impl<R: RngCore> Endpoint<R> {
         let Some(c) = self.call(h) else { return };
         if c.ended {
             if let Some(secs) = retry_after {
-                let trunk = self.trunk_addr(&c.ids);
+                let (tag, trunk) = (c.tag, self.trunk_addr(&c.ids));
                 self.events
-                    .push_back(Event::TrunkRetryAfter { trunk, secs });
+                    .push_back(Event::TrunkRetryAfter { tag, trunk, secs });
             }
             return;
         }

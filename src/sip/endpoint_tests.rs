@@ -1074,6 +1074,7 @@ fn a_503_after_timer_b_still_asks_for_the_trunks_rest() {
     let evs = events(&mut ep);
     assert!(
         evs.contains(&Event::TrunkRetryAfter {
+            tag: 42,
             trunk: TRUNK.parse().unwrap(),
             secs: 30
         }),
