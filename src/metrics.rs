@@ -47,9 +47,12 @@ pub const STORE_WRITES: &str = "flashcall_store_writes_total";
 pub const STORE_COMMIT_FAILURES: &str = "flashcall_store_commit_failures_total";
 /// The `result` label values of [`WEBHOOK_DELIVERIES`]: `failed` counts
 /// every failed attempt (non-2xx, timeout, connect error), `given_up` each
-/// event abandoned after `max_age_hours`, `gone` each 410 answer and each
-/// event dropped because its endpoint had answered 410.
-pub const WEBHOOK_RESULTS: [&str; 4] = ["delivered", "failed", "gone", "given_up"];
+/// event abandoned after `max_age_hours`, `gone` each 410 answer, `held`
+/// each event kept unsent because its endpoint had answered 410 (sent
+/// after the next start), `dropped` each event of a project that has no
+/// webhook any more.
+pub const WEBHOOK_RESULTS: [&str; 6] =
+    ["delivered", "failed", "gone", "held", "given_up", "dropped"];
 
 /// Installs the global recorder with histogram buckets for every
 /// histogram (the exporter's default would render summaries).

@@ -88,7 +88,8 @@ pub struct Endpoint {
     pub url: String,
     pub key: Vec<u8>,
     /// Set after a 410 Gone: nothing more is sent to this URL until the
-    /// process restarts (with, presumably, a changed config).
+    /// process restarts (with, presumably, a changed config); the events
+    /// meanwhile are held for that start (`DeliveryAttempt::held`).
     pub disabled: AtomicBool,
 }
 
@@ -142,17 +143,17 @@ pub fn decide(
         Some(410) => Outcome::Gone,
         _ => Outcome::Failed,
     };
-    let mut given_up = false;
-    let next_attempt_ms = if outcome == Outcome::Failed {
-        let next = now_ms + backoff_ms(settings, ev.attempts + 1, rng) as i64;
-        if next > ev.created_at_ms + settings.max_age_ms {
-            given_up = true;
-            None
-        } else {
-            Some(next)
+    let (next_attempt_ms, held, given_up) = match outcome {
+        Outcome::Delivered => (None, false, false),
+        Outcome::Failed => {
+            let next = now_ms + backoff_ms(settings, ev.attempts + 1, rng) as i64;
+            if next > ev.created_at_ms + settings.max_age_ms {
+                (None, false, true)
+            } else {
+                (Some(next), false, false)
+            }
         }
-    } else {
-        None
+        Outcome::Gone => hold(settings, ev, now_ms),
     };
     (
         DeliveryAttempt {
@@ -161,10 +162,25 @@ pub fn decide(
             error,
             next_attempt_ms,
             delivered: outcome == Outcome::Delivered,
+            held,
         },
         outcome,
         given_up,
     )
+}
+
+/// `(next_attempt_ms, held, given_up)` for an event whose endpoint is gone
+/// (410): held to the end of its life, or given up when that has come.
+/// Standard Webhooks asks the sender to stop sending to a 410 endpoint, not
+/// to drop what it has: the next start sends the held events (SPEC §7:
+/// none lost across a restart).
+fn hold(settings: &Settings, ev: &OutboxEvent, now_ms: i64) -> (Option<i64>, bool, bool) {
+    let end = ev.created_at_ms.saturating_add(settings.max_age_ms);
+    if end > now_ms {
+        (Some(end), true, false)
+    } else {
+        (None, false, true)
+    }
 }
 
 /// Runs the delivery worker until aborted. `wake` is notified by the store
@@ -306,19 +322,40 @@ async fn deliver(
     ev: OutboxEvent,
 ) -> Option<Unrecorded> {
     let now = crate::engine::now_ms();
-    let Some(ep) = endpoint.filter(|e| !e.disabled.load(Ordering::Relaxed)) else {
-        // The endpoint answered 410 (or the project has no webhook any
-        // more): the event ends unsent.
+    let Some(ep) = endpoint else {
+        // The project has no webhook any more: the event ends unsent.
         let attempt = DeliveryAttempt {
             at_ms: now,
             status: None,
-            error: Some("endpoint disabled (410 Gone) or not configured".into()),
+            error: Some("the project has no webhook endpoint any more".into()),
             next_attempt_ms: None,
             delivered: false,
+            held: false,
         };
-        crate::metrics::webhook_delivery("gone");
+        crate::metrics::webhook_delivery("dropped");
         return record(store, &ev.id, attempt).await;
     };
+    if ep.disabled.load(Ordering::Relaxed) {
+        // The endpoint answered 410: the event waits for the next start.
+        let (next_attempt_ms, held, given_up) = hold(settings, &ev, now);
+        let attempt = DeliveryAttempt {
+            at_ms: now,
+            status: None,
+            error: Some("endpoint disabled (410 Gone): held until restart".into()),
+            next_attempt_ms,
+            delivered: false,
+            held,
+        };
+        crate::metrics::webhook_delivery(if given_up { "given_up" } else { "held" });
+        if given_up {
+            tracing::warn!(
+                project = %ev.project,
+                id = %ev.id,
+                "webhook event given up: its endpoint answered 410 Gone and max_age_hours passed"
+            );
+        }
+        return record(store, &ev.id, attempt).await;
+    }
     let ts = now.div_euclid(1000);
     let signature = sign(&ep.key, &ev.id, ts, &ev.payload);
     let sent = client
@@ -355,10 +392,14 @@ async fn deliver(
                 tracing::warn!(
                     project = %ev.project,
                     url = %ep.url,
-                    "webhook endpoint answered 410 Gone: disabled until restart"
+                    "webhook endpoint answered 410 Gone: disabled until restart; \
+                     its events are held and sent after the next start"
                 );
             }
             crate::metrics::webhook_delivery("gone");
+            if given_up {
+                crate::metrics::webhook_delivery("given_up");
+            }
         }
         Outcome::Failed => {
             crate::metrics::webhook_delivery("failed");
@@ -483,10 +524,17 @@ mod tests {
             (o, g, a.delivered, a.next_attempt_ms),
             (Outcome::Delivered, false, true, None)
         );
+        // 410: held, unsent, to the end of the event's life (created at 0,
+        // max age 25 h), for the next start; past that, given up.
         let (a, o, g) = decide(&s, &ev(0), 10, Some(410), None, &mut rng);
         assert_eq!(
-            (o, g, a.delivered, a.next_attempt_ms),
-            (Outcome::Gone, false, false, None)
+            (o, g, a.delivered, a.held, a.next_attempt_ms),
+            (Outcome::Gone, false, false, true, Some(s.max_age_ms))
+        );
+        let (a, o, g) = decide(&s, &ev(0), s.max_age_ms, Some(410), None, &mut rng);
+        assert_eq!(
+            (o, g, a.held, a.next_attempt_ms),
+            (Outcome::Gone, true, false, None)
         );
         let (a, o, g) = decide(&s, &ev(0), 10, Some(500), None, &mut rng);
         assert_eq!((o, g), (Outcome::Failed, false));

@@ -399,6 +399,7 @@ mod tests {
             error: None,
             next_attempt_ms: Some(now + 1_000),
             delivered: false,
+            held: false,
         };
         s.outbox_record(&due[0].id, retry).unwrap();
         let left = s.outbox_due(now, 10).unwrap();
@@ -416,6 +417,7 @@ mod tests {
                 error: None,
                 next_attempt_ms: None,
                 delivered: true,
+                held: false,
             };
             s.outbox_record(&e.id, done).unwrap();
         }
@@ -429,6 +431,7 @@ mod tests {
                 error: None,
                 next_attempt_ms: Some(1),
                 delivered: false,
+                held: false,
             },
         )
         .unwrap();

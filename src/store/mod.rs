@@ -66,6 +66,12 @@ pub struct DeliveryAttempt {
     /// When to try again; `None` ends the event (delivered, or given up).
     pub next_attempt_ms: Option<i64>,
     pub delivered: bool,
+    /// The endpoint answered 410 Gone: the event waits unsent until the
+    /// engine starts again (with, presumably, a mended config), when the
+    /// durable store makes it due at once; `next_attempt_ms` is then the
+    /// end of its life (created + max age), when it is given up if the
+    /// process has run on with the endpoint disabled all along.
+    pub held: bool,
 }
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;

@@ -184,6 +184,12 @@ CREATE INDEX verifications_open ON verifications (expires_at_ms)
     WHERE status = 'pending' OR status = 'calling' OR status = 'delivered' OR status = 'failed';
 DROP INDEX webhook_outbox_verification;
 "#,
+    // 3: events held for an endpoint that answered 410 Gone (see
+    // `DeliveryAttempt::held`): made due again at the next start. A column
+    // with a constant default is added without rewriting the table.
+    r#"
+ALTER TABLE webhook_outbox ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -730,9 +736,14 @@ fn write_delivery(tx: &Connection, id: &str, a: &DeliveryAttempt) -> rusqlite::R
     let n = tx
         .prepare_cached(
             "UPDATE webhook_outbox SET attempts = attempts + 1, \
-             next_attempt_ms = COALESCE(?2, next_attempt_ms), done = ?3 WHERE id = ?1",
+             next_attempt_ms = COALESCE(?2, next_attempt_ms), done = ?3, held = ?4 WHERE id = ?1",
         )?
-        .execute(params![id, a.next_attempt_ms, a.next_attempt_ms.is_none()])?;
+        .execute(params![
+            id,
+            a.next_attempt_ms,
+            a.next_attempt_ms.is_none(),
+            a.held && a.next_attempt_ms.is_some()
+        ])?;
     Ok(n)
 }
 
@@ -1254,6 +1265,14 @@ impl SqliteStore {
                  as failed (call outcome interrupted)"
             );
         }
+        let released = release_held(&conn, now).map_err(sql)?;
+        if released > 0 {
+            tracing::info!(
+                count = released,
+                "store: webhook events held by the last run for an endpoint that answered \
+                 410 Gone are due again"
+            );
+        }
 
         let inner = Arc::new(Inner {
             cache: DashMap::new(),
@@ -1448,6 +1467,16 @@ fn close_interrupted(conn: &mut Connection, hooks: &Hooks, now: i64) -> rusqlite
     }
     tx.commit()?;
     Ok(stuck.len())
+}
+
+/// Makes due now the webhook events the last run held for an endpoint that
+/// answered 410 Gone (`DeliveryAttempt::held`): this run may have the
+/// endpoint mended, and it gets its own first answer from it.
+fn release_held(conn: &Connection, now: i64) -> rusqlite::Result<usize> {
+    conn.execute(
+        "UPDATE webhook_outbox SET held = 0, next_attempt_ms = ?1 WHERE done = 0 AND held = 1",
+        params![now],
+    )
 }
 
 impl Drop for SqliteStore {

@@ -263,6 +263,7 @@ fn outbox_rows_follow_status_changes_in_the_same_transaction() {
             error: None,
             next_attempt_ms: Some(now + 10_000_000),
             delivered: false,
+            held: false,
         },
     )
     .unwrap();
@@ -280,6 +281,7 @@ fn outbox_rows_follow_status_changes_in_the_same_transaction() {
             error: None,
             next_attempt_ms: None,
             delivered: true,
+            held: false,
         },
     ))
     .unwrap();
@@ -301,10 +303,61 @@ fn outbox_rows_follow_status_changes_in_the_same_transaction() {
             error: None,
             next_attempt_ms: None,
             delivered: true,
+            held: false,
         },
     ));
     assert!(refused.is_err(), "{refused:?}");
     assert_eq!(s.outbox_due(FAR, 100).unwrap().len(), 2);
+}
+
+/// An event held for an endpoint that answered 410 Gone waits unsent to
+/// the end of its life while the process runs, and is due at once after a
+/// restart (the operator may have mended the URL): before, such events
+/// were closed unsent and lost.
+#[test]
+fn events_held_for_a_gone_endpoint_are_due_again_after_a_restart() {
+    let (_dir, path) = db("held");
+    let now = now_ms();
+    let end_of_life = now + 90_000_000;
+    let s = open(&path);
+    block(s.insert(v("a", now, now + 600_000), None)).unwrap();
+    block(s.insert(v("b", now, now + 600_000), None)).unwrap();
+    block(s.flush()).unwrap();
+    let due = s.outbox_due(now, 100).unwrap();
+    assert_eq!(due.len(), 2);
+    let attempt = |next: Option<i64>, held: bool| DeliveryAttempt {
+        at_ms: now,
+        status: Some(410),
+        error: None,
+        next_attempt_ms: next,
+        delivered: false,
+        held,
+    };
+    // One held, one merely retried later: only the held one comes back.
+    block(s.outbox_record_async(&due[0].id, attempt(Some(end_of_life), true))).unwrap();
+    block(s.outbox_record_async(&due[1].id, attempt(Some(end_of_life), false))).unwrap();
+    assert!(s.outbox_due(end_of_life - 1, 100).unwrap().is_empty());
+    drop(s);
+    // (The reopen also closes both still pending verifications as
+    // interrupted, with events of their own: only the two above count.)
+    let ours = |s: &SqliteStore| -> Vec<OutboxEvent> {
+        let mut d = s.outbox_due(now_ms(), 100).unwrap();
+        d.retain(|e| e.id == due[0].id || e.id == due[1].id);
+        d
+    };
+    let s = open(&path);
+    let due_now = ours(&s);
+    assert_eq!(due_now.len(), 1, "{due_now:?}");
+    assert_eq!(due_now[0].id, due[0].id);
+    assert_eq!(due_now[0].attempts, 1);
+    // Released once: a second restart finds nothing more held.
+    drop(s);
+    let s = open(&path);
+    assert_eq!(ours(&s).len(), 1);
+    assert_eq!(
+        count(&path, "SELECT count(*) FROM webhook_outbox WHERE held = 1"),
+        0
+    );
 }
 
 #[test]
@@ -464,6 +517,7 @@ fn prune_deletes_old_records_and_what_hangs_off_them() {
             error: None,
             next_attempt_ms: None,
             delivered: true,
+            held: false,
         },
     )
     .unwrap();
