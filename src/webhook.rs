@@ -129,13 +129,15 @@ pub enum Outcome {
 }
 
 /// What the worker decides after an attempt: the record to store and the
-/// metric results to count. Pure, so the retry rules are unit-tested.
+/// metric results to count (`durable`: the store outlives the process, see
+/// [`hold`]). Pure, so the retry rules are unit-tested.
 pub fn decide(
     settings: &Settings,
     ev: &OutboxEvent,
     now_ms: i64,
     status: Option<u16>,
     error: Option<String>,
+    durable: bool,
     rng: &mut impl Rng,
 ) -> (DeliveryAttempt, Outcome, bool) {
     let outcome = match status {
@@ -153,7 +155,7 @@ pub fn decide(
                 (Some(next), false, false)
             }
         }
-        Outcome::Gone => hold(settings, ev, now_ms),
+        Outcome::Gone => hold(settings, ev, now_ms, durable),
     };
     (
         DeliveryAttempt {
@@ -174,9 +176,18 @@ pub fn decide(
 /// Standard Webhooks asks the sender to stop sending to a 410 endpoint, not
 /// to drop what it has: the next start sends the held events (SPEC §7:
 /// none lost across a restart).
-fn hold(settings: &Settings, ev: &OutboxEvent, now_ms: i64) -> (Option<i64>, bool, bool) {
+/// On a store that starts empty (`durable` false) there is no next start
+/// to wait for: the event ends unsent, as a 410 asks.
+fn hold(
+    settings: &Settings,
+    ev: &OutboxEvent,
+    now_ms: i64,
+    durable: bool,
+) -> (Option<i64>, bool, bool) {
     let end = ev.created_at_ms.saturating_add(settings.max_age_ms);
-    if end > now_ms {
+    if !durable {
+        (None, false, false)
+    } else if end > now_ms {
         (Some(end), true, false)
     } else {
         (None, false, true)
@@ -312,6 +323,18 @@ struct Unrecorded {
     error: crate::store::StoreError,
 }
 
+/// The record of an event not sent at `now`, and why.
+fn unsent(now: i64, why: &str, next_attempt_ms: Option<i64>, held: bool) -> DeliveryAttempt {
+    DeliveryAttempt {
+        at_ms: now,
+        status: None,
+        error: Some(why.into()),
+        next_attempt_ms,
+        delivered: false,
+        held,
+    }
+}
+
 /// One attempt of one event, recorded; the attempt back if the store
 /// could not record it.
 async fn deliver(
@@ -324,29 +347,44 @@ async fn deliver(
     let now = crate::engine::now_ms();
     let Some(ep) = endpoint else {
         // The project has no webhook any more: the event ends unsent.
-        let attempt = DeliveryAttempt {
-            at_ms: now,
-            status: None,
-            error: Some("the project has no webhook endpoint any more".into()),
-            next_attempt_ms: None,
-            delivered: false,
-            held: false,
-        };
+        let attempt = unsent(
+            now,
+            "the project has no webhook endpoint any more",
+            None,
+            false,
+        );
         crate::metrics::webhook_delivery("dropped");
         return record(store, &ev.id, attempt).await;
     };
+    if now >= ev.created_at_ms.saturating_add(settings.max_age_ms) {
+        // Past its life (`max_age_hours`): an event held for an endpoint
+        // that answered 410, made due by this start after it was too old
+        // already, ends unsent. (A retry is never scheduled past it.)
+        let attempt = unsent(
+            now,
+            "older than max_age_hours: given up unsent",
+            None,
+            false,
+        );
+        crate::metrics::webhook_delivery("given_up");
+        tracing::warn!(
+            project = %ev.project,
+            id = %ev.id,
+            "webhook event given up: older than max_age_hours"
+        );
+        return record(store, &ev.id, attempt).await;
+    }
     if ep.disabled.load(Ordering::Relaxed) {
-        // The endpoint answered 410: the event waits for the next start.
-        let (next_attempt_ms, held, given_up) = hold(settings, &ev, now);
-        let attempt = DeliveryAttempt {
-            at_ms: now,
-            status: None,
-            error: Some("endpoint disabled (410 Gone): held until restart".into()),
-            next_attempt_ms,
-            delivered: false,
-            held,
-        };
-        crate::metrics::webhook_delivery(if given_up { "given_up" } else { "held" });
+        // The endpoint answered 410: the event waits for the next start
+        // (or, on the memory store, ends unsent).
+        let (next_attempt_ms, held, given_up) = hold(settings, &ev, now, store.durable());
+        let why = "endpoint disabled (410 Gone): held until restart";
+        let attempt = unsent(now, why, next_attempt_ms, held);
+        crate::metrics::webhook_delivery(match (held, given_up) {
+            (true, _) => "held",
+            (false, true) => "given_up",
+            (false, false) => "gone",
+        });
         if given_up {
             tracing::warn!(
                 project = %ev.project,
@@ -383,7 +421,15 @@ async fn deliver(
     let done = crate::engine::now_ms();
     let (attempt, outcome, given_up) = {
         let mut rng = rand::thread_rng();
-        decide(settings, &ev, done, status, error, &mut rng)
+        decide(
+            settings,
+            &ev,
+            done,
+            status,
+            error,
+            store.durable(),
+            &mut rng,
+        )
     };
     match outcome {
         Outcome::Delivered => crate::metrics::webhook_delivery("delivered"),
@@ -519,32 +565,38 @@ mod tests {
     fn results_map_to_records() {
         let s = settings();
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let (a, o, g) = decide(&s, &ev(0), 10, Some(204), None, &mut rng);
+        let (a, o, g) = decide(&s, &ev(0), 10, Some(204), None, true, &mut rng);
         assert_eq!(
             (o, g, a.delivered, a.next_attempt_ms),
             (Outcome::Delivered, false, true, None)
         );
         // 410: held, unsent, to the end of the event's life (created at 0,
         // max age 25 h), for the next start; past that, given up.
-        let (a, o, g) = decide(&s, &ev(0), 10, Some(410), None, &mut rng);
+        let (a, o, g) = decide(&s, &ev(0), 10, Some(410), None, true, &mut rng);
         assert_eq!(
             (o, g, a.delivered, a.held, a.next_attempt_ms),
             (Outcome::Gone, false, false, true, Some(s.max_age_ms))
         );
-        let (a, o, g) = decide(&s, &ev(0), s.max_age_ms, Some(410), None, &mut rng);
+        let (a, o, g) = decide(&s, &ev(0), s.max_age_ms, Some(410), None, true, &mut rng);
         assert_eq!(
             (o, g, a.held, a.next_attempt_ms),
             (Outcome::Gone, true, false, None)
         );
-        let (a, o, g) = decide(&s, &ev(0), 10, Some(500), None, &mut rng);
+        // The memory store starts empty: nothing to hold for; it ends.
+        let (a, o, g) = decide(&s, &ev(0), 10, Some(410), None, false, &mut rng);
+        assert_eq!(
+            (o, g, a.held, a.next_attempt_ms),
+            (Outcome::Gone, false, false, None)
+        );
+        let (a, o, g) = decide(&s, &ev(0), 10, Some(500), None, true, &mut rng);
         assert_eq!((o, g), (Outcome::Failed, false));
         assert!(a.next_attempt_ms.is_some_and(|t| (11..=5_010).contains(&t)));
-        let (a, _, g) = decide(&s, &ev(3), 10, None, Some("timeout".into()), &mut rng);
+        let (a, _, g) = decide(&s, &ev(3), 10, None, Some("timeout".into()), true, &mut rng);
         assert!(!g && a.next_attempt_ms.is_some());
         assert_eq!(a.error.as_deref(), Some("timeout"));
         // Past max_age: given up.
         let late = s.max_age_ms;
-        let (a, o, g) = decide(&s, &ev(30), late, Some(503), None, &mut rng);
+        let (a, o, g) = decide(&s, &ev(30), late, Some(503), None, true, &mut rng);
         assert_eq!((o, g, a.next_attempt_ms), (Outcome::Failed, true, None));
     }
 
@@ -558,7 +610,7 @@ mod tests {
         let mut e = ev(0);
         let mut now = 0;
         loop {
-            let (a, _, given_up) = decide(&s, &e, now, Some(500), None, &mut rng);
+            let (a, _, given_up) = decide(&s, &e, now, Some(500), None, true, &mut rng);
             if given_up {
                 break;
             }
@@ -736,6 +788,72 @@ mod tests {
         hold.abort();
     }
 
+    /// An event past `max_age` when it comes due (one held after a 410,
+    /// released by a start long after) ends unsent, recorded as given up:
+    /// no request reaches the receiver. (`max_age_ms` 0 makes every event
+    /// that old at once.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_past_its_max_age_is_given_up_unsent() {
+        let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = receiver.local_addr().unwrap();
+        let memory =
+            crate::store::memory::MemoryStore::new(60_000, HashSet::from(["p".to_string()]));
+        let wake = memory.outbox_wake();
+        let store = Arc::new(Recording::new(memory));
+        let endpoints = endpoint_of_p(addr);
+        let settings = quick(Duration::from_millis(200), 0);
+        let worker = tokio::spawn(run(store.clone(), endpoints, settings, wake));
+        store.insert(pending("a", "p"), None).await.unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        let got = loop {
+            let got = store.attempts.lock().unwrap().clone();
+            if !got.is_empty() {
+                break got;
+            }
+            assert!(std::time::Instant::now() < end, "no attempt recorded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let (_, a) = &got[0];
+        assert!(
+            a.error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("older than max_age_hours")),
+            "{a:?}"
+        );
+        assert_eq!(
+            (a.status, a.next_attempt_ms, a.delivered),
+            (None, None, false)
+        );
+        let accepted = tokio::time::timeout(Duration::from_millis(300), receiver.accept()).await;
+        assert!(accepted.is_err(), "the receiver was called");
+        assert_eq!(store.attempts.lock().unwrap().len(), 1, "ended: tried once");
+        worker.abort();
+    }
+
+    /// Project "p"'s endpoint, at `addr`.
+    fn endpoint_of_p(addr: std::net::SocketAddr) -> HashMap<String, Arc<Endpoint>> {
+        HashMap::from([(
+            "p".to_string(),
+            Arc::new(Endpoint {
+                url: format!("http://{addr}/hook"),
+                key: b"key".to_vec(),
+                disabled: AtomicBool::new(false),
+            }),
+        )])
+    }
+
+    /// Fast retries and polls, for the worker tests.
+    fn quick(timeout: Duration, max_age_ms: i64) -> Settings {
+        Settings {
+            timeout,
+            max_age_ms,
+            concurrency: 4,
+            retry_base_ms: 20,
+            retry_cap_ms: 100,
+            poll: Duration::from_millis(20),
+        }
+    }
+
     fn pending(id: &str, project: &str) -> crate::verification::Verification {
         let now = crate::engine::now_ms();
         crate::verification::Verification {
@@ -808,22 +926,8 @@ mod tests {
         let wake = memory.outbox_wake();
         let store = Arc::new(Recording::new(memory));
         store.refuse.store(true, Ordering::SeqCst);
-        let endpoints = HashMap::from([(
-            "p".to_string(),
-            Arc::new(Endpoint {
-                url: format!("http://{addr}/hook"),
-                key: b"key".to_vec(),
-                disabled: AtomicBool::new(false),
-            }),
-        )]);
-        let settings = Settings {
-            timeout: Duration::from_secs(5),
-            max_age_ms: 3_600_000,
-            concurrency: 4,
-            retry_base_ms: 20,
-            retry_cap_ms: 100,
-            poll: Duration::from_millis(10),
-        };
+        let endpoints = endpoint_of_p(addr);
+        let settings = quick(Duration::from_secs(5), 3_600_000);
         store.insert(pending("v", "p"), None).await.unwrap();
         let worker = tokio::spawn(run(store.clone(), endpoints, settings, wake));
 

@@ -445,6 +445,21 @@ timeout_ms = 3000
         wait_for(Duration::from_secs(20), "every event gone or held", || {
             deliveries(&e, "gone") + deliveries(&e, "held") >= total as f64
         });
+        // Counted before its record commits: wait for the rows themselves,
+        // so the kill below finds every event held (not merely still due).
+        let db = rusqlite::Connection::open_with_flags(
+            dir.join("flashcall.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open the engine's database");
+        wait_for(Duration::from_secs(10), "every outbox row held", || {
+            db.query_row(
+                "SELECT count(*) FROM webhook_outbox WHERE held = 1 AND done = 0",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .is_ok_and(|n| n == total as i64)
+        });
         wait_for(Duration::from_secs(5), "the 410 warning in the log", || {
             e.log_text().contains("held and sent after the next start")
         });

@@ -368,15 +368,18 @@ const KIND_INVITE: u8 = b'i';
 const KIND_INVITE_AUTH: u8 = b'j';
 const KIND_ACK2XX: u8 = b'a';
 const KIND_BYE: u8 = b'b';
-/// The BYE to an answered leg past [`FORK_LEGS`] more: sent once per copy
-/// of its 2xx, with no transaction kept.
+/// The ACK and the BYE to an answered leg past [`FORK_LEGS`] more: sent
+/// once per copy of its 2xx, with no transaction kept, on branches that
+/// all such legs share (a tenth answered leg is not worth a table).
+const KIND_ACK_FORK: u8 = b'9';
 const KIND_BYE_FORK: u8 = b'f';
 /// The BYE resent with credentials after a 401/407.
 const KIND_BYE_AUTH: u8 = b'g';
 /// Branch kinds of the ACK, the BYE and the BYE with credentials of each
-/// further answered leg of a forked call: every leg's requests are
-/// transactions of their own (RFC 3261 §8.1.1.7: a branch is unique per
-/// transaction), so a leg's 200 or 401 is never taken for another's.
+/// further answered leg of a forked call, up to [`FORK_LEGS`]: each such
+/// leg's requests are transactions of their own (RFC 3261 §8.1.1.7: a
+/// branch is unique per transaction), so its 200 or 401 is never taken
+/// for another leg's.
 /// Digits and lower case only, none of the kinds above, so no two kinds
 /// fold together in an element that lower-cases branches.
 const FORK_ACK_KINDS: &[u8; FORK_LEGS] = b"12345678";
@@ -1033,7 +1036,7 @@ impl<R: RngCore> Endpoint<R> {
                     ack,
                     bye,
                     ..
-                }) = self.dialog_requests(h, msg, (KIND_ACK2XX, KIND_BYE_FORK))
+                }) = self.dialog_requests(h, msg, (KIND_ACK_FORK, KIND_BYE_FORK))
                 {
                     // Past FORK_LEGS: sent once per 2xx. A leg that missed
                     // our ACK retransmits its 2xx, and each copy gets both

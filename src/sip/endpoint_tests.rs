@@ -1104,9 +1104,10 @@ fn answered_on_two_legs(
 }
 
 /// A lost BYE on a second forked leg is sent again on that leg's own
-/// Timer E (T1 doubling, RFC 3261 §17.1.2.2) until its 200, while the
-/// first leg's BYE keeps its own schedule; an unanswered BYE stops at
-/// Timer F (64·T1), and the call's state goes when the last leg's does.
+/// Timer E (T1 doubling, RFC 3261 §17.1.2.2), though the first leg's BYE
+/// got its 200; an unanswered BYE stops at Timer F (64·T1), and the
+/// call's state goes when the last leg's does. (The test above has the
+/// first leg's BYE go on after the second's 200.)
 /// Before, the second leg's BYE was sent once per copy of its 2xx: with
 /// the 2xx ACKed and the BYE lost, that leg stayed up (and billed).
 #[test]
@@ -1158,9 +1159,9 @@ fn a_forked_legs_bye_is_retransmitted_on_its_own_timer_e() {
     assert_eq!(ep.poll_timeout(), None);
 }
 
-/// A second leg's BYE answered by its 200 stops at once, and its 401 is
-/// answered once with credentials (CSeq+1, a branch of its own), as the
-/// first leg's is.
+/// Each leg's BYE answers its own 401 once with credentials (CSeq+1, a
+/// branch of its own: no two of the six requests share one), and stops
+/// at its own 200.
 #[test]
 fn a_forked_legs_bye_stops_at_its_200_and_answers_its_challenge() {
     let mut ep = endpoint();
@@ -1168,7 +1169,15 @@ fn a_forked_legs_bye_stops_at_its_200_and_answers_its_challenge() {
     ep.start_call(t0, with_credentials("trunkuser", "s3cret"));
     let invite = drain(&mut ep).remove(0);
     let (leg1, leg2) = answered_on_two_legs(&mut ep, t0, &invite);
-    feed(&mut ep, t0 + ms(25), &reply(&leg1[1], 200, &[]));
+    let ch1 = "Digest realm=\"carrier\", nonce=\"n8\", qop=\"auth\"";
+    let r1 = reply(&leg1[1], 401, &[("WWW-Authenticate", ch1)]);
+    feed(&mut ep, t0 + ms(25), &r1);
+    let retry1 = drain(&mut ep);
+    assert_eq!(retry1.iter().map(method).collect::<Vec<_>>(), ["BYE"]);
+    assert_eq!(retry1[0].dest, leg1[1].dest);
+    let auth1 = header_of(&retry1[0], "Authorization").expect("leg 1 credentials");
+    assert_digest(&auth1, ch1, "BYE", "sip:leg1@127.0.0.1:5080");
+    feed(&mut ep, t0 + ms(26), &reply(&retry1[0], 200, &[]));
     let challenge = "Digest realm=\"carrier\", nonce=\"n9\", qop=\"auth\"";
     let c401 = reply(&leg2[1], 401, &[("WWW-Authenticate", challenge)]);
     assert_eq!(feed(&mut ep, t0 + ms(40), &c401), Input::Response);
@@ -1180,7 +1189,7 @@ fn a_forked_legs_bye_stops_at_its_200_and_answers_its_challenge() {
     );
     assert_eq!(retry.cseq.number, first.cseq.number + 1);
     assert_eq!(retry.to_tag, Some("callee2"));
-    let branches: Vec<_> = [&leg1[0], &leg1[1], &leg2[0], &leg2[1], &out[0]]
+    let branches: Vec<_> = [&leg1[0], &leg1[1], &retry1[0], &leg2[0], &leg2[1], &out[0]]
         .iter()
         .map(|t| {
             Message::parse(&t.payload)

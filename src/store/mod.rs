@@ -70,7 +70,9 @@ pub struct DeliveryAttempt {
     /// engine starts again (with, presumably, a mended config), when the
     /// durable store makes it due at once; `next_attempt_ms` is then the
     /// end of its life (created + max age), when it is given up if the
-    /// process has run on with the endpoint disabled all along.
+    /// process has run on with the endpoint disabled all along. (A hold
+    /// without a request counts in the event's `attempts` like any record:
+    /// its back-off after the restart starts one step later.)
     pub held: bool,
 }
 
@@ -148,6 +150,12 @@ pub trait Store: Send + Sync + 'static {
     /// How many verifications are held in memory (the durable store keeps
     /// only those whose call is in progress or whose writes are queued).
     fn len(&self) -> usize;
+    /// Whether what it holds outlives the process: only then are webhook
+    /// events held for the next start after a 410 (`DeliveryAttempt::held`);
+    /// a store that starts empty closes them unsent instead.
+    fn durable(&self) -> bool {
+        false
+    }
     fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -1878,6 +1878,10 @@ impl Store for SqliteStore {
         self.send_wait(Op::Prune { before_ms, limit })
     }
 
+    fn durable(&self) -> bool {
+        true
+    }
+
     fn len(&self) -> usize {
         self.inner.cache.len()
     }
