@@ -284,6 +284,68 @@ fn an_answered_call_is_hung_up_and_every_response_is_counted() {
     assert!(m.contains(want), "the INVITE's 200 and the BYE's 200:\n{m}");
 }
 
+/// The value of `name{labels}` in Prometheus text (0 when absent).
+fn metric(text: &str, name: &str, labels: &str) -> f64 {
+    let series = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Two trunks on one address (one SBC, two accounts or routes): every
+/// response is counted against the trunk that placed its call, the 200
+/// to the BYE too, which arrives after the call has its outcome. Before,
+/// responses after the outcome went to the first trunk with that
+/// address, so `sipp_a` got `sipp_b`'s BYE answers. The calls are spread
+/// by weight (1:9), so `sipp_b` takes nearly all of them; each trunk must
+/// show two 200s (the INVITE's and the BYE's) per answered call.
+#[test]
+fn trunks_on_one_address_count_their_own_late_responses() {
+    let dir = test_dir("sipp-shared-address");
+    let mut sipp = Sipp::start(&dir, &ours("uas_answer.xml"), 15_418, 6);
+    let trunks = "[[trunks]]\nname = \"sipp_a\"\naddress = \"127.0.0.1:15418\"\ncps = 50\nweight = 1\n\
+                  [[trunks]]\nname = \"sipp_b\"\naddress = \"127.0.0.1:15418\"\ncps = 50\nweight = 9\n";
+    let cfg = config(&dir, "+44770090XXXX\n", trunks, "");
+    let e = Engine::start(&cfg);
+    for i in 0..6 {
+        let v = e.create(json!({"phone": format!("+44791112350{i}"), "sender": "SHOP"}));
+        let got = e.wait_call_done(v["id"].as_str().unwrap());
+        assert_eq!(got["call"]["outcome"], "answered", "{got}");
+    }
+    let (ok, failed) = sipp.finish(Duration::from_secs(10));
+    assert_eq!((ok, failed), (6, 0), "SIPp's view of the calls");
+    let counts = |m: &str, t: &str| {
+        let answered = metric(
+            m,
+            "flashcall_calls_total",
+            &format!("trunk=\"{t}\",outcome=\"answered\""),
+        );
+        let ok200 = metric(
+            m,
+            "flashcall_sip_responses_total",
+            &format!("trunk=\"{t}\",code=\"200\""),
+        );
+        (answered, ok200)
+    };
+    let settled = |m: &str| {
+        let (a, b) = (counts(m, "sipp_a"), counts(m, "sipp_b"));
+        a.0 + b.0 == 6.0 && a.1 + b.1 == 12.0
+    };
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    let mut m = e.metrics_text();
+    while !settled(&m) && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+        m = e.metrics_text();
+    }
+    assert!(settled(&m), "6 answered calls, 12 200s in all:\n{m}");
+    let (a, b) = (counts(&m, "sipp_a"), counts(&m, "sipp_b"));
+    // 1 in 10^6 that weight 9 of 10 gets none of 6 calls.
+    assert!(b.0 >= 1.0, "sipp_b placed no call: {a:?} {b:?}");
+    assert_eq!(a.1, 2.0 * a.0, "sipp_a: 200s {a:?}");
+    assert_eq!(b.1, 2.0 * b.0, "sipp_b: 200s {b:?}");
+}
+
 /// `sip.realtime_priority` (SCHED_FIFO), with `sip.batch_window_us = 0`
 /// accepted beside it: calls still complete, and the SIP thread runs under
 /// the scheduling asked for, or the engine said plainly that the OS refused
