@@ -406,13 +406,10 @@ struct CancelTx {
 /// up (Timer E doubling to T2, Timer F at 64·T1, RFC 3261 §17.1.2.2).
 #[derive(Debug)]
 struct Leg {
-    /// The dialog's To tag: a 2xx with another is a further leg of a
-    /// forked call.
-    to_tag: Box<str>,
-    ack: Bytes,
-    /// The BYE as last sent (with credentials after a challenge).
-    payload: Bytes,
-    dest: SocketAddr,
+    /// Its ACK and BYE, where they go and what they were written from;
+    /// `dialog.bye` is the BYE as last sent (with credentials after a
+    /// challenge).
+    dialog: DialogRequests,
     /// Branch kinds of this leg's BYE and of its resend with credentials.
     bye_kind: u8,
     auth_kind: u8,
@@ -423,24 +420,23 @@ struct Leg {
     resend_at: Instant,
     give_up_at: Instant,
     done: bool,
-    /// What the BYE is written from, for its one resend with credentials
-    /// after a 401/407: the Contact it goes to (`None`: the Request-URI),
-    /// the dialog's To and route set.
-    target: Option<Box<str>>,
-    to: Box<[u8]>,
-    routes: Vec<String>,
     /// It was challenged and resent with credentials (once only).
     challenged: bool,
 }
 
 /// The ACK and BYE for a dialog a 2xx made, and what they were written
-/// from.
+/// from (for the BYE's one resend with credentials after a 401/407).
+#[derive(Debug)]
 struct DialogRequests {
+    /// The dialog's To tag: a 2xx with another is a further leg of a
+    /// forked call.
     to_tag: Box<str>,
     next_hop: SocketAddr,
     ack: Bytes,
     bye: Bytes,
+    /// The Contact the requests go to (`None`: the Request-URI).
     target: Option<Box<str>>,
+    /// The dialog's To and route set.
     to: Box<[u8]>,
     routes: Vec<String>,
 }
@@ -889,36 +885,13 @@ impl<R: RngCore> Endpoint<R> {
             }
             // The 200 (or anything) for an untracked leg's BYE: nothing waits.
             KIND_BYE_FORK if method == "BYE" => true,
-            k if method == "BYE" && self.leg_of(handle, k).is_some() => {
-                let Some(i) = self.leg_of(handle, k) else {
-                    return false;
-                };
-                let (first_bye, challenged, creds) = self
-                    .call(handle)
-                    .map(|c| {
-                        let leg = &c.legs[i];
-                        let creds = self.credentials(&c.ids).is_some();
-                        (k == leg.bye_kind, leg.challenged, creds)
-                    })
-                    .unwrap_or((false, false, false));
-                if first_bye && challenged {
-                    // The first BYE's transaction, replaced by the one with
-                    // credentials: a late copy of its answer changes nothing.
-                } else if first_bye && creds && matches!(code, 401 | 407) {
-                    self.bye_auth_retry(now, handle, i, code, msg);
-                } else if code >= 200 {
-                    // 2xx, or any other final (a second challenge too): no
-                    // more can be done for this BYE.
-                    self.bye_done(handle, i);
-                } else {
-                    // Proceeding: Timer E goes on at T2 (§17.1.2.2).
-                    let t2 = self.cfg.timers.t2;
-                    if let Some(leg) = self.call_mut(handle).and_then(|c| c.legs.get_mut(i)) {
-                        leg.interval = t2;
-                    }
+            k if method == "BYE" => match self.leg_of(handle, k) {
+                Some(i) => {
+                    self.on_bye_response(now, handle, i, k, code, msg);
+                    true
                 }
-                true
-            }
+                None => false,
+            },
             _ => false,
         };
         if matched {
@@ -926,6 +899,36 @@ impl<R: RngCore> Endpoint<R> {
                 .insert(first_event, Event::Response { tag, trunk, code });
         }
         matched
+    }
+
+    /// A response to the BYE (branch kind `kind`) of leg `i`.
+    fn on_bye_response(
+        &mut self,
+        now: Instant,
+        h: CallHandle,
+        i: usize,
+        kind: u8,
+        code: u16,
+        msg: &Message<'_>,
+    ) {
+        let t2 = self.cfg.timers.t2;
+        let Some(c) = self.call(h) else { return };
+        let Some(leg) = c.legs.get(i) else { return };
+        let first_bye = kind == leg.bye_kind;
+        let creds = self.credentials(&c.ids).is_some();
+        if first_bye && leg.challenged {
+            // The first BYE's transaction, replaced by the one with
+            // credentials: a late copy of its answer changes nothing.
+        } else if first_bye && creds && matches!(code, 401 | 407) {
+            self.bye_auth_retry(now, h, i, code, msg);
+        } else if code >= 200 {
+            // 2xx, or any other final (a second challenge too): no more can
+            // be done for this BYE.
+            self.bye_done(h, i);
+        } else if let Some(leg) = self.call_mut(h).and_then(|c| c.legs.get_mut(i)) {
+            // Proceeding: Timer E goes on at T2 (§17.1.2.2).
+            leg.interval = t2;
+        }
     }
 
     /// A response for a call that is now a tombstone. Returns whether it
@@ -1017,13 +1020,13 @@ impl<R: RngCore> Endpoint<R> {
             (200..=299, InviteState::Accepted) => {
                 // A 2xx without a To tag is taken for the first leg's.
                 let leg = match msg.to_tag {
-                    Some(t) => c.legs.iter().find(|l| *l.to_tag == *t),
+                    Some(t) => c.legs.iter().find(|l| *l.dialog.to_tag == *t),
                     None => c.legs.first(),
                 };
                 if let Some(leg) = leg {
                     // A retransmission of that leg's answer: its ACK again
                     // (its BYE keeps to its own timers).
-                    let (dest, payload) = (leg.dest, leg.ack.clone());
+                    let (dest, payload) = (leg.dialog.next_hop, leg.dialog.ack.clone());
                     self.transmits.push_back(Transmit { dest, payload });
                 } else if let Some(n) = c.legs.len().checked_sub(1).filter(|&n| n < FORK_LEGS) {
                     // Another leg of a forked call answered too (§13.2.2.4:
@@ -1115,36 +1118,22 @@ impl<R: RngCore> Endpoint<R> {
         msg: &Message<'_>,
         (ack_kind, bye_kind, auth_kind): (u8, u8, u8),
     ) -> bool {
-        let Some(DialogRequests {
-            to_tag,
-            next_hop,
-            ack,
-            bye,
-            target,
-            to,
-            routes,
-        }) = self.dialog_requests(h, msg, (ack_kind, bye_kind))
-        else {
+        let Some(dialog) = self.dialog_requests(h, msg, (ack_kind, bye_kind)) else {
             return false;
         };
+        let (next_hop, ack, bye) = (dialog.next_hop, dialog.ack.clone(), dialog.bye.clone());
         let (t1, b) = (self.cfg.timers.t1, self.cfg.timers.b());
         let Some(c) = self.call_mut(h) else {
             return false;
         };
         c.legs.push(Leg {
-            to_tag,
-            ack: ack.clone(),
-            payload: bye.clone(),
-            dest: next_hop,
+            dialog,
             bye_kind,
             auth_kind,
             interval: t1,
             resend_at: now + t1,
             give_up_at: now + b,
             done: false,
-            target,
-            to,
-            routes,
             challenged: false,
         });
         let linger = c.deadlines[Timer::Linger as usize]
@@ -1293,6 +1282,7 @@ impl<R: RngCore> Endpoint<R> {
         let branch = self.branch(h, leg.auth_kind);
         let d = self.dialog(&c.ids, &tag);
         let target = leg
+            .dialog
             .target
             .as_deref()
             .map_or(Target::RequestUri, Target::Uri);
@@ -1316,21 +1306,21 @@ impl<R: RngCore> Endpoint<R> {
                 target,
                 &branch,
                 c.cseq + 2,
-                &leg.to,
-                &leg.routes,
+                &leg.dialog.to,
+                &leg.dialog.routes,
                 Some((header, &value)),
             )
         });
         let Some(leg) = self.call_mut(h).and_then(|c| c.legs.get_mut(i)) else {
             return;
         };
-        leg.payload = payload.clone();
+        leg.dialog.bye = payload.clone();
         leg.interval = t1;
         leg.resend_at = now + t1;
         leg.give_up_at = now + b;
         leg.done = false;
         leg.challenged = true;
-        let dest = leg.dest;
+        let dest = leg.dialog.next_hop;
         self.transmits.push_back(Transmit { dest, payload });
         self.arm_byes(h);
         let linger = self
@@ -1548,8 +1538,8 @@ impl<R: RngCore> Endpoint<R> {
                     leg.interval = (leg.interval * 2).min(t2);
                     leg.resend_at = now + leg.interval;
                     transmits.push_back(Transmit {
-                        dest: leg.dest,
-                        payload: leg.payload.clone(),
+                        dest: leg.dialog.next_hop,
+                        payload: leg.dialog.bye.clone(),
                     });
                 }
                 self.arm_byes(h);

@@ -95,6 +95,13 @@ fn reply(req: &Transmit, code: u16, extra: &[(&str, &str)]) -> Vec<u8> {
     render::response(&msg, code, "Reason", "callee1", extra).to_vec()
 }
 
+/// A 2xx to `invite` from the forked leg with To tag `tag` and Contact
+/// `contact`.
+fn leg_ok(invite: &Transmit, tag: &str, contact: &str) -> Vec<u8> {
+    let inv = Message::parse(&invite.payload).unwrap();
+    render::response(&inv, 200, "OK", tag, &[("Contact", contact)]).to_vec()
+}
+
 fn feed(ep: &mut Endpoint<StdRng>, at: Instant, bytes: &[u8]) -> Input {
     ep.handle_input(at, TRUNK.parse().unwrap(), bytes)
 }
@@ -400,15 +407,7 @@ fn a_second_forked_leg_that_answers_gets_its_own_ack_and_bye() {
     feed(&mut ep, t0 + ms(20), &ok1);
     let leg1 = drain(&mut ep);
     assert_eq!(leg1.iter().map(method).collect::<Vec<_>>(), ["ACK", "BYE"]);
-    let inv = Message::parse(&invite.payload).unwrap();
-    let ok2 = render::response(
-        &inv,
-        200,
-        "OK",
-        "callee2",
-        &[("Contact", "<sip:leg2@127.0.0.1:5081>")],
-    )
-    .to_vec();
+    let ok2 = leg_ok(&invite, "callee2", "<sip:leg2@127.0.0.1:5081>");
     feed(&mut ep, t0 + ms(30), &ok2);
     let leg2 = drain(&mut ep);
     assert_eq!(leg2.iter().map(method).collect::<Vec<_>>(), ["ACK", "BYE"]);
@@ -791,13 +790,7 @@ fn a_2xx_from_a_forked_leg_after_the_487_is_acked_and_hung_up() {
     let t0 = Instant::now();
     let (invite, _, _, _) = call_to_487(&mut ep, t0);
     ended(&mut ep);
-    let ok = render::response(
-        &Message::parse(&invite.payload).unwrap(),
-        200,
-        "OK",
-        "leg2",
-        &[("Contact", "<sip:leg2@127.0.0.1:5090>")],
-    );
+    let ok = leg_ok(&invite, "leg2", "<sip:leg2@127.0.0.1:5090>");
     assert_eq!(feed(&mut ep, t0 + ms(50), &ok), Input::Response);
     let out = drain(&mut ep);
     assert_eq!(out.iter().map(method).collect::<Vec<_>>(), ["ACK", "BYE"]);
@@ -1091,13 +1084,17 @@ fn answered_on_two_legs(
     t0: Instant,
     invite: &Transmit,
 ) -> (Vec<Transmit>, Vec<Transmit>) {
-    let inv = Message::parse(&invite.payload).unwrap();
-    let ok = |tag: &str, contact: &str| {
-        render::response(&inv, 200, "OK", tag, &[("Contact", contact)]).to_vec()
-    };
-    feed(ep, t0 + ms(20), &ok("callee1", "<sip:leg1@127.0.0.1:5080>"));
+    feed(
+        ep,
+        t0 + ms(20),
+        &leg_ok(invite, "callee1", "<sip:leg1@127.0.0.1:5080>"),
+    );
     let leg1 = drain(ep);
-    feed(ep, t0 + ms(30), &ok("callee2", "<sip:leg2@127.0.0.1:5081>"));
+    feed(
+        ep,
+        t0 + ms(30),
+        &leg_ok(invite, "callee2", "<sip:leg2@127.0.0.1:5081>"),
+    );
     let leg2 = drain(ep);
     assert_eq!(leg2.iter().map(method).collect::<Vec<_>>(), ["ACK", "BYE"]);
     (leg1, leg2)
@@ -1221,14 +1218,7 @@ fn a_revived_call_answers_a_bye_challenge() {
     let t0 = Instant::now();
     let (invite, ..) = call_to_487_of(&mut ep, t0, with_credentials("trunkuser", "s3cret"));
     assert_eq!(ep.tombstones(), 1);
-    let inv = Message::parse(&invite.payload).unwrap();
-    let ok = render::response(
-        &inv,
-        200,
-        "OK",
-        "leg2",
-        &[("Contact", "<sip:leg2@127.0.0.1:5090>")],
-    );
+    let ok = leg_ok(&invite, "leg2", "<sip:leg2@127.0.0.1:5090>");
     feed(&mut ep, t0 + ms(50), &ok);
     let out = drain(&mut ep);
     assert_eq!(out.iter().map(method).collect::<Vec<_>>(), ["ACK", "BYE"]);
