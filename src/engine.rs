@@ -529,7 +529,7 @@ impl udp::App for Driver {
 
     fn on_event(&mut self, _ep: &mut Endpoint<StdRng>, event: Event) {
         match event {
-            Event::Response { tag, code, .. } => {
+            Event::Response { tag, code } => {
                 // A call that has its outcome is gone from `calls`, but the
                 // responses after it (the 200 to our BYE, a retransmitted
                 // final, a late 2xx from a fork) are the trunk's answers too:
@@ -547,7 +547,7 @@ impl udp::App for Driver {
                 }
             }
             Event::Ringing { .. } => {}
-            Event::TrunkRetryAfter { tag, secs, .. } => {
+            Event::TrunkRetryAfter { tag, secs } => {
                 if let Some(t) = self.trunk_of(tag) {
                     self.rest_trunk(t, Instant::now(), secs);
                 }

@@ -149,7 +149,7 @@ pub fn decide(
         Outcome::Delivered => (None, false, false),
         Outcome::Failed => {
             let next = now_ms + backoff_ms(settings, ev.attempts + 1, rng) as i64;
-            if next > ev.created_at_ms + settings.max_age_ms {
+            if next > end_of_life(settings, ev) {
                 (None, false, true)
             } else {
                 (Some(next), false, false)
@@ -171,20 +171,25 @@ pub fn decide(
     )
 }
 
+/// When retries of `ev` stop: `max_age` after it was written.
+fn end_of_life(settings: &Settings, ev: &OutboxEvent) -> i64 {
+    ev.created_at_ms.saturating_add(settings.max_age_ms)
+}
+
 /// `(next_attempt_ms, held, given_up)` for an event whose endpoint is gone
 /// (410): held to the end of its life, or given up when that has come.
 /// Standard Webhooks asks the sender to stop sending to a 410 endpoint, not
 /// to drop what it has: the next start sends the held events (SPEC §7:
-/// none lost across a restart).
-/// On a store that starts empty (`durable` false) there is no next start
-/// to wait for: the event ends unsent, as a 410 asks.
+/// none lost across a restart). On a store that starts empty (`durable`
+/// false) there is no next start to wait for: the event ends unsent, as a
+/// 410 asks.
 fn hold(
     settings: &Settings,
     ev: &OutboxEvent,
     now_ms: i64,
     durable: bool,
 ) -> (Option<i64>, bool, bool) {
-    let end = ev.created_at_ms.saturating_add(settings.max_age_ms);
+    let end = end_of_life(settings, ev);
     if !durable {
         (None, false, false)
     } else if end > now_ms {
@@ -356,7 +361,7 @@ async fn deliver(
         crate::metrics::webhook_delivery("dropped");
         return record(store, &ev.id, attempt).await;
     };
-    if now >= ev.created_at_ms.saturating_add(settings.max_age_ms) {
+    if now >= end_of_life(settings, &ev) {
         // Past its life (`max_age_hours`): an event held for an endpoint
         // that answered 410, made due by this start after it was too old
         // already, ends unsent. (A retry is never scheduled past it.)

@@ -249,12 +249,9 @@ impl CallReport {
 /// What the core tells its driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// Every response received for a call, for per-code metrics.
-    Response {
-        tag: u64,
-        trunk: SocketAddr,
-        code: u16,
-    },
+    /// Every response received for a call, for per-code metrics (the
+    /// call's tag names its trunk too, after the call has its outcome).
+    Response { tag: u64, code: u16 },
     /// First 180/183.
     Ringing {
         call: CallHandle,
@@ -267,11 +264,7 @@ pub enum Event {
     /// (Timer B gave `timeout`, then the slow trunk's 503 came): the trunk
     /// still asks for that much rest (RFC 3261 §21.5.4), which the outcome
     /// could no longer carry.
-    TrunkRetryAfter {
-        tag: u64,
-        trunk: SocketAddr,
-        secs: u32,
-    },
+    TrunkRetryAfter { tag: u64, secs: u32 },
 }
 
 /// A datagram to send.
@@ -838,25 +831,25 @@ impl<R: RngCore> Endpoint<R> {
         let Some((handle, kind)) = msg.top_via_branch.and_then(|b| self.parse_branch(b)) else {
             return false;
         };
-        let (tag, trunk, invite_kind, cseq) = match self.slots.get(handle.slot as usize) {
+        let (tag, invite_kind, cseq) = match self.slots.get(handle.slot as usize) {
             Some(Slot::Live(c))
                 if c.gen == handle.gen
                     && ids::call_id_is(&c.ids.call_id, &self.local.public_host, msg.call_id) =>
             {
-                (c.tag, self.trunk_addr(&c.ids), c.invite_kind, c.cseq)
+                (c.tag, c.invite_kind, c.cseq)
             }
             Some(Slot::Tomb(t))
                 if t.gen == handle.gen
                     && ids::call_id_is(&t.ids.call_id, &self.local.public_host, msg.call_id) =>
             {
-                let (tag, trunk) = (t.tag, self.trunk_addr(&t.ids));
+                let tag = t.tag;
                 let first_event = self.events.len();
                 if !self.on_tomb_response(now, handle, kind, code, msg) {
                     return false;
                 }
                 self.stats.late_responses += 1;
                 self.events
-                    .insert(first_event, Event::Response { tag, trunk, code });
+                    .insert(first_event, Event::Response { tag, code });
                 return true;
             }
             _ => return false,
@@ -896,7 +889,7 @@ impl<R: RngCore> Endpoint<R> {
         };
         if matched {
             self.events
-                .insert(first_event, Event::Response { tag, trunk, code });
+                .insert(first_event, Event::Response { tag, code });
         }
         matched
     }
@@ -1640,9 +1633,8 @@ impl<R: RngCore> Endpoint<R> {
         let Some(c) = self.call(h) else { return };
         if c.ended {
             if let Some(secs) = retry_after {
-                let (tag, trunk) = (c.tag, self.trunk_addr(&c.ids));
-                self.events
-                    .push_back(Event::TrunkRetryAfter { tag, trunk, secs });
+                let tag = c.tag;
+                self.events.push_back(Event::TrunkRetryAfter { tag, secs });
             }
             return;
         }
