@@ -1226,3 +1226,46 @@ fn a_revived_call_answers_a_bye_challenge() {
     let auth = header_of(&retry[0], "Proxy-Authorization").expect("credentials");
     assert_digest(&auth, challenge, "BYE", "sip:leg2@127.0.0.1:5090");
 }
+
+/// A trunk that answers with many forked legs (or a hostile one, a new To
+/// tag per 2xx): the legs kept are bounded (the first and 8 more, each
+/// with a BYE transaction), the rest get an ACK and a one-shot BYE per
+/// copy; nothing panics and the state goes at 64·T1.
+#[test]
+fn forked_legs_past_the_table_are_answered_and_bounded() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.start_call(t0, request(0, 15_000));
+    let invite = drain(&mut ep).remove(0);
+    let mut branches = std::collections::HashSet::new();
+    for n in 0..14u64 {
+        let ok = leg_ok(&invite, &format!("leg{n}"), "<sip:leg@127.0.0.1:5080>");
+        assert_eq!(feed(&mut ep, t0 + ms(10 + n), &ok), Input::Response);
+        let out = drain(&mut ep);
+        assert_eq!(
+            out.iter().map(method).collect::<Vec<_>>(),
+            ["ACK", "BYE"],
+            "leg {n}"
+        );
+        for t in &out {
+            let b = Message::parse(&t.payload)
+                .unwrap()
+                .top_via_branch
+                .unwrap()
+                .to_string();
+            branches.insert(b);
+        }
+    }
+    // 9 legs with branches of their own (ACK and BYE each), then one shared
+    // pair for the rest.
+    assert_eq!(branches.len(), 9 * 2 + 2, "{branches:?}");
+    let sent = run_until(&mut ep, t0, Duration::from_secs(40));
+    // Only the 9 kept BYEs are retransmitted.
+    let first_round = sent
+        .iter()
+        .filter(|(at, m)| m == "BYE" && *at < ms(600))
+        .count();
+    assert_eq!(first_round, 9, "{sent:?}");
+    assert_eq!(ep.calls_in_memory(), 0);
+    assert_eq!(ep.poll_timeout(), None);
+}
