@@ -299,14 +299,11 @@ pub async fn run(opts: DialOptions) -> anyhow::Result<bool> {
     let socket = UdpSocket::bind(bind)
         .await
         .map_err(|e| DialError::Bind(bind, e))?;
-    // Connected to the one trunk so the kernel reports ICMP port unreachable
-    // (an unconnected UDP socket never sees it) and drops datagrams from
-    // anyone else. Linux still honours an explicit destination in sendto,
-    // which a 2xx Contact elsewhere needs for its ACK and BYE.
-    socket
-        .connect(trunk)
-        .await
-        .map_err(|e| DialError::Bind(bind, e))?;
+    // Not connected to the trunk: a connected socket drops every datagram
+    // from another address, and trunks answer from elsewhere (an SBC that
+    // sends from another port or node, a 2xx Contact answering our BYE).
+    // ICMP unreachable still comes back: the driver asks for the socket's
+    // error queue (IP_RECVERR).
     let local = socket.local_addr()?;
     let (media, rtp) = rtp::spawn_sink(SocketAddr::new(local.ip(), 0))
         .await

@@ -280,6 +280,10 @@ struct Driver {
 /// was busy. A trunk that answers everything 503 still gets rest.
 const PLAIN_503_STREAK: u32 = 5;
 const PLAIN_503_BACKOFF_SECS: u32 = 5;
+/// Rest for a trunk the transport reports unreachable (its calls end
+/// `trunk_error` with no SIP code): as long as a plain 503 streak's. After
+/// it one round of calls finds out whether the trunk is back.
+const UNREACHABLE_BACKOFF_SECS: u32 = 5;
 /// The longest rest after a 503 that the calls already queued for the
 /// trunk wait out; past it they end unplaced (see `Driver::poll`).
 const QUEUE_HOLD_MAX_MS: i64 = 10_000;
@@ -313,12 +317,17 @@ impl Driver {
     }
 
     /// Trunk `t` gets no INVITE for `secs` from `from` (its 503 asked, or
-    /// a streak of them: see PLAIN_503_STREAK); creates meanwhile get 503.
-    fn rest_trunk(&self, t: usize, from: Instant, secs: u32) {
+    /// a streak of them: see PLAIN_503_STREAK, or it is unreachable);
+    /// creates meanwhile get 503.
+    fn rest_trunk(&self, t: usize, from: Instant, secs: u32, why: &'static str) {
         let secs = secs.min(RETRY_AFTER_MAX_SECS);
         let until = self.wall(from) + i64::from(secs) * 1000;
-        self.shared.backoff_until_ms[t].fetch_max(until, Ordering::AcqRel);
-        tracing::warn!(trunk = %self.shared.trunks[t].name, secs, "trunk answered 503: backing off");
+        let before = self.shared.backoff_until_ms[t].fetch_max(until, Ordering::AcqRel);
+        // Once per rest, not once per call that ended with the reason (a
+        // sweep of an unreachable trunk ends many at one instant).
+        if before < until {
+            tracing::warn!(trunk = %self.shared.trunks[t].name, secs, "trunk {why}: backing off");
+        }
     }
 
     fn start(&mut self, now: Instant, ep: &mut Endpoint<StdRng>, cmd: CallCmd) {
@@ -451,6 +460,9 @@ impl udp::App for Driver {
         self.metrics
             .stray
             .increment(stats.stray_responses - self.stats_seen.stray_responses);
+        self.metrics
+            .transport_failures
+            .increment(stats.transport_failures - self.stats_seen.transport_failures);
         self.stats_seen = stats;
 
         if self.shared.shutting_down.load(Ordering::Acquire) {
@@ -549,7 +561,7 @@ impl udp::App for Driver {
             Event::Ringing { .. } => {}
             Event::TrunkRetryAfter { tag, secs } => {
                 if let Some(t) = self.trunk_of(tag) {
-                    self.rest_trunk(t, Instant::now(), secs);
+                    self.rest_trunk(t, Instant::now(), secs, "answered 503");
                 }
             }
             Event::Ended(r) => {
@@ -567,7 +579,17 @@ impl udp::App for Driver {
                 // Honour Retry-After; without one, rest the trunk only
                 // after PLAIN_503_STREAK such 503s with no other answer
                 // between them (see there).
+                let mut why = "answered 503";
                 let rest = match (r.outcome, r.retry_after) {
+                    // No SIP code: the transport said the trunk cannot be
+                    // reached (ICMP unreachable, no route). That is about
+                    // the trunk, not one destination's route: rest it at
+                    // once, so creates go to the other trunks (or get 503)
+                    // instead of failing one after another.
+                    (Outcome::TrunkError, _) if r.sip_code.is_none() => {
+                        why = "unreachable (ICMP or no route)";
+                        Some(UNREACHABLE_BACKOFF_SECS)
+                    }
                     (Outcome::TrunkError, Some(secs)) => Some(secs),
                     (Outcome::TrunkError, None) => {
                         let n = &mut self.plain_503s[a.trunk];
@@ -591,7 +613,7 @@ impl udp::App for Driver {
                     }
                 };
                 if let Some(secs) = rest {
-                    self.rest_trunk(a.trunk, r.ended_at, secs);
+                    self.rest_trunk(a.trunk, r.ended_at, secs, why);
                 }
                 let record = CallRecord {
                     trunk: self.shared.trunks[a.trunk].name.clone(),

@@ -29,6 +29,9 @@ pub const HTTP_DURATION: &str = "flashcall_http_request_duration_seconds";
 pub const SIP_PARSE_ERRORS: &str = "flashcall_sip_parse_errors_total";
 pub const TRUNK_QUEUE: &str = "flashcall_trunk_queue_depth";
 pub const SIP_STRAY: &str = "flashcall_sip_stray_responses_total";
+/// Calls ended `trunk_error` because the transport reported their trunk
+/// unreachable (ICMP port/host/network unreachable, no route).
+pub const SIP_TRANSPORT_FAILURES: &str = "flashcall_sip_transport_failures_total";
 /// Datagrams the kernel dropped for the SIP socket (its receive queue was
 /// full: the SIP thread fell behind); a retransmission may bring them back.
 pub const SIP_RECEIVE_DROPS: &str = "flashcall_sip_receive_drops_total";
@@ -123,6 +126,10 @@ pub fn describe(projects: &[String], trunks: &[String]) {
     describe_gauge!(TRUNK_QUEUE, "INVITEs waiting for a CPS slot, by trunk");
     describe_counter!(SIP_STRAY, "SIP responses matching no transaction");
     describe_counter!(
+        SIP_TRANSPORT_FAILURES,
+        "Calls ended trunk_error because the transport reported the trunk unreachable (ICMP, no route)"
+    );
+    describe_counter!(
         SIP_RECEIVE_DROPS,
         "SIP datagrams the kernel dropped: the socket's receive queue was full"
     );
@@ -186,6 +193,7 @@ pub fn describe(projects: &[String], trunks: &[String]) {
     gauge!(LIMITER_TRACKED).set(0.0);
     counter!(SIP_PARSE_ERRORS).absolute(0);
     counter!(SIP_STRAY).absolute(0);
+    counter!(SIP_TRANSPORT_FAILURES).absolute(0);
     counter!(SIP_RECEIVE_DROPS).absolute(0);
     let _ = histogram!(STORE_COMMIT);
     counter!(STORE_WRITES).absolute(0);
@@ -250,6 +258,7 @@ pub struct CallMetrics {
     pub cancel: Histogram,
     pub parse_errors: Counter,
     pub stray: Counter,
+    pub transport_failures: Counter,
     pub receive_drops: Counter,
 }
 
@@ -261,6 +270,7 @@ impl CallMetrics {
             cancel: histogram!(CANCEL_DELAY),
             parse_errors: counter!(SIP_PARSE_ERRORS),
             stray: counter!(SIP_STRAY),
+            transport_failures: counter!(SIP_TRANSPORT_FAILURES),
             receive_drops: counter!(SIP_RECEIVE_DROPS),
         }
     }

@@ -104,8 +104,8 @@ fn callee(name: &'static str, scenario: &Path, port: u16, calls: u32, extra: &[&
         .spawn()
         .expect("sipp on PATH (apt-get install sip-tester)");
     let mut sipp = Sipp { child, name };
-    // `dial`'s socket is connected: it gives up on the port-unreachable of
-    // a port SIPp has not bound yet, so wait for the bind (and fail fast if
+    // `dial` gives up on the port-unreachable of a port SIPp has not bound
+    // yet (its calls end trunk_error at once), so wait for the bind (and fail fast if
     // SIPp died: bad scenario, port taken).
     if let Some(status) = bound::wait_udp_bound(&mut sipp.child, port) {
         panic!(
@@ -371,6 +371,104 @@ fn auth_401_with_a_wrong_password_is_refused() {
     );
 }
 
+/// A trunk whose answers come from another address than the one the
+/// INVITE went to (an SBC that sends from another socket or node). A relay
+/// takes `dial`'s requests on one port and hands them to SIPp, and sends
+/// SIPp's answers back from a second port: the calls are still delivered.
+/// (`dial`'s socket used to be connected to the trunk, so the kernel
+/// dropped every answer and each call ended `timeout` after 32 s.)
+#[test]
+fn answers_from_another_port_of_the_trunk_are_taken() {
+    use std::net::UdpSocket;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    struct Relay {
+        stop: Arc<AtomicBool>,
+        threads: Vec<std::thread::JoinHandle<()>>,
+        answers: Arc<AtomicU64>,
+    }
+    impl Drop for Relay {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+
+    let mut uas = callee("other_port", &shared("uas_ring_cancel.xml"), 15_380, 5, &[]);
+    let front = UdpSocket::bind("127.0.0.1:15381").expect("bind the relay's front");
+    let back = UdpSocket::bind("127.0.0.1:15382").expect("bind the relay's back");
+    let to_sipp = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    to_sipp.connect("127.0.0.1:15380").expect("connect");
+    for s in [&front, &to_sipp] {
+        s.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+    }
+    let dialer: Arc<Mutex<Option<std::net::SocketAddr>>> = Arc::default();
+    let relay = Relay {
+        stop: Arc::default(),
+        threads: Vec::new(),
+        answers: Arc::default(),
+    };
+    let mut relay = relay;
+    let to_sipp = Arc::new(to_sipp);
+    {
+        let (stop, dialer, to_sipp) = (relay.stop.clone(), dialer.clone(), to_sipp.clone());
+        relay.threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 65_535];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = front.recv_from(&mut buf) {
+                    *dialer.lock().unwrap() = Some(from);
+                    let _ = to_sipp.send(&buf[..n]);
+                }
+            }
+        }));
+    }
+    {
+        let (stop, dialer, answers) = (relay.stop.clone(), dialer, relay.answers.clone());
+        relay.threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 65_535];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(n) = to_sipp.recv(&mut buf) {
+                    let to = *dialer.lock().unwrap();
+                    if let Some(to) = to {
+                        let _ = back.send_to(&buf[..n], to);
+                        answers.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    let out = dial(&[
+        "--trunk",
+        "127.0.0.1:15381",
+        "--to-prefix",
+        "+4477009",
+        "--count",
+        "5",
+        "--rate",
+        "50",
+        "--json",
+    ]);
+    let (calls, summary) = json_lines(&out);
+    assert_eq!(out.status.code(), Some(0), "{summary} {}", stderr(&out));
+    assert_eq!(calls.len(), 5);
+    for c in &calls {
+        assert_eq!(c["outcome"], "delivered", "{c}");
+        assert_eq!(c["sip_code"], 487, "{c}");
+    }
+    // 100, 180, 200 (CANCEL) and 487 per call, all from the other port.
+    assert!(
+        relay.answers.load(Ordering::Relaxed) >= 20,
+        "{}",
+        relay.answers.load(Ordering::Relaxed)
+    );
+    drop(relay);
+    assert_sipp_success(&mut uas, 5);
+}
+
 #[test]
 fn unreachable_trunk_exits_2() {
     // A port of this file's range that no test binds: below the ephemeral
@@ -395,6 +493,9 @@ fn unreachable_trunk_exits_2() {
     let summary = &last["summary"];
     assert_eq!(summary["trunk_unreachable"], true, "{last}");
     assert_eq!(summary["outcomes"].get("delivered"), None, "{last}");
+    // The port unreachable is a transport failure, a 503 to RFC 3261
+    // (§8.1.3.1): the call ends trunk_error, not timeout after Timer B.
+    assert_eq!(summary["outcomes"]["trunk_error"], 1, "{last}");
     assert!(
         t0.elapsed() < Duration::from_secs(10),
         "not fast: {:?}",

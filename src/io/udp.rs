@@ -90,6 +90,11 @@ pub struct DriverStats {
     pub send_errors: u64,
     /// ICMP port unreachable reported on the socket.
     pub refused: u64,
+    /// Transport errors naming a destination (ICMP port, host or network
+    /// unreachable read from the socket's error queue, or a send the
+    /// kernel refused for its route), each handed to
+    /// [`Endpoint::transport_failed`].
+    pub unreachable: u64,
     pub malformed: u64,
     /// Datagrams the kernel dropped because the receive queue was full.
     pub receive_drops: u64,
@@ -154,10 +159,12 @@ pub async fn run(
     // datagram lands in them, so 32 x 64 KiB is cheap.
     let mut rx = RecvBatch::new();
     let mut tx: Vec<Transmit> = Vec::with_capacity(BATCH * 4);
-    // `dial` connects its socket to the trunk; datagrams to that peer then go
-    // without an address, which lets the kernel use the socket's cached
-    // route instead of a routing lookup per datagram.
-    let peer = socket.peer_addr().ok();
+    if let Err(e) = enable_icmp_errors(socket) {
+        tracing::warn!(error = %e, "no ICMP errors on the SIP socket: calls to an unreachable trunk run to Timer B");
+    }
+    // Set when the socket reported an error: its error queue is read
+    // before the loop sleeps again.
+    let mut errors = false;
     let (mut refused_seen, mut drops_seen) = (0, 0);
     let waker = app.waker();
     // Datagrams in the current and the previous load window.
@@ -166,7 +173,11 @@ pub async fn run(
     loop {
         stats.turns += 1;
         let now = Instant::now();
-        let received = drain(socket, ep, &mut rx, &mut stats);
+        let received = drain(socket, ep, &mut rx, &mut stats, &mut errors);
+        if errors {
+            errors = false;
+            take_errors(socket, ep, now, &mut stats);
+        }
         if stats.receive_drops > drops_seen {
             app.on_receive_drops(stats.receive_drops - drops_seen);
             drops_seen = stats.receive_drops;
@@ -182,7 +193,7 @@ pub async fn run(
         while let Some(ev) = ep.poll_event() {
             app.on_event(ep, ev);
         }
-        flush(socket, peer, ep, &mut tx, &mut stats).await;
+        flush(socket, ep, &mut tx, &mut stats, &mut errors).await;
         // The kernel reports ICMP unreachable on whichever call comes next,
         // a receive or a send: both count, and the app hears of it once.
         if stats.refused > refused_seen {
@@ -191,6 +202,11 @@ pub async fn run(
         }
         if app.done(ep) {
             return stats;
+        }
+        if errors {
+            // A send just failed: read why (and fail the calls to that
+            // address) in a turn of its own rather than after a sleep.
+            continue;
         }
         let next = match (ep.poll_timeout(), app_next) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -221,6 +237,12 @@ pub async fn run(
         };
         tokio::select! {
             r = socket.readable() => { if let Err(e) = r { tracing::warn!(error = %e, "socket"); } }
+            // An ICMP error queued while the loop slept (EPOLLERR, which
+            // readability does not include).
+            r = socket.ready(Interest::ERROR) => match r {
+                Ok(_) => errors = true,
+                Err(e) => tracing::warn!(error = %e, "socket"),
+            },
             _ = sleep => {}
             _ = woken => {}
         }
@@ -234,6 +256,7 @@ fn drain(
     ep: &mut Endpoint<StdRng>,
     rx: &mut RecvBatch,
     stats: &mut DriverStats,
+    errors: &mut bool,
 ) -> usize {
     let mut total = 0;
     while total < DRAIN_MAX {
@@ -281,7 +304,13 @@ fn drain(
                 }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused => stats.refused += 1,
+            // A pending ICMP error, reported by whichever call comes next;
+            // the error queue says for which destination.
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                stats.refused += 1;
+                *errors = true;
+            }
+            Err(e) if unreachable(&e) => *errors = true,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => {
                 tracing::warn!(error = %e, "SIP socket receive error");
@@ -295,10 +324,10 @@ fn drain(
 /// Sends every transmit the core has queued, [`BATCH`] per sendmmsg.
 async fn flush(
     socket: &UdpSocket,
-    peer: Option<SocketAddr>,
     ep: &mut Endpoint<StdRng>,
     tx: &mut Vec<Transmit>,
     stats: &mut DriverStats,
+    errors: &mut bool,
 ) {
     tx.clear();
     while let Some(t) = ep.poll_transmit() {
@@ -309,7 +338,7 @@ async fn flush(
     while sent < tx.len() {
         let end = tx.len().min(sent + BATCH);
         match socket.try_io(Interest::WRITABLE, || {
-            send_batch(socket.as_raw_fd(), peer, &tx[sent..end])
+            send_batch(socket.as_raw_fd(), &tx[sent..end])
         }) {
             Ok(n) => {
                 stats.datagrams_out += n as u64;
@@ -323,19 +352,31 @@ async fn flush(
                 }
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused && !retried => {
-                // The error belonged to an earlier datagram; this one was
+            Err(e) if (e.kind() == ErrorKind::ConnectionRefused || unreachable(&e)) && !retried => {
+                // A pending ICMP error: it belonged to an earlier datagram
+                // (the error queue says which destination); this one was
                 // not sent, so try it once more.
-                stats.refused += 1;
-                retried = true;
-            }
-            Err(e) => {
-                // This datagram cannot go (or was refused twice): skip it.
                 if e.kind() == ErrorKind::ConnectionRefused {
                     stats.refused += 1;
                 }
+                *errors = true;
+                retried = true;
+            }
+            Err(e) => {
+                // This datagram cannot go (or failed twice): skip it. A
+                // destination with no route (or one a local firewall
+                // rejects) fails the calls waiting on it, as an ICMP
+                // error would.
+                if e.kind() == ErrorKind::ConnectionRefused {
+                    stats.refused += 1;
+                }
+                let dest = tx[sent].dest;
+                if unreachable(&e) {
+                    stats.unreachable += 1;
+                    ep.transport_failed(Instant::now(), dest);
+                }
                 stats.send_errors += 1;
-                tracing::debug!(dest = %tx[sent].dest, error = %e, "send failed");
+                tracing::debug!(%dest, error = %e, "send failed");
                 sent += 1;
                 retried = false;
             }
@@ -609,9 +650,7 @@ fn to_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 
 /// One non-blocking sendmmsg(2) of up to [`BATCH`] transmits; returns how
 /// many were sent (the first unsent one is where an error, if any, lies).
-/// Datagrams for `peer`, the address the socket is connected to, carry no
-/// address: the kernel's connected fast path skips the route lookup.
-fn send_batch(fd: i32, peer: Option<SocketAddr>, batch: &[Transmit]) -> io::Result<usize> {
+fn send_batch(fd: i32, batch: &[Transmit]) -> io::Result<usize> {
     let n = batch.len().min(BATCH);
     // Only the first `n` entries are written and passed to the kernel, so
     // the arrays stay uninitialised: zeroing 32 of each (6.6 KB) on every
@@ -620,12 +659,8 @@ fn send_batch(fd: i32, peer: Option<SocketAddr>, batch: &[Transmit]) -> io::Resu
     let mut iovs = [const { MaybeUninit::<libc::iovec>::uninit() }; BATCH];
     let mut hdrs = [const { MaybeUninit::<libc::mmsghdr>::uninit() }; BATCH];
     for (i, t) in batch.iter().take(n).enumerate() {
-        let (name, namelen) = if Some(t.dest) == peer {
-            (std::ptr::null_mut(), 0)
-        } else {
-            let (ss, len) = to_sockaddr(t.dest);
-            (addrs[i].write(ss) as *mut libc::sockaddr_storage, len)
-        };
+        let (ss, namelen) = to_sockaddr(t.dest);
+        let name = addrs[i].write(ss) as *mut libc::sockaddr_storage;
         let iov = iovs[i].write(libc::iovec {
             iov_base: t.payload.as_ptr() as *mut libc::c_void,
             iov_len: t.payload.len(),
@@ -654,6 +689,141 @@ fn send_batch(fd: i32, peer: Option<SocketAddr>, batch: &[Transmit]) -> io::Resu
         return Err(io::Error::last_os_error());
     }
     Ok(r as usize)
+}
+
+/// Errors that say a destination cannot be reached (RFC 3261 §18.4's
+/// transport failures), besides ICMP port unreachable's
+/// `ConnectionRefused`: no route, host or network unreachable (ICMP or
+/// the local routing table), a local firewall's reject.
+fn unreachable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EACCES
+                | libc::EPERM
+        )
+    )
+}
+
+/// Asks the kernel to queue ICMP errors on the socket with the address
+/// they are about (IP_RECVERR / IPV6_RECVERR). Without it an unconnected
+/// UDP socket never hears of them, and a call to a trunk where nothing
+/// listens retransmits its INVITE for Timer B's 32 s.
+fn enable_icmp_errors(socket: &UdpSocket) -> io::Result<()> {
+    let (level, option) = match socket.local_addr()? {
+        SocketAddr::V4(_) => (libc::SOL_IP, libc::IP_RECVERR),
+        SocketAddr::V6(_) => (libc::SOL_IPV6, libc::IPV6_RECVERR),
+    };
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `one`.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads the socket's error queue to the end and fails the calls to each
+/// destination an ICMP error names. Reading it also clears the socket's
+/// pending error and tokio's error readiness.
+fn take_errors(
+    socket: &UdpSocket,
+    ep: &mut Endpoint<StdRng>,
+    now: Instant,
+    stats: &mut DriverStats,
+) {
+    // Bounded like `drain`, so a flood of errors cannot hold the loop.
+    for _ in 0..DRAIN_MAX {
+        match socket.try_io(Interest::ERROR, || recv_error(socket.as_raw_fd())) {
+            Ok(Some((dest, errno))) => {
+                if errno == libc::ECONNREFUSED {
+                    stats.refused += 1;
+                }
+                stats.unreachable += 1;
+                tracing::debug!(%dest, "ICMP: destination unreachable");
+                ep.transport_failed(now, dest);
+            }
+            // Not about reachability (a path MTU report, say).
+            Ok(None) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            // WouldBlock: the queue is empty.
+            Err(_) => return,
+        }
+    }
+}
+
+/// One entry of the error queue: the destination it names and the errno,
+/// if it is an ICMP error that says the destination cannot be reached.
+fn recv_error(fd: i32) -> io::Result<Option<(SocketAddr, i32)>> {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
+    let mut name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    // The bounced datagram's first bytes: not needed (see
+    // `Endpoint::transport_failed`), so a small buffer, truncated.
+    let mut data = [0u8; 64];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // sock_extended_err and the offender's address behind a cmsghdr;
+    // u64s keep it aligned.
+    let mut control = [0u64; 16];
+    // SAFETY: msghdr is plain old data; all-zero is valid, then the
+    // fields used are set.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut name as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: every pointer in `msg` is to a live local of the size given.
+    let r = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut found = None;
+    // SAFETY: the CMSG macros walk the control buffer the kernel filled in,
+    // within msg_controllen.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: a non-null header from CMSG_FIRSTHDR/NXTHDR is in bounds.
+        let c = unsafe { &*cmsg };
+        let ours = (c.cmsg_level == libc::SOL_IP && c.cmsg_type == libc::IP_RECVERR)
+            || (c.cmsg_level == libc::SOL_IPV6 && c.cmsg_type == libc::IPV6_RECVERR);
+        if ours && c.cmsg_len as usize >= std::mem::size_of::<libc::sock_extended_err>() {
+            // SAFETY: this cmsg type carries a sock_extended_err first;
+            // read unaligned, as CMSG_DATA promises no alignment.
+            let ee = unsafe {
+                std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::sock_extended_err>())
+            };
+            let icmp = matches!(
+                ee.ee_origin,
+                libc::SO_EE_ORIGIN_ICMP | libc::SO_EE_ORIGIN_ICMP6
+            );
+            let errno = i32::try_from(ee.ee_errno).unwrap_or(0);
+            if icmp
+                && (errno == libc::ECONNREFUSED
+                    || unreachable(&io::Error::from_raw_os_error(errno)))
+            {
+                found = from_sockaddr(&name, msg.msg_namelen).map(|a| (a, errno));
+            }
+        }
+        // SAFETY: as above.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    Ok(found)
 }
 
 /// The address to bind for talking to `trunk`: loopback stays on loopback.
@@ -694,7 +864,7 @@ mod tests {
             .collect();
         let mut sent = 0;
         while sent < batch.len() {
-            sent += send_batch(a.as_raw_fd(), None, &batch[sent..]).expect("sendmmsg");
+            sent += send_batch(a.as_raw_fd(), &batch[sent..]).expect("sendmmsg");
         }
         let mut rx = RecvBatch::new();
         let mut got = Vec::new();
@@ -717,22 +887,21 @@ mod tests {
         assert_eq!(got, want);
     }
 
-    /// On a connected socket, datagrams to the peer go without an address
-    /// and others with theirs, in one batch; each reaches its own receiver.
+    /// One batch to two destinations: each datagram reaches its own
+    /// receiver, in order.
     #[tokio::test]
-    async fn connected_socket_sends_to_peer_and_elsewhere() {
+    async fn one_batch_reaches_two_destinations() {
         let a = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let b = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let c = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let (bb, cc) = (b.local_addr().expect("addr"), c.local_addr().expect("addr"));
-        a.connect(bb).await.expect("connect");
         let batch: Vec<Transmit> = (0..6)
             .map(|i| Transmit {
                 dest: if i % 2 == 0 { bb } else { cc },
                 payload: bytes::Bytes::from(format!("d{i}")),
             })
             .collect();
-        let sent = send_batch(a.as_raw_fd(), a.peer_addr().ok(), &batch).expect("sendmmsg");
+        let sent = send_batch(a.as_raw_fd(), &batch).expect("sendmmsg");
         assert_eq!(sent, 6);
         let mut buf = [0u8; 64];
         for (sock, want) in [(&b, ["d0", "d2", "d4"]), (&c, ["d1", "d3", "d5"])] {
@@ -741,6 +910,50 @@ mod tests {
                 assert_eq!(&buf[..n], w.as_bytes());
             }
         }
+    }
+
+    /// A datagram to a port where nothing listens comes back as an ICMP
+    /// port unreachable in the error queue, naming that port's address;
+    /// the error readiness wakes a waiter, and reading the queue empties it
+    /// (no second report, no error left on the next receive).
+    #[tokio::test]
+    async fn icmp_port_unreachable_names_the_destination() {
+        let a = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        enable_icmp_errors(&a).expect("IP_RECVERR");
+        let closed = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            s.local_addr().expect("addr")
+        };
+        let open = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let to = |dest, payload| Transmit {
+            dest,
+            payload: bytes::Bytes::from_static(payload),
+        };
+        let nobody = [to(closed, b"nobody")];
+        assert_eq!(send_batch(a.as_raw_fd(), &nobody).expect("sendmmsg"), 1);
+        tokio::time::timeout(Duration::from_secs(5), a.ready(Interest::ERROR))
+            .await
+            .expect("an ICMP error within 5 s")
+            .expect("ready");
+        let got = a.try_io(Interest::ERROR, || recv_error(a.as_raw_fd()));
+        assert_eq!(
+            got.expect("one error queued"),
+            Some((closed, libc::ECONNREFUSED))
+        );
+        let again = a.try_io(Interest::ERROR, || recv_error(a.as_raw_fd()));
+        assert_eq!(again.map_err(|e| e.kind()), Err(ErrorKind::WouldBlock));
+        let mut rx = RecvBatch::new();
+        assert_eq!(
+            rx.recv(a.as_raw_fd()).map_err(|e| e.kind()),
+            Err(ErrorKind::WouldBlock),
+            "reading the error queue clears the socket's pending error"
+        );
+        // Nor on the next send (it would fail ECONNREFUSED).
+        let somebody = [to(open.local_addr().expect("addr"), b"somebody")];
+        assert_eq!(send_batch(a.as_raw_fd(), &somebody).expect("sendmmsg"), 1);
+        let mut buf = [0u8; 16];
+        let n = open.recv(&mut buf).await.expect("recv");
+        assert_eq!(&buf[..n], b"somebody");
     }
 
     /// A datagram that waited in the socket queue is seen at its arrival:

@@ -283,6 +283,9 @@ pub struct Stats {
     /// Responses to a finished call, taken by its tombstone: retransmitted
     /// finals (ACKed again), late answers to the CANCEL, late provisionals.
     pub late_responses: u64,
+    /// Calls ended `trunk_error` because the transport reported their
+    /// trunk unreachable ([`Endpoint::transport_failed`]).
+    pub transport_failures: u64,
 }
 
 /// Result of feeding one datagram.
@@ -511,6 +514,32 @@ enum Slot {
     Tomb(Tomb),
 }
 
+/// The shortest gap between two sweeps for one unreachable address: a
+/// sweep walks every slot (tombstones too, ~130,000 at 4,000 calls/s),
+/// and a dead trunk's ICMP errors can come back a thousand a second. 50 ms
+/// bounds the walk to 20 a second per address, and a call to a dead trunk
+/// fails that much later at most, instead of 32 s (Timer B) later.
+const SWEEP_GAP: Duration = Duration::from_millis(50);
+
+/// An address the transport reported unreachable, and the calls to it yet
+/// to be failed.
+#[derive(Debug)]
+struct Sweep {
+    dest: SocketAddr,
+    /// The last report not yet swept: calls sent before it are failed.
+    pending: Option<Instant>,
+    /// When the last sweep for `dest` ran.
+    last_run: Option<Instant>,
+}
+
+impl Sweep {
+    /// When the pending report may be swept. (A report with no sweep in
+    /// the last gap is swept at once, so `pending` implies `last_run`.)
+    fn due(&self) -> Option<Instant> {
+        self.pending.and(self.last_run).map(|t| t + SWEEP_GAP)
+    }
+}
+
 /// A trunk as calls name it.
 #[derive(Debug)]
 struct TrunkEntry {
@@ -546,6 +575,8 @@ pub struct Endpoint<R: RngCore> {
     stats: Stats,
     /// When the datagram being handled arrived (see `handle_input_at`).
     arrived: Option<Instant>,
+    /// Addresses reported unreachable, swept at most every [`SWEEP_GAP`].
+    sweeps: Vec<Sweep>,
 }
 
 impl<R: RngCore> Endpoint<R> {
@@ -576,6 +607,7 @@ impl<R: RngCore> Endpoint<R> {
             active: 0,
             tombs: 0,
             stats: Stats::default(),
+            sweeps: Vec::new(),
         }
     }
 
@@ -702,6 +734,15 @@ impl<R: RngCore> Endpoint<R> {
 
     /// The earliest instant at which [`Endpoint::handle_timeout`] has work.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let sweep = self.sweeps.iter().filter_map(Sweep::due).min();
+        match (self.next_timer(), sweep) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The earliest call timer or tombstone expiry.
+    fn next_timer(&mut self) -> Option<Instant> {
         // Entries that would fire for nothing (their call's timers were
         // disarmed, or a tombstone is not due yet) move to where the call
         // really has work, so an idle driver does not wake for them.
@@ -734,6 +775,9 @@ impl<R: RngCore> Endpoint<R> {
 
     /// Fires every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if !self.sweeps.is_empty() {
+            self.run_due_sweeps(now);
+        }
         while let Some((at, slot, gen)) = self.timers.peek() {
             if at > now {
                 break;
@@ -756,6 +800,100 @@ impl<R: RngCore> Endpoint<R> {
                 // Stale: the call moved its entry, ended or the slot was reused.
                 _ => {}
             }
+        }
+    }
+
+    /// The transport says `dest` cannot be reached: an ICMP port, host or
+    /// network unreachable came back for a datagram sent there, or the
+    /// send itself failed. RFC 3261 treats that as a 503 from the next hop
+    /// (§8.1.3.1) and ends the client transaction at once (§17.1.4), so
+    /// every call whose INVITE went to `dest` and has had no response yet
+    /// ends `trunk_error` (no SIP code), where it would otherwise retransmit
+    /// for Timer B's 32 s and end `timeout`. Calls that already have a
+    /// response are left to their timers: the trunk answered them, and one
+    /// lost CANCEL or BYE says little.
+    ///
+    /// Which call's datagram bounced is not used: hosts rate-limit ICMP
+    /// (Linux sends about one port unreachable a second to a peer), so
+    /// most calls to a dead trunk get no error of their own. Every call
+    /// sent to `dest` before the report is failed instead, in one sweep
+    /// per [`SWEEP_GAP`] at most.
+    pub fn transport_failed(&mut self, now: Instant, dest: SocketAddr) {
+        let i = match self.sweeps.iter().position(|s| s.dest == dest) {
+            Some(i) => i,
+            None => {
+                self.sweeps.push(Sweep {
+                    dest,
+                    pending: None,
+                    last_run: None,
+                });
+                self.sweeps.len() - 1
+            }
+        };
+        let s = &mut self.sweeps[i];
+        s.pending = Some(now);
+        if s.last_run.is_none_or(|t| now >= t + SWEEP_GAP) {
+            self.sweep(now, i);
+        }
+    }
+
+    fn run_due_sweeps(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.sweeps.len() {
+            let s = &self.sweeps[i];
+            if s.due().is_some_and(|d| d <= now) {
+                self.sweep(now, i);
+            }
+            let s = &self.sweeps[i];
+            // An address quiet for a gap needs no entry: its next report
+            // is swept at once.
+            if s.pending.is_none() && s.last_run.is_none_or(|t| now >= t + SWEEP_GAP) {
+                self.sweeps.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Fails the calls that sweep `i`'s pending report covers.
+    fn sweep(&mut self, now: Instant, i: usize) {
+        let s = &mut self.sweeps[i];
+        let (dest, Some(reported)) = (s.dest, s.pending.take()) else {
+            return;
+        };
+        s.last_run = Some(now);
+        let hit: Vec<CallHandle> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, x)| match x {
+                Slot::Live(c)
+                    if !c.ended
+                        && c.state == InviteState::Calling
+                        && c.invited_at <= reported
+                        && self.trunks[c.ids.trunk as usize].addr == dest =>
+                {
+                    Some(CallHandle {
+                        slot: slot as u32,
+                        gen: c.gen,
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        for h in hit {
+            let Some(c) = self.call_mut(h) else { continue };
+            // As Timer B does: the call ends, and lingers so that a late
+            // provisional (the error was for an older datagram, the trunk
+            // is back) is still cancelled rather than left ringing.
+            c.state = InviteState::TimedOut;
+            c.auth_invite = None;
+            self.disarm(h, Timer::Retransmit);
+            self.disarm(h, Timer::RingTimeout);
+            self.disarm(h, Timer::InviteTimeout);
+            self.stats.transport_failures += 1;
+            self.end(now, h, Outcome::TrunkError, None, None);
+            self.arm(h, Timer::Linger, now + self.cfg.timers.d());
         }
     }
 

@@ -1269,3 +1269,93 @@ fn forked_legs_past_the_table_are_answered_and_bounded() {
     assert_eq!(ep.calls_in_memory(), 0);
     assert_eq!(ep.poll_timeout(), None);
 }
+
+/// A transport failure for the trunk (RFC 3261 §8.1.3.1: as a 503) ends at
+/// once, `trunk_error` with no SIP code, every call still waiting there for
+/// its first response, and only those: a call the trunk already answered,
+/// a call to another trunk and a call placed after the report keep going.
+/// A second report within the sweep gap is swept at the gap's end, and a
+/// late 180 for a failed call is still cancelled.
+#[test]
+fn transport_failure_ends_the_calls_waiting_on_that_trunk() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    let other: SocketAddr = "127.0.0.1:5080".parse().unwrap();
+    let trunk: SocketAddr = TRUNK.parse().unwrap();
+    let call = |tag: u64, to: SocketAddr| CallRequest {
+        tag,
+        trunk: to,
+        trunk_host: to.to_string(),
+        ..request(0, 15_000)
+    };
+    ep.start_call(t0, call(1, trunk));
+    ep.start_call(t0, call(2, trunk));
+    ep.start_call(t0, call(3, other));
+    let sent = drain(&mut ep);
+    // Call 2 got its 100 Trying: the trunk answered it.
+    assert!(matches!(
+        feed(&mut ep, t0, &reply(&sent[1], 100, &[])),
+        Input::Response
+    ));
+    let t1 = t0 + Duration::from_millis(5);
+    ep.transport_failed(t1, trunk);
+    let r = ended(&mut ep);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(
+        (r[0].tag, r[0].outcome, r[0].sip_code, r[0].ended_at),
+        (1, Outcome::TrunkError, None, t1)
+    );
+    assert_eq!(ep.stats().transport_failures, 1);
+    assert_eq!(ep.active_calls(), 2);
+    // No retransmission of the failed INVITE: Timer A stopped with it. The
+    // other trunk's call does retransmit at 500 ms.
+    let until_a = run_until(&mut ep, t0, Duration::from_millis(600));
+    assert_eq!(
+        until_a,
+        vec![(Duration::from_millis(500), "INVITE".to_string())]
+    );
+
+    // The gap has passed: a call placed after that, and its own report,
+    // swept at once.
+    let t2 = t0 + Duration::from_millis(610);
+    ep.start_call(t2, call(4, trunk));
+    drain(&mut ep);
+    ep.transport_failed(t2 + Duration::from_millis(1), trunk);
+    let r = ended(&mut ep);
+    assert_eq!(
+        r.iter().map(|r| (r.tag, r.outcome)).collect::<Vec<_>>(),
+        vec![(4, Outcome::TrunkError)]
+    );
+    // Within the gap after that sweep: a new call and its report wait for
+    // the gap's end.
+    ep.start_call(t2 + Duration::from_millis(2), call(5, trunk));
+    let fifth = drain(&mut ep).remove(0);
+    let t3 = t2 + Duration::from_millis(20);
+    ep.transport_failed(t3, trunk);
+    assert!(ended(&mut ep).is_empty(), "swept again within the gap");
+    // Placed after the last report: the sweep does not cover it.
+    ep.start_call(t2 + Duration::from_millis(40), call(6, trunk));
+    drain(&mut ep);
+    let due = ep.poll_timeout().expect("a sweep is due");
+    assert_eq!(due, t2 + Duration::from_millis(51));
+    ep.handle_timeout(due);
+    let r = ended(&mut ep);
+    assert_eq!(
+        r.iter().map(|r| (r.tag, r.outcome)).collect::<Vec<_>>(),
+        vec![(5, Outcome::TrunkError)]
+    );
+    assert_eq!(ep.stats().transport_failures, 3);
+    // Calls 2 (answered), 3 (other trunk) and 6 (after the report).
+    assert_eq!(ep.active_calls(), 3);
+
+    // The trunk was back after all: a late 180 for the failed call is
+    // cancelled, not left ringing.
+    let late = due + Duration::from_millis(1);
+    feed(&mut ep, late, &reply(&fifth, 180, &[]));
+    let out = drain(&mut ep);
+    assert_eq!(
+        out.iter().map(method).collect::<Vec<_>>(),
+        vec!["CANCEL".to_string()]
+    );
+    assert!(ended(&mut ep).is_empty(), "ended once only");
+}
