@@ -455,3 +455,67 @@ fn sip_driver_on_its_own_thread_or_on_the_http_worker() {
         );
     }
 }
+
+/// A trunk where nothing listens (its SBC is down: ICMP port unreachable)
+/// beside a live one. The call placed there ends at once `trunk_error`
+/// with no SIP code (RFC 3261 §8.1.3.1: a transport failure is a 503),
+/// where before it retransmitted for Timer B's 32 s and ended `timeout`;
+/// the dead trunk then rests, so the next creates all go to the live one
+/// and are delivered. Weights 1000:1 send the first call to the dead
+/// trunk nearly always; the assertions hold whichever trunk a call got.
+#[test]
+fn an_unreachable_trunk_fails_its_call_at_once_and_rests() {
+    let dir = test_dir("sipp-unreachable");
+    // A port of this file's range that nothing binds (below the ephemeral
+    // range, so no port-0 socket of a parallel test lands on it).
+    let dead = 15_423;
+    let trunks = format!(
+        "[[trunks]]\nname = \"dead\"\naddress = \"127.0.0.1:{dead}\"\ncps = 50\nweight = 1000\n\
+         [[trunks]]\nname = \"live\"\naddress = \"127.0.0.1:15422\"\ncps = 50\nweight = 1\n"
+    );
+    let cfg = config(&dir, "+44770090XXXX\n", &trunks, "");
+    let e = Engine::start(&cfg);
+    let mut sipp = Sipp::start(&dir, &scenario("uas_ring_cancel.xml"), 15_422, 3);
+    let (mut on_dead, mut on_live) = (0, 0);
+    for i in 0..4 {
+        let v = e.create(json!({"phone": format!("+44791112360{i}"), "sender": "SHOP"}));
+        let id = v["id"].as_str().unwrap();
+        let got = e.wait_call_done(id);
+        match got["call"]["trunk"].as_str() {
+            Some("dead") => {
+                on_dead += 1;
+                assert_eq!(got["status"], "failed", "{got}");
+                assert_eq!(got["call"]["outcome"], "trunk_error", "{got}");
+                assert_eq!(got["call"]["sip_code"], serde_json::Value::Null, "{got}");
+            }
+            Some("live") => {
+                on_live += 1;
+                assert_eq!(got["status"], "delivered", "{got}");
+            }
+            other => panic!("no trunk {other:?}: {got}"),
+        }
+    }
+    assert_eq!(on_dead, 1, "after its failure the dead trunk rests");
+    assert_eq!(on_live, 3);
+    let m = e.metrics_text();
+    assert!(
+        m.contains("flashcall_sip_transport_failures_total 1"),
+        "one call ended by the transport failure:\n{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "flashcall_calls_total",
+            "trunk=\"dead\",outcome=\"trunk_error\""
+        ),
+        1.0
+    );
+    assert!(
+        e.log_text()
+            .contains("trunk unreachable (ICMP or no route): backing off"),
+        "{}",
+        e.log_text()
+    );
+    let (ok, failed) = sipp.finish(Duration::from_secs(10));
+    assert_eq!((ok, failed), (3, 0), "SIPp's view of the live calls");
+}

@@ -48,6 +48,13 @@
 //!   same is counted from SO_RXQ_OVFL and reported to the app
 //!   ([`App::on_receive_drops`]): a lost 180 costs a retransmission, and
 //!   an operator must be able to see that the SIP thread fell behind.
+//! * **ICMP errors.** The socket is not connected (a connected UDP socket
+//!   drops every datagram from another address, and trunks answer from
+//!   other ports and nodes), so it asks for its ICMP errors with
+//!   IP_RECVERR: the error queue names the destination that bounced, and
+//!   [`Endpoint::transport_failed`] fails the calls waiting on it. The
+//!   queue is read when the socket reports an error (on a receive, a send,
+//!   or error readiness while the loop waits), never polled.
 
 use rand::rngs::StdRng;
 use std::io::{self, ErrorKind};
