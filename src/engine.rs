@@ -323,9 +323,10 @@ impl Driver {
         let secs = secs.min(RETRY_AFTER_MAX_SECS);
         let until = self.wall(from) + i64::from(secs) * 1000;
         let before = self.shared.backoff_until_ms[t].fetch_max(until, Ordering::AcqRel);
-        // Once per rest, not once per call that ended with the reason (a
-        // sweep of an unreachable trunk ends many at one instant).
-        if before < until {
+        // Only when the trunk was not resting already: not once per call
+        // that ends with the reason (a sweep of an unreachable trunk ends
+        // many, and the calls in flight there end over the next sweeps).
+        if before <= self.wall(from) {
             tracing::warn!(trunk = %self.shared.trunks[t].name, secs, "trunk {why}: backing off");
         }
     }

@@ -313,11 +313,10 @@ fn drain(
             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             // A pending ICMP error, reported by whichever call comes next;
             // the error queue says for which destination.
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                stats.refused += 1;
+            // (Counted when the queue is read, once per error.)
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused || unreachable(&e) => {
                 *errors = true;
             }
-            Err(e) if unreachable(&e) => *errors = true,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => {
                 tracing::warn!(error = %e, "SIP socket receive error");
@@ -361,11 +360,8 @@ async fn flush(
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if (e.kind() == ErrorKind::ConnectionRefused || unreachable(&e)) && !retried => {
                 // A pending ICMP error: it belonged to an earlier datagram
-                // (the error queue says which destination); this one was
-                // not sent, so try it once more.
-                if e.kind() == ErrorKind::ConnectionRefused {
-                    stats.refused += 1;
-                }
+                // (the error queue says which destination, and is where it
+                // is counted); this one was not sent, so try it once more.
                 *errors = true;
                 retried = true;
             }
@@ -374,9 +370,6 @@ async fn flush(
                 // destination with no route (or one a local firewall
                 // rejects) fails the calls waiting on it, as an ICMP
                 // error would.
-                if e.kind() == ErrorKind::ConnectionRefused {
-                    stats.refused += 1;
-                }
                 let dest = tx[sent].dest;
                 if unreachable(&e) {
                     stats.unreachable += 1;
@@ -720,55 +713,83 @@ fn unreachable(e: &io::Error) -> bool {
 /// they are about (IP_RECVERR / IPV6_RECVERR). Without it an unconnected
 /// UDP socket never hears of them, and a call to a trunk where nothing
 /// listens retransmits its INVITE for Timer B's 32 s.
+///
+/// An IPv6 socket asks for both: IPv4 trunks reached through it (`listen =
+/// "[::]:5060"`) have their errors queued only under IP_RECVERR.
 fn enable_icmp_errors(socket: &UdpSocket) -> io::Result<()> {
-    let (level, option) = match socket.local_addr()? {
-        SocketAddr::V4(_) => (libc::SOL_IP, libc::IP_RECVERR),
-        SocketAddr::V6(_) => (libc::SOL_IPV6, libc::IPV6_RECVERR),
+    let set = |level, option| {
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `one`.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                option,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     };
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `one`.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            option,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
+    match socket.local_addr()? {
+        SocketAddr::V4(_) => set(libc::SOL_IP, libc::IP_RECVERR),
+        SocketAddr::V6(_) => {
+            set(libc::SOL_IPV6, libc::IPV6_RECVERR)?;
+            // A v6-only socket may refuse it; it has no IPv4 peers then.
+            let _ = set(libc::SOL_IP, libc::IP_RECVERR);
+            Ok(())
+        }
     }
-    Ok(())
 }
 
 /// Reads the socket's error queue to the end and fails the calls to each
 /// destination an ICMP error names. Reading it also clears the socket's
-/// pending error and tokio's error readiness.
+/// pending error.
 fn take_errors(
     socket: &UdpSocket,
     ep: &mut Endpoint<StdRng>,
     now: Instant,
     stats: &mut DriverStats,
 ) {
+    let mut found = Vec::new();
+    read_errors(socket, &mut found);
+    for (dest, errno) in found {
+        if errno == libc::ECONNREFUSED {
+            stats.refused += 1;
+        }
+        stats.unreachable += 1;
+        tracing::debug!(%dest, errno, "ICMP: destination unreachable");
+        ep.transport_failed(now, dest);
+    }
+}
+
+/// The unreachable destinations (with their errno) queued on the socket's
+/// error queue, read to its end.
+///
+/// Read directly rather than through `try_io(Interest::ERROR)`: that runs
+/// nothing until tokio's reactor has seen the EPOLLERR, and when a receive
+/// or send has just reported the error it usually has not, so the queue
+/// stayed unread (under load, where the loop does not wait on the reactor,
+/// until the next ICMP). Tokio's error readiness is cleared afterwards, so
+/// the driver's wait on it does not fire again for what was read.
+fn read_errors(socket: &UdpSocket, found: &mut Vec<(SocketAddr, i32)>) {
     // Bounded like `drain`, so a flood of errors cannot hold the loop.
     for _ in 0..DRAIN_MAX {
-        match socket.try_io(Interest::ERROR, || recv_error(socket.as_raw_fd())) {
-            Ok(Some((dest, errno))) => {
-                if errno == libc::ECONNREFUSED {
-                    stats.refused += 1;
-                }
-                stats.unreachable += 1;
-                tracing::debug!(%dest, "ICMP: destination unreachable");
-                ep.transport_failed(now, dest);
-            }
-            // Not about reachability (a path MTU report, say).
+        match recv_error(socket.as_raw_fd()) {
+            Ok(Some(x)) => found.push(x),
+            // Not about reachability (a path MTU report, a TTL exceeded).
             Ok(None) => {}
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             // WouldBlock: the queue is empty.
-            Err(_) => return,
+            Err(_) => break,
         }
     }
+    let _ = socket.try_io(Interest::ERROR, || -> io::Result<()> {
+        Err(ErrorKind::WouldBlock.into())
+    });
 }
 
 /// One entry of the error queue: the destination it names and the errno,
@@ -794,7 +815,7 @@ fn recv_error(fd: i32) -> io::Result<Option<(SocketAddr, i32)>> {
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control);
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
     // SAFETY: every pointer in `msg` is to a live local of the size given.
     let r = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
     if r < 0 {
@@ -809,28 +830,44 @@ fn recv_error(fd: i32) -> io::Result<Option<(SocketAddr, i32)>> {
         let c = unsafe { &*cmsg };
         let ours = (c.cmsg_level == libc::SOL_IP && c.cmsg_type == libc::IP_RECVERR)
             || (c.cmsg_level == libc::SOL_IPV6 && c.cmsg_type == libc::IPV6_RECVERR);
-        if ours && c.cmsg_len as usize >= std::mem::size_of::<libc::sock_extended_err>() {
+        // SAFETY: CMSG_LEN only computes a length.
+        let need = unsafe { libc::CMSG_LEN(std::mem::size_of::<libc::sock_extended_err>() as _) };
+        if ours && c.cmsg_len as usize >= need as usize {
             // SAFETY: this cmsg type carries a sock_extended_err first;
             // read unaligned, as CMSG_DATA promises no alignment.
             let ee = unsafe {
                 std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::sock_extended_err>())
             };
-            let icmp = matches!(
-                ee.ee_origin,
-                libc::SO_EE_ORIGIN_ICMP | libc::SO_EE_ORIGIN_ICMP6
+            // Destination unreachable only (ICMP type 3, ICMPv6 type 1),
+            // any code but "fragmentation needed" (a path MTU report).
+            // RFC 3261 §18.4 has TTL exceeded and source quench ignored:
+            // a brief routing loop must not fail every call and rest
+            // the trunk.
+            let unreach = matches!(
+                (ee.ee_origin, ee.ee_type),
+                (libc::SO_EE_ORIGIN_ICMP, 3) | (libc::SO_EE_ORIGIN_ICMP6, 1)
             );
             let errno = i32::try_from(ee.ee_errno).unwrap_or(0);
-            if icmp
-                && (errno == libc::ECONNREFUSED
-                    || unreachable(&io::Error::from_raw_os_error(errno)))
-            {
-                found = from_sockaddr(&name, msg.msg_namelen).map(|a| (a, errno));
+            if unreach && errno != libc::EMSGSIZE {
+                found = from_sockaddr(&name, msg.msg_namelen).map(|a| (canonical(a), errno));
             }
         }
         // SAFETY: as above.
         cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
     }
     Ok(found)
+}
+
+/// An IPv4 peer of an IPv6 socket as the IPv4 address it is
+/// (`::ffff:a.b.c.d` -> `a.b.c.d`), the form trunks are configured in.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
 }
 
 /// The address to bind for talking to `trunk`: loopback stays on loopback.
@@ -938,23 +975,30 @@ mod tests {
         };
         let nobody = [to(closed, b"nobody")];
         assert_eq!(send_batch(a.as_raw_fd(), &nobody).expect("sendmmsg"), 1);
+        // While the loop waits: error readiness wakes it.
         tokio::time::timeout(Duration::from_secs(5), a.ready(Interest::ERROR))
             .await
             .expect("an ICMP error within 5 s")
             .expect("ready");
-        let got = a.try_io(Interest::ERROR, || recv_error(a.as_raw_fd()));
-        assert_eq!(
-            got.expect("one error queued"),
-            Some((closed, libc::ECONNREFUSED))
-        );
-        let again = a.try_io(Interest::ERROR, || recv_error(a.as_raw_fd()));
-        assert_eq!(again.map_err(|e| e.kind()), Err(ErrorKind::WouldBlock));
+        let mut found = Vec::new();
+        read_errors(&a, &mut found);
+        assert_eq!(found, [(closed, libc::ECONNREFUSED)]);
+        // Read to its end, and the readiness cleared: no second wake-up
+        // for the same error.
+        let woke = tokio::time::timeout(Duration::from_millis(50), a.ready(Interest::ERROR));
+        assert!(woke.await.is_err(), "error readiness left set");
         let mut rx = RecvBatch::new();
         assert_eq!(
             rx.recv(a.as_raw_fd()).map_err(|e| e.kind()),
             Err(ErrorKind::WouldBlock),
             "reading the error queue clears the socket's pending error"
         );
+        // Right after a send, before tokio's reactor has seen the error
+        // (the driver's case when a receive or send reports it): read too.
+        assert_eq!(send_batch(a.as_raw_fd(), &nobody).expect("sendmmsg"), 1);
+        found.clear();
+        read_errors(&a, &mut found);
+        assert_eq!(found, [(closed, libc::ECONNREFUSED)]);
         // Nor on the next send (it would fail ECONNREFUSED).
         let somebody = [to(open.local_addr().expect("addr"), b"somebody")];
         assert_eq!(send_batch(a.as_raw_fd(), &somebody).expect("sendmmsg"), 1);

@@ -807,8 +807,8 @@ impl<R: RngCore> Endpoint<R> {
     /// network unreachable came back for a datagram sent there, or the
     /// send itself failed. RFC 3261 treats that as a 503 from the next hop
     /// (§8.1.3.1) and ends the client transaction at once (§17.1.4), so
-    /// every call whose INVITE went to `dest` and has had no response yet
-    /// ends `trunk_error` (no SIP code), where it would otherwise retransmit
+    /// every call whose INVITE went to `dest` (a trunk's address) and has
+    /// had no response yet ends `trunk_error` (no SIP code), where it would otherwise retransmit
     /// for Timer B's 32 s and end `timeout`. Calls that already have a
     /// response are left to their timers: the trunk answered them, and one
     /// lost CANCEL or BYE says little.
@@ -819,6 +819,12 @@ impl<R: RngCore> Endpoint<R> {
     /// sent to `dest` before the report is failed instead, in one sweep
     /// per [`SWEEP_GAP`] at most.
     pub fn transport_failed(&mut self, now: Instant, dest: SocketAddr) {
+        // Errors for other addresses (a 2xx Contact, the source of a
+        // request we answered, perhaps spoofed) fail nothing, and must not
+        // cost a walk of every slot each.
+        if !self.trunks.iter().any(|t| t.addr == dest) {
+            return;
+        }
         let i = match self.sweeps.iter().position(|s| s.dest == dest) {
             Some(i) => i,
             None => {
@@ -867,10 +873,15 @@ impl<R: RngCore> Endpoint<R> {
             .iter()
             .enumerate()
             .filter_map(|(slot, x)| match x {
+                // The first INVITE only: one resent with credentials had
+                // its 401/407, so the trunk was there. Strictly before the
+                // report: the driver reads errors at the start of a turn
+                // and starts that turn's calls at the same instant after.
                 Slot::Live(c)
                     if !c.ended
                         && c.state == InviteState::Calling
-                        && c.invited_at <= reported
+                        && c.invite_kind == KIND_INVITE
+                        && c.invited_at < reported
                         && self.trunks[c.ids.trunk as usize].addr == dest =>
                 {
                     Some(CallHandle {

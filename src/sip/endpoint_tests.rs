@@ -1291,12 +1291,33 @@ fn transport_failure_ends_the_calls_waiting_on_that_trunk() {
     ep.start_call(t0, call(1, trunk));
     ep.start_call(t0, call(2, trunk));
     ep.start_call(t0, call(3, other));
+    // Call 7 had a 401 and was sent again with credentials: it is back in
+    // the state of a call with no response, but the trunk answered it.
+    ep.start_call(
+        t0,
+        CallRequest {
+            tag: 7,
+            ..with_credentials("u", "p")
+        },
+    );
     let sent = drain(&mut ep);
     // Call 2 got its 100 Trying: the trunk answered it.
     assert!(matches!(
         feed(&mut ep, t0, &reply(&sent[1], 100, &[])),
         Input::Response
     ));
+    let ch = [("WWW-Authenticate", "Digest realm=\"r\", nonce=\"n\"")];
+    feed(&mut ep, t0, &reply(&sent[3], 401, &ch));
+    assert_eq!(
+        drain(&mut ep).iter().map(method).collect::<Vec<_>>(),
+        ["ACK", "INVITE"]
+    );
+    // An error for an address no call was sent to fails nothing.
+    ep.transport_failed(
+        t0 + Duration::from_millis(1),
+        "127.0.0.1:5999".parse().unwrap(),
+    );
+    assert!(ended(&mut ep).is_empty());
     let t1 = t0 + Duration::from_millis(5);
     ep.transport_failed(t1, trunk);
     let r = ended(&mut ep);
@@ -1306,13 +1327,16 @@ fn transport_failure_ends_the_calls_waiting_on_that_trunk() {
         (1, Outcome::TrunkError, None, t1)
     );
     assert_eq!(ep.stats().transport_failures, 1);
-    assert_eq!(ep.active_calls(), 2);
+    assert_eq!(ep.active_calls(), 3);
     // No retransmission of the failed INVITE: Timer A stopped with it. The
-    // other trunk's call does retransmit at 500 ms.
+    // other trunk's call and call 7 do retransmit at 500 ms.
     let until_a = run_until(&mut ep, t0, Duration::from_millis(600));
     assert_eq!(
         until_a,
-        vec![(Duration::from_millis(500), "INVITE".to_string())]
+        vec![
+            (Duration::from_millis(500), "INVITE".to_string()),
+            (Duration::from_millis(500), "INVITE".to_string())
+        ]
     );
 
     // The gap has passed: a call placed after that, and its own report,
@@ -1345,8 +1369,9 @@ fn transport_failure_ends_the_calls_waiting_on_that_trunk() {
         vec![(5, Outcome::TrunkError)]
     );
     assert_eq!(ep.stats().transport_failures, 3);
-    // Calls 2 (answered), 3 (other trunk) and 6 (after the report).
-    assert_eq!(ep.active_calls(), 3);
+    // Calls 2 (answered), 3 (other trunk), 6 (after the report) and 7
+    // (challenged).
+    assert_eq!(ep.active_calls(), 4);
 
     // The trunk was back after all: a late 180 for the failed call is
     // cancelled, not left ringing.
