@@ -1007,6 +1007,39 @@ mod tests {
         assert_eq!(&buf[..n], b"somebody");
     }
 
+    /// The same over IPv6 (ICMPv6, IPV6_RECVERR), and for an IPv4 peer of
+    /// an IPv6 socket (`listen = "[::]:5060"` with an IPv4 trunk): its
+    /// error is queued under IP_RECVERR and named `::ffff:a.b.c.d`, which
+    /// must come back as the IPv4 address the trunk is configured with.
+    #[tokio::test]
+    async fn icmp_errors_over_ipv6_and_for_ipv4_peers_of_an_ipv6_socket() {
+        // Bound to the v4-mapped loopback rather than `[::]`, so the
+        // socket stays on loopback.
+        for (bind, peer) in [
+            ("[::1]:0", "[::1]:0"),
+            ("[::ffff:127.0.0.1]:0", "127.0.0.1:0"),
+        ] {
+            let a = UdpSocket::bind(bind).await.expect("bind");
+            enable_icmp_errors(&a).expect("IPV6_RECVERR");
+            let closed = {
+                let s = std::net::UdpSocket::bind(peer).expect("bind");
+                s.local_addr().expect("addr")
+            };
+            let nobody = [Transmit {
+                dest: closed,
+                payload: bytes::Bytes::from_static(b"nobody"),
+            }];
+            assert_eq!(send_batch(a.as_raw_fd(), &nobody).expect("sendmmsg"), 1);
+            let mut found = Vec::new();
+            let end = Instant::now() + Duration::from_secs(5);
+            while found.is_empty() && Instant::now() < end {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                read_errors(&a, &mut found);
+            }
+            assert_eq!(found, [(closed, libc::ECONNREFUSED)], "{bind} -> {peer}");
+        }
+    }
+
     /// A datagram that waited in the socket queue is seen at its arrival:
     /// the kernel's stamp, mapped onto the monotonic clock, is at least the
     /// wait before the receive call (what the delay histograms rely on).
