@@ -808,8 +808,8 @@ impl<R: RngCore> Endpoint<R> {
     /// send itself failed. RFC 3261 treats that as a 503 from the next hop
     /// (§8.1.3.1) and ends the client transaction at once (§17.1.4), so
     /// every call whose INVITE went to `dest` (a trunk's address) and has
-    /// had no response yet ends `trunk_error` (no SIP code), where it would otherwise retransmit
-    /// for Timer B's 32 s and end `timeout`. Calls that already have a
+    /// had no response yet ends `trunk_error` (no SIP code), where it
+    /// would otherwise retransmit for Timer B's 32 s and end `timeout`. Calls that already have a
     /// response are left to their timers: the trunk answered them, and one
     /// lost CANCEL or BYE says little.
     ///
