@@ -429,11 +429,16 @@ fn enlarge_recv_buffer(socket: &UdpSocket) {
 
 /// An integer `SOL_SOCKET` option that socket2 has no setter for.
 fn set_socket_int(fd: i32, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    set_int(fd, libc::SOL_SOCKET, option, value)
+}
+
+/// An integer socket option at `level`.
+fn set_int(fd: i32, level: libc::c_int, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `value`.
     let r = unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_SOCKET,
+            level,
             option,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
@@ -717,23 +722,7 @@ fn unreachable(e: &io::Error) -> bool {
 /// An IPv6 socket asks for both: IPv4 trunks reached through it (`listen =
 /// "[::]:5060"`) have their errors queued only under IP_RECVERR.
 fn enable_icmp_errors(socket: &UdpSocket) -> io::Result<()> {
-    let set = |level, option| {
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `one`.
-        let r = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                level,
-                option,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    };
+    let set = |level, option| set_int(socket.as_raw_fd(), level, option, 1);
     match socket.local_addr()? {
         SocketAddr::V4(_) => set(libc::SOL_IP, libc::IP_RECVERR),
         SocketAddr::V6(_) => {
