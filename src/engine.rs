@@ -580,7 +580,6 @@ impl udp::App for Driver {
                 // Honour Retry-After; without one, rest the trunk only
                 // after PLAIN_503_STREAK such 503s with no other answer
                 // between them (see there).
-                let mut why = "answered 503";
                 let rest = match (r.outcome, r.retry_after) {
                     // No SIP code: the transport said the trunk cannot be
                     // reached (ICMP unreachable, no route). That is about
@@ -588,7 +587,6 @@ impl udp::App for Driver {
                     // once, so creates go to the other trunks (or get 503)
                     // instead of failing one after another.
                     (Outcome::TrunkError, _) if r.sip_code.is_none() => {
-                        why = "unreachable (ICMP or no route)";
                         Some(UNREACHABLE_BACKOFF_SECS)
                     }
                     (Outcome::TrunkError, Some(secs)) => Some(secs),
@@ -614,6 +612,10 @@ impl udp::App for Driver {
                     }
                 };
                 if let Some(secs) = rest {
+                    let why = match r.sip_code {
+                        None => "unreachable (ICMP or no route)",
+                        Some(_) => "answered 503",
+                    };
                     self.rest_trunk(a.trunk, r.ended_at, secs, why);
                 }
                 let record = CallRecord {

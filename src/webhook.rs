@@ -350,28 +350,21 @@ async fn deliver(
     ev: OutboxEvent,
 ) -> Option<Unrecorded> {
     let now = crate::engine::now_ms();
+    // The event ends unsent, counted under `result`.
+    let close = |why: &str, result: &'static str| {
+        crate::metrics::webhook_delivery(result);
+        unsent(now, why, None, false)
+    };
     let Some(ep) = endpoint else {
-        // The project has no webhook any more: the event ends unsent.
-        let attempt = unsent(
-            now,
-            "the project has no webhook endpoint any more",
-            None,
-            false,
-        );
-        crate::metrics::webhook_delivery("dropped");
+        // The project has no webhook any more.
+        let attempt = close("the project has no webhook endpoint any more", "dropped");
         return record(store, &ev.id, attempt).await;
     };
     if now >= end_of_life(settings, &ev) {
         // Past its life (`max_age_hours`): an event held for an endpoint
         // that answered 410, made due by this start after it was too old
         // already, ends unsent. (A retry is never scheduled past it.)
-        let attempt = unsent(
-            now,
-            "older than max_age_hours: given up unsent",
-            None,
-            false,
-        );
-        crate::metrics::webhook_delivery("given_up");
+        let attempt = close("older than max_age_hours: given up unsent", "given_up");
         tracing::warn!(
             project = %ev.project,
             id = %ev.id,

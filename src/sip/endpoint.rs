@@ -538,6 +538,11 @@ impl Sweep {
     fn due(&self) -> Option<Instant> {
         self.pending.and(self.last_run).map(|t| t + SWEEP_GAP)
     }
+
+    /// No sweep for `dest` within the last gap: a report is swept at once.
+    fn gap_over(&self, now: Instant) -> bool {
+        self.last_run.is_none_or(|t| now >= t + SWEEP_GAP)
+    }
 }
 
 /// A trunk as calls name it.
@@ -838,7 +843,7 @@ impl<R: RngCore> Endpoint<R> {
         };
         let s = &mut self.sweeps[i];
         s.pending = Some(now);
-        if s.last_run.is_none_or(|t| now >= t + SWEEP_GAP) {
+        if s.gap_over(now) {
             self.sweep(now, i);
         }
     }
@@ -853,7 +858,7 @@ impl<R: RngCore> Endpoint<R> {
             let s = &self.sweeps[i];
             // An address quiet for a gap needs no entry: its next report
             // is swept at once.
-            if s.pending.is_none() && s.last_run.is_none_or(|t| now >= t + SWEEP_GAP) {
+            if s.pending.is_none() && s.gap_over(now) {
                 self.sweeps.swap_remove(i);
             } else {
                 i += 1;
